@@ -1,0 +1,18 @@
+//! The pipeline's actors, one per file. Logic that is not about actors lives
+//! in plain modules beside them.
+
+pub mod batcher;
+pub mod deduplicator;
+pub mod iceberg_committer;
+pub mod load_shedder;
+pub mod partition_consumer;
+pub mod sequencer;
+pub mod supervisor;
+
+pub use batcher::Batcher;
+pub use deduplicator::Deduplicator;
+pub use iceberg_committer::IcebergCommitter;
+pub use load_shedder::LoadShedder;
+pub use partition_consumer::PartitionConsumer;
+pub use sequencer::Sequencer;
+pub use supervisor::Supervisor;

@@ -1,0 +1,330 @@
+//! Reads one partition's queue, decodes records into chunks and sends them
+//! down the lane, waiting when the lane is full (backpressure reaches
+//! librdkafka, which stops fetching once its prefetch budget is used).
+//!
+//! It also owns the partition's position: chunk offset ranges are contiguous
+//! from the position the lane started at. When Kafka reports that the next
+//! offset no longer exists (retention outran the lag), the lost range is
+//! reported loudly and accounted for with a dead letter, then consumption
+//! resumes at the earliest retained offset.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use rdkafka::Offset;
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaErrorCode;
+use tracing::{error, warn};
+
+use crate::decode::TradeDecoder;
+use crate::kafka::{KafkaConsumer, LaneQueue};
+use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, StopLane, TradeChunk};
+use crate::metrics as m;
+use crate::model::{DeadLetter, now_us};
+
+pub struct PartitionConsumerParams {
+    pub lane: LaneId,
+    pub topic: String,
+    pub queue: Arc<LaneQueue>,
+    pub consumer: Arc<KafkaConsumer>,
+    pub decoder: Arc<TradeDecoder>,
+    /// Offset the lane was positioned at; None when the table has none yet.
+    pub start_offset: Option<i64>,
+    pub chunk_max_records: usize,
+    pub downstream: ChunkSink,
+    pub supervisor: Recipient<LaneFailed>,
+    pub status: Arc<LaneStatus>,
+}
+
+/// Figures the lane publishes for `/v1/pipeline` (read without messaging).
+#[derive(Debug, Default)]
+pub struct LaneStatus {
+    pub position: std::sync::atomic::AtomicI64,
+    pub consumed: std::sync::atomic::AtomicU64,
+    pub dead_letters: std::sync::atomic::AtomicU64,
+    pub lost_records: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct PartitionConsumerCounters {
+    pub num_consumed: u64,
+    pub num_dead_letters: u64,
+    pub num_lost: u64,
+}
+
+impl PartitionConsumerCounters {
+    fn record_chunk(&mut self, partition: &str, consumed: usize, dead: &[DeadLetter]) {
+        self.num_consumed += consumed as u64;
+        metrics::counter!(m::RECORDS_CONSUMED, "partition" => partition.to_string())
+            .increment(consumed as u64);
+        if !dead.is_empty() {
+            self.num_dead_letters += dead.len() as u64;
+            metrics::counter!(m::DEAD_LETTERS, "reason" => "decode").increment(dead.len() as u64);
+        }
+    }
+
+    fn record_lost(&mut self, partition: &str, lost: u64) {
+        self.num_lost += lost;
+        metrics::counter!(m::RETENTION_LOST_RECORDS, "partition" => partition.to_string()).increment(lost);
+        metrics::counter!(m::DEAD_LETTERS, "reason" => "retention").increment(1);
+    }
+}
+
+pub struct PartitionConsumer {
+    params: PartitionConsumerParams,
+    /// The next offset this lane accounts for.
+    position: Option<i64>,
+    draining: bool,
+    partition_label: String,
+    counters: PartitionConsumerCounters,
+}
+
+impl PartitionConsumer {
+    pub fn new(params: PartitionConsumerParams) -> Self {
+        let position = params.start_offset;
+        if let Some(p) = position {
+            params
+                .status
+                .position
+                .store(p, std::sync::atomic::Ordering::Relaxed);
+        }
+        Self {
+            partition_label: params.lane.partition.to_string(),
+            params,
+            position,
+            draining: false,
+            counters: PartitionConsumerCounters::default(),
+        }
+    }
+
+    /// Takes what the queue holds right now (up to a chunk). Returns None
+    /// when the queue is empty.
+    fn drain_ready(&mut self) -> Result<Option<TradeChunk>, QueueError> {
+        let mut trades = Vec::new();
+        let mut dead_letters = Vec::new();
+        let mut first_offset = self.position;
+        let mut next_offset = None;
+        let now = now_us();
+        let decoder = &self.params.decoder;
+        let partition = self.params.lane.partition;
+        while trades.len() + dead_letters.len() < self.params.chunk_max_records {
+            let message = match self.params.queue.queue.poll(Duration::ZERO) {
+                None => break,
+                Some(Ok(message)) => message,
+                Some(Err(err)) => {
+                    if next_offset.is_some() {
+                        // Hand over what was read; the error comes back on the next poll.
+                        break;
+                    }
+                    return Err(classify(err));
+                }
+            };
+            let offset = message.offset();
+            first_offset.get_or_insert(offset);
+            next_offset = Some(offset + 1);
+            let payload = message.payload().unwrap_or_default();
+            match decoder.decode(payload, partition, offset, now) {
+                Ok(trade) => trades.push(trade),
+                Err(err) => dead_letters.push(DeadLetter {
+                    topic: self.params.topic.clone(),
+                    partition,
+                    offset,
+                    raw: payload.to_vec(),
+                    reason: err.to_string(),
+                    dead_lettered_at_us: now,
+                }),
+            }
+        }
+        let (Some(first_offset), Some(next_offset)) = (first_offset, next_offset) else {
+            return Ok(None);
+        };
+        self.counters.record_chunk(
+            &self.partition_label,
+            trades.len() + dead_letters.len(),
+            &dead_letters,
+        );
+        Ok(Some(TradeChunk {
+            lane: self.params.lane,
+            first_offset,
+            next_offset,
+            trades,
+            dead_letters,
+        }))
+    }
+
+    fn publish(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let status = &self.params.status;
+        if let Some(p) = self.position {
+            status.position.store(p, Relaxed);
+        }
+        status.consumed.store(self.counters.num_consumed, Relaxed);
+        status.dead_letters.store(self.counters.num_dead_letters, Relaxed);
+        status.lost_records.store(self.counters.num_lost, Relaxed);
+    }
+
+    fn fail(&self, ctx: &mut Context<Self>, error: String) {
+        error!(lane = %self.params.lane, error = %error, "partition consumer failed");
+        self.params.supervisor.do_send(LaneFailed {
+            lane: self.params.lane,
+            stage: "partition_consumer",
+            error,
+        });
+        ctx.stop();
+    }
+
+    /// The next offset is gone from Kafka. Accounts for the lost range with
+    /// a dead letter, reports it, and moves the partition to the earliest
+    /// retained offset.
+    fn retention_loss(&mut self, ctx: &mut Context<Self>) {
+        let consumer = self.params.consumer.clone();
+        let topic = self.params.topic.clone();
+        let partition = self.params.lane.partition;
+        let fut = async move {
+            tokio::task::spawn_blocking(move || -> Result<i64, KafkaError> {
+                let (low, _high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+                consumer.seek(&topic, partition, Offset::Offset(low), Duration::from_secs(10))?;
+                Ok(low)
+            })
+            .await
+        };
+        ctx.wait(fut.into_actor(self).map(|result, act, ctx| match result {
+            Ok(Ok(low)) => {
+                let from = act.position.unwrap_or(low);
+                if low <= from {
+                    // Nothing lost after all (the range came back); resume.
+                    ctx.notify(Poll);
+                    return;
+                }
+                let lost = (low - from) as u64;
+                error!(
+                    partition = act.params.lane.partition,
+                    from, to = low, lost,
+                    "kafka deleted offsets before K2 read them (retention outran lag); recorded in k2.dead_letters"
+                );
+                act.counters.record_lost(&act.partition_label, lost);
+                let now = now_us();
+                let chunk = TradeChunk {
+                    lane: act.params.lane,
+                    first_offset: from,
+                    next_offset: low,
+                    trades: Vec::new(),
+                    dead_letters: vec![DeadLetter {
+                        topic: act.params.topic.clone(),
+                        partition: act.params.lane.partition,
+                        offset: from,
+                        raw: Vec::new(),
+                        reason: format!(
+                            "retention: Kafka deleted offsets [{from}, {low}) ({lost} records) before K2 read them"
+                        ),
+                        dead_lettered_at_us: now,
+                    }],
+                };
+                act.position = Some(low);
+                act.publish();
+                act.forward(chunk, ctx);
+            }
+            Ok(Err(err)) => act.fail(ctx, format!("cannot recover from offset out of range: {err}")),
+            Err(err) => act.fail(ctx, format!("watermark lookup panicked: {err}")),
+        }));
+    }
+
+    /// Sends a chunk downstream, holding further polls until it is accepted.
+    fn forward(&mut self, chunk: TradeChunk, ctx: &mut Context<Self>) {
+        let sink = self.params.downstream.chunks.clone();
+        ctx.wait(async move { sink.send(chunk).await }.into_actor(self).map(
+            |result, act, ctx| match result {
+                Ok(()) => ctx.notify(Poll),
+                Err(err) => act.fail(ctx, format!("next stage unreachable: {err}")),
+            },
+        ));
+    }
+}
+
+enum QueueError {
+    OffsetOutOfRange,
+    Other(KafkaError),
+}
+
+fn classify(err: KafkaError) -> QueueError {
+    match err.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::OffsetOutOfRange) | Some(RDKafkaErrorCode::AutoOffsetReset) => {
+            QueueError::OffsetOutOfRange
+        }
+        _ => QueueError::Other(err),
+    }
+}
+
+impl Actor for PartitionConsumer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4);
+        ctx.notify(Poll);
+    }
+}
+
+// Messages
+
+/// Read what is ready, or wait for the queue to fill.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Poll;
+
+impl Handler<Poll> for PartitionConsumer {
+    type Result = ();
+
+    fn handle(&mut self, _: Poll, ctx: &mut Context<Self>) {
+        if self.draining {
+            return;
+        }
+        match self.drain_ready() {
+            Ok(Some(chunk)) => {
+                self.position = Some(chunk.next_offset);
+                self.publish();
+                self.forward(chunk, ctx);
+            }
+            Ok(None) => {
+                let ready = self.params.queue.ready.clone();
+                // Not `wait`: a flush or stop may arrive while the queue is idle.
+                ctx.spawn(
+                    async move {
+                        let _ = tokio::time::timeout(Duration::from_millis(250), ready.notified()).await;
+                    }
+                    .into_actor(self)
+                    .map(|_, _, ctx| ctx.notify(Poll)),
+                );
+            }
+            Err(QueueError::OffsetOutOfRange) => self.retention_loss(ctx),
+            Err(QueueError::Other(err)) => {
+                // Broker-side trouble on this partition; librdkafka retries by itself.
+                warn!(lane = %self.params.lane, error = %err, "partition fetch error");
+                ctx.run_later(Duration::from_millis(100), |_, ctx| ctx.notify(Poll));
+            }
+        }
+    }
+}
+
+impl Handler<Flush> for PartitionConsumer {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
+        let next = self.params.downstream.flush.clone();
+        Box::pin(async move {
+            let _ = next.send(flush).await;
+        })
+    }
+}
+
+impl Handler<StopLane> for PartitionConsumer {
+    type Result = ();
+
+    fn handle(&mut self, _: StopLane, ctx: &mut Context<Self>) {
+        self.draining = true;
+        ctx.stop();
+    }
+}

@@ -1,0 +1,240 @@
+//! `k2 bench`: end-to-end throughput on the embedded broker.
+//!
+//! Preloads messages (spread over enough partitions that the mock broker's
+//! ~5 MiB-per-partition retention keeps them all), then, in the same run,
+//! times (1) a raw rdkafka consumer that only counts the messages and (2)
+//! the full pipeline from start until the commit that makes all of them
+//! durable. The ratio of the two is the figure that matters on a shared,
+//! noisy machine.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+
+use crate::config::K2Config;
+use crate::embedded::EmbeddedBroker;
+use crate::loadgen::{GeneratorParams, Spread, preload};
+use crate::pipeline::{self, PipelineParams};
+use crate::storage::reader::committed_record_count;
+
+#[derive(Debug, Clone)]
+pub struct BenchParams {
+    pub messages: u64,
+    pub partitions: i32,
+    pub config: K2Config,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub messages: u64,
+    pub partitions: i32,
+    pub payload_bytes: u64,
+    pub raw_seconds: f64,
+    pub raw_msgs_per_s: f64,
+    pub pipeline_seconds: f64,
+    pub pipeline_msgs_per_s: f64,
+    pub pipeline_mb_per_s: f64,
+    pub ratio: f64,
+    pub commits: u64,
+    pub rows_committed: u64,
+    pub data_files: u64,
+    pub avg_file_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+const TOPIC: &str = "k2.bench.trades";
+
+pub async fn run(params: BenchParams, data_dir: &Path) -> anyhow::Result<BenchReport> {
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), params.partitions)])?;
+    let brokers = broker.bootstrap_servers().to_string();
+    eprintln!(
+        "k2 bench: preloading {} messages into {} partitions",
+        params.messages, params.partitions
+    );
+    let (messages, partitions) = (params.messages, params.partitions);
+    let loaded = {
+        let brokers = brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            preload(
+                &brokers,
+                TOPIC,
+                messages,
+                GeneratorParams {
+                    malformed_ratio: 0.0,
+                    ..Default::default()
+                },
+                // Even, so every partition stays under the mock broker's retention.
+                Spread::Even { partitions },
+            )
+        })
+        .await??
+    };
+    if loaded.valid.len() as u64 != messages {
+        anyhow::bail!("preload produced {} of {messages} messages", loaded.valid.len());
+    }
+    let retained = {
+        let brokers = brokers.clone();
+        tokio::task::spawn_blocking(move || retained_messages(&brokers, partitions)).await??
+    };
+    if retained != messages {
+        anyhow::bail!(
+            "the embedded broker kept {retained} of {messages} messages (it keeps ~5 MiB per partition): \
+             use more --partitions or fewer --messages"
+        );
+    }
+
+    eprintln!("k2 bench: raw consume");
+    let raw = {
+        let brokers = brokers.clone();
+        tokio::task::spawn_blocking(move || raw_consume(&brokers, messages)).await??
+    };
+
+    eprintln!("k2 bench: pipeline");
+    let mut config = params.config.clone();
+    config.kafka.topic = TOPIC.to_string();
+    config.kafka.group_id = format!("k2-bench-{}", uuid::Uuid::now_v7());
+    config.catalog.uri = "sqlite:catalog.db".to_string();
+    config.catalog.warehouse = "warehouse".to_string();
+    crate::metrics::install();
+    let started = Instant::now();
+    let pipeline = pipeline::start(PipelineParams {
+        config,
+        brokers,
+        base_dir: data_dir.to_path_buf(),
+        instance: "k2-bench".to_string(),
+    })
+    .await?;
+    let deadline = started + Duration::from_secs(600);
+    let status = loop {
+        let status = pipeline.status().await?;
+        if status.committer.rows_committed >= messages {
+            break status;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "pipeline committed {} of {messages} rows in 600 s",
+                status.committer.rows_committed
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let pipeline_seconds = started.elapsed().as_secs_f64();
+    let trades = pipeline.catalog.load_table(&pipeline.tables.trades).await?;
+    pipeline.shutdown().await?;
+    drop(broker);
+
+    let summary = trades
+        .metadata()
+        .current_snapshot()
+        .map(|s| s.summary().additional_properties.clone())
+        .unwrap_or_default();
+    let number = |key: &str| summary.get(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let data_files = number("total-data-files");
+    let rows = committed_record_count(&trades);
+    Ok(BenchReport {
+        messages,
+        partitions,
+        payload_bytes: loaded.bytes,
+        raw_seconds: raw.as_secs_f64(),
+        raw_msgs_per_s: messages as f64 / raw.as_secs_f64(),
+        pipeline_seconds,
+        pipeline_msgs_per_s: messages as f64 / pipeline_seconds,
+        pipeline_mb_per_s: loaded.bytes as f64 / 1e6 / pipeline_seconds,
+        ratio: raw.as_secs_f64() / pipeline_seconds,
+        commits: status.committer.commits,
+        rows_committed: rows,
+        data_files,
+        avg_file_bytes: number("total-files-size").checked_div(data_files).unwrap_or(0),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Consumes `messages` with a bare consumer that only counts them. Like the
+/// pipeline, it joins a consumer group first, so both timings include the
+/// group join (~3 s on the mock broker).
+fn raw_consume(brokers: &str, messages: u64) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("k2-bench-raw-{}", uuid::Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .create()
+        .context("failed to create the raw consumer")?;
+    consumer.subscribe(&[TOPIC])?;
+    let mut count = 0u64;
+    while count < messages {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(_)) => count += 1,
+            Some(Err(err)) => anyhow::bail!("raw consumer error: {err}"),
+            None if started.elapsed() > Duration::from_secs(300) => {
+                anyhow::bail!("raw consumer got {count} of {messages} messages in 300 s")
+            }
+            None => {}
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// Messages the broker still holds in the bench topic (high − low watermark, summed).
+fn retained_messages(brokers: &str, partitions: i32) -> anyhow::Result<u64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("failed to create a client to read watermarks")?;
+    let mut total = 0;
+    for partition in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(TOPIC, partition, Duration::from_secs(10))
+            .with_context(|| format!("failed to read the watermarks of partition {partition}"))?;
+        total += (high - low).max(0) as u64;
+    }
+    Ok(total)
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+pub fn print_report(r: &BenchReport) {
+    println!(
+        "k2 bench: {} messages, {} partitions, {:.1} MB payload",
+        r.messages,
+        r.partitions,
+        r.payload_bytes as f64 / 1e6
+    );
+    println!(
+        "  raw consume      {:>10.0} msg/s  ({:.2} s)",
+        r.raw_msgs_per_s, r.raw_seconds
+    );
+    println!(
+        "  pipeline         {:>10.0} msg/s  ({:.2} s, {:.1} MB/s)",
+        r.pipeline_msgs_per_s, r.pipeline_seconds, r.pipeline_mb_per_s
+    );
+    println!("  ratio            {:>10.2}", r.ratio);
+    println!("  commits          {:>10}", r.commits);
+    println!("  rows committed   {:>10}", r.rows_committed);
+    println!(
+        "  data files       {:>10}  (avg {:.1} KiB)",
+        r.data_files,
+        r.avg_file_bytes as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS         {:>10.1} MiB",
+        r.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+    );
+}

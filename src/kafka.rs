@@ -1,0 +1,336 @@
+//! The Kafka consumer group: client configuration, the rebalance callback
+//! that seeks each assigned partition to the offset recorded in Iceberg, and
+//! the driver thread that serves the group protocol.
+//!
+//! Every assigned partition gets its own queue (`split_partition_queue`) read
+//! by its lane. The queues are split inside the rebalance callback, before
+//! the assignment takes effect, so no record of an assigned partition can
+//! reach the consumer's main queue. The start offsets come from the table
+//! (never from Kafka's committed offsets) and are set in the assignment
+//! itself, so fetching starts exactly there.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use actix::{Message, Recipient};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::config::{KafkaConfig, StartFrom};
+
+pub type KafkaConsumer = BaseConsumer<K2ConsumerContext>;
+
+/// A partition's record queue, read by its lane, with a wake-up signal that
+/// fires when the queue becomes non-empty.
+pub struct LaneQueue {
+    pub partition: i32,
+    pub queue: PartitionQueue<K2ConsumerContext>,
+    pub ready: Arc<Notify>,
+}
+
+/// Partitions handed to this process, each with its queue and the offset it
+/// was positioned at (None: no offset in the table yet, positioned by
+/// `start_from`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PartitionsAssigned {
+    pub partitions: Vec<(Arc<LaneQueue>, Option<i64>)>,
+}
+
+/// Partitions taken away from this process. Replies once their lanes stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PartitionsRevoked {
+    pub partitions: Vec<i32>,
+}
+
+/// A record of `partition` reached the consumer's main queue instead of its
+/// lane: the lane must rewind so the record is read again.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StrayRecord {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Asks the committer for the next offsets recorded in the table.
+#[derive(Message)]
+#[rtype(result = "Result<std::collections::BTreeMap<i32, i64>, String>")]
+pub struct LoadOffsets {
+    pub partitions: Vec<i32>,
+}
+
+/// Where the rebalance callback sends its news.
+pub struct GroupListeners {
+    pub offsets: Recipient<LoadOffsets>,
+    pub assigned: Recipient<PartitionsAssigned>,
+    pub revoked: Recipient<PartitionsRevoked>,
+    pub stray: Recipient<StrayRecord>,
+}
+
+pub struct K2ConsumerContext {
+    topic: String,
+    start_from: StartFrom,
+    consumer: OnceLock<Weak<KafkaConsumer>>,
+    listeners: OnceLock<GroupListeners>,
+}
+
+impl ClientContext for K2ConsumerContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => error!(facility = fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {log_message}"),
+            _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, "kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for K2ConsumerContext {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let native = base_consumer.client().native_ptr();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let queues = self.prepare_assignment(tpl);
+                // SAFETY: both pointers are valid for the duration of the callback.
+                let code = unsafe { rdkafka::bindings::rd_kafka_assign(native, tpl.ptr()) };
+                if code != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+                    error!(?code, "failed to apply the partition assignment");
+                    return;
+                }
+                if let Some(listeners) = self.listeners.get()
+                    && let Err(err) = futures::executor::block_on(
+                        listeners.assigned.send(PartitionsAssigned { partitions: queues }),
+                    )
+                {
+                    error!(error = %err, "supervisor unreachable, assigned partitions not started");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions: Vec<i32> = tpl
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                info!(?partitions, "partitions revoked");
+                if let Some(listeners) = self.listeners.get() {
+                    // Lanes must stop (and drop their queues) before the
+                    // partitions can be assigned again.
+                    let _ =
+                        futures::executor::block_on(listeners.revoked.send(PartitionsRevoked { partitions }));
+                }
+                // SAFETY: a null list means "unassign all"; eager protocol only.
+                unsafe { rdkafka::bindings::rd_kafka_assign(native, std::ptr::null()) };
+            }
+            other => {
+                error!(code = ?other, "rebalance error");
+                unsafe { rdkafka::bindings::rd_kafka_assign(native, std::ptr::null()) };
+            }
+        }
+    }
+}
+
+impl K2ConsumerContext {
+    /// Sets each assigned partition's start offset from the table and splits
+    /// its queue. Runs in the rebalance callback, before the assignment.
+    fn prepare_assignment(&self, tpl: &mut TopicPartitionList) -> Vec<(Arc<LaneQueue>, Option<i64>)> {
+        let partitions: Vec<i32> = tpl
+            .elements_for_topic(&self.topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        let recorded = match self.listeners.get() {
+            Some(listeners) => {
+                match futures::executor::block_on(listeners.offsets.send(LoadOffsets {
+                    partitions: partitions.clone(),
+                })) {
+                    Ok(Ok(offsets)) => offsets,
+                    Ok(Err(err)) => {
+                        // Without the table's offsets K2 cannot know where to
+                        // start; starting anywhere else risks duplicates.
+                        error!(error = %err, "cannot read offsets from Iceberg; partitions not started");
+                        return Vec::new();
+                    }
+                    Err(err) => {
+                        error!(error = %err, "committer unreachable; partitions not started");
+                        return Vec::new();
+                    }
+                }
+            }
+            None => Default::default(),
+        };
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return Vec::new();
+        };
+        let mut queues = Vec::with_capacity(partitions.len());
+        for partition in partitions {
+            let start = recorded.get(&partition).copied();
+            let offset = match (start, self.start_from) {
+                (Some(next), _) => Offset::Offset(next),
+                (None, StartFrom::Earliest) => Offset::Beginning,
+                (None, StartFrom::Latest) => Offset::End,
+            };
+            if let Err(err) = tpl.set_partition_offset(&self.topic, partition, offset) {
+                error!(partition, error = %err, "failed to set start offset");
+                continue;
+            }
+            let Some(mut queue) = consumer.split_partition_queue(&self.topic, partition) else {
+                error!(partition, "failed to split the partition queue");
+                continue;
+            };
+            let ready = Arc::new(Notify::new());
+            let wake = ready.clone();
+            queue.set_nonempty_callback(move || wake.notify_one());
+            info!(partition, start = ?start, "partition assigned");
+            queues.push((
+                Arc::new(LaneQueue {
+                    partition,
+                    queue,
+                    ready,
+                }),
+                start,
+            ));
+        }
+        queues
+    }
+}
+
+/// The low and high watermarks of `partition` as last seen in fetch
+/// responses (no broker round trip; None before the first fetch). The high
+/// watermark is what lag is measured against.
+pub fn cached_watermarks(consumer: &KafkaConsumer, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the out
+    // pointers are valid locals; librdkafka only reads its cache here.
+    let code = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (code == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
+}
+
+/// Builds the group consumer. `brokers` is a bootstrap list.
+pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Arc<KafkaConsumer>> {
+    use anyhow::Context as _;
+
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.client {
+        client.set(key, value);
+    }
+    client
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &config.group_id)
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A partition whose next offset was deleted by retention must be
+        // reported, never silently reset.
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "false")
+        // Eager rebalancing: K2's callback assigns and unassigns whole sets.
+        .set("partition.assignment.strategy", "range,roundrobin");
+    if !config.client.contains_key("queued.max.messages.kbytes") {
+        // Bounds what librdkafka prefetches per partition when a lane is slow.
+        client.set("queued.max.messages.kbytes", "16384");
+    }
+    if let Some(instance) = &config.group_instance_id {
+        client.set("group.instance.id", instance);
+    }
+    let context = K2ConsumerContext {
+        topic: config.topic.clone(),
+        start_from: config.start_from,
+        consumer: OnceLock::new(),
+        listeners: OnceLock::new(),
+    };
+    let consumer: KafkaConsumer = client
+        .create_with_context(context)
+        .with_context(|| format!("failed to create Kafka consumer for brokers {brokers}"))?;
+    let consumer = Arc::new(consumer);
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+    Ok(consumer)
+}
+
+/// Serves the group protocol on a dedicated thread until stopped. The
+/// rebalance callback runs on this thread and may block it.
+pub struct GroupDriver {
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl GroupDriver {
+    pub fn start(
+        consumer: Arc<KafkaConsumer>,
+        topic: &str,
+        listeners: GroupListeners,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+
+        if consumer.context().listeners.set(listeners).is_err() {
+            anyhow::bail!("the consumer already has a group driver");
+        }
+        consumer
+            .subscribe(&[topic])
+            .with_context(|| format!("failed to subscribe to topic {topic}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("k2-kafka-group".into())
+            .spawn(move || {
+                while !thread_stop.load(Ordering::Relaxed) {
+                    match consumer.poll(Duration::from_millis(100)) {
+                        None => {}
+                        Some(Ok(message)) => {
+                            let (partition, offset) = (message.partition(), message.offset());
+                            warn!(partition, offset, "record on the main queue, rewinding its lane");
+                            if let Some(listeners) = consumer.context().listeners.get() {
+                                listeners.stray.do_send(StrayRecord { partition, offset });
+                            }
+                        }
+                        Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
+                    }
+                }
+                consumer.unsubscribe();
+            })
+            .context("failed to start the Kafka group thread")?;
+        Ok(Self {
+            stop,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Stops serving the group and waits for the thread to leave it. The
+    /// wait runs off the caller's thread: leaving the group revokes the
+    /// partitions, and the callback needs the actors to answer.
+    pub async fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! K2: market data from Kafka into Apache Iceberg, exactly once.
+//!
+//! See `docs/ARCHITECTURE.md` for the actor graph built in [`pipeline`].
+
+pub mod actors;
+pub mod bench;
+pub mod config;
+pub mod decode;
+pub mod dedup;
+pub mod embedded;
+pub mod kafka;
+pub mod loadgen;
+pub mod messages;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod sequence;
+pub mod service;
+pub mod storage;
+pub mod web;

@@ -1,0 +1,281 @@
+//! The `k2` binary: run the pipeline, run the embedded demo, run a broker,
+//! generate load, benchmark.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use k2::config::K2Config;
+use k2::embedded::EmbeddedBroker;
+use k2::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
+use k2::service::{self, ServiceOptions};
+
+/// K2 ingests market data (trades) from Kafka into Apache Iceberg tables,
+/// exactly once, through supervised actor lanes.
+#[derive(Parser)]
+#[command(name = "k2", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline against the Kafka and catalog named in the config
+    /// (with `kafka.brokers = "embedded"`, an in-process broker and load generator).
+    Run {
+        /// Config file (TOML). Every key can be overridden with K2_<SECTION>__<KEY>.
+        #[arg(long, short, env = "K2_CONFIG", default_value = "config/k2.toml")]
+        config: PathBuf,
+    },
+    /// Run the embedded demo: in-process broker, load generator, pipeline, HTTP on
+    /// 127.0.0.1:8080. Stops after --duration (or Ctrl-C), commits, and prints a verdict:
+    /// produced, committed, dead-lettered, duplicates, lost.
+    Demo {
+        /// Config file; the demo forces the embedded broker and load generator.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Trades per second produced by the load generator.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Seconds to run before the final commit and verdict (0 = until Ctrl-C).
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Directory for the catalog and warehouse (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// HTTP listen address.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run librdkafka's mock Kafka cluster as a process of its own and print its
+    /// bootstrap address, so `k2 run`, `k2 loadgen` and kcat can share it.
+    Broker {
+        /// Topic to create, as NAME or NAME:PARTITIONS (repeatable).
+        #[arg(long = "topic", default_value = "market.trades.raw:8")]
+        topics: Vec<String>,
+    },
+    /// Produce generated trades (several exchanges, Zipf-distributed symbols,
+    /// random-walk prices) to any Kafka.
+    Loadgen {
+        /// Bootstrap servers, e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        brokers: String,
+        #[arg(long, default_value = "market.trades.raw")]
+        topic: String,
+        /// Messages per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// Seconds to run (0 = until --total or Ctrl-C).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Stop after this many messages.
+        #[arg(long)]
+        total: Option<u64>,
+        /// Append "exchange,symbol,trade_id" of every acknowledged valid trade to this file.
+        #[arg(long)]
+        ids_file: Option<PathBuf>,
+        /// Fraction of deliberately malformed messages (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        malformed_ratio: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// End-to-end benchmark on the embedded broker: pipeline vs. raw consume.
+    /// Build with --release for meaningful numbers.
+    Bench {
+        /// Messages to preload and ingest.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Partitions (keep messages/partition under ~25k: the mock broker keeps ~5 MiB each).
+        #[arg(long, default_value_t = 48)]
+        partitions: i32,
+        /// Config file for pipeline tuning (Kafka topic and catalog are the bench's own).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the figures as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing();
+    let system = actix_rt::System::new();
+    let result = system.block_on(run(cli));
+    if let Err(err) = result {
+        eprintln!("k2: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("K2_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,k2=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<K2Config> {
+    K2Config::load(path).map_err(|err| anyhow::anyhow!("{err}"))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = load_config(Some(&config))?;
+            service::run(ServiceOptions {
+                config,
+                base_dir: std::env::current_dir()?,
+                duration: None,
+                progress: true,
+                verdict: false,
+            })
+            .await?;
+        }
+        Command::Demo {
+            config,
+            rate,
+            duration,
+            dir,
+            listen,
+        } => {
+            let mut config = load_config(config.as_deref())?;
+            config.kafka.brokers = k2::config::EMBEDDED_BROKERS.to_string();
+            config.loadgen.enabled = true;
+            if let Some(rate) = rate {
+                config.loadgen.rate = rate;
+            }
+            if let Some(listen) = listen {
+                config.http.listen = listen;
+            }
+            std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+            eprintln!(
+                "k2 demo: embedded broker, {} trades/s, {}; Ctrl-C stops early",
+                config.loadgen.rate,
+                if duration == 0 {
+                    "until Ctrl-C".to_string()
+                } else {
+                    format!("{duration} s")
+                }
+            );
+            service::run(ServiceOptions {
+                config,
+                base_dir: dir.canonicalize()?,
+                duration: (duration > 0).then(|| Duration::from_secs(duration)),
+                progress: true,
+                verdict: true,
+            })
+            .await?;
+        }
+        Command::Broker { topics } => {
+            let topics = topics
+                .iter()
+                .map(|t| parse_topic(t))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let broker = EmbeddedBroker::start(&topics)?;
+            println!("{}", broker.bootstrap_servers());
+            eprintln!(
+                "k2 broker: mock Kafka cluster on {} with {}; Ctrl-C stops it",
+                broker.bootstrap_servers(),
+                topics
+                    .iter()
+                    .map(|(t, p)| format!("{t} ({p} partitions)"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            service::shutdown_signal().await;
+        }
+        Command::Loadgen {
+            brokers,
+            topic,
+            rate,
+            duration,
+            total,
+            ids_file,
+            malformed_ratio,
+            seed,
+        } => {
+            let params = LoadgenParams {
+                brokers,
+                topic,
+                rate,
+                duration: (duration > 0).then(|| Duration::from_secs(duration)),
+                total,
+                ids_file,
+                generator: GeneratorParams {
+                    seed,
+                    malformed_ratio,
+                    ..GeneratorParams::default()
+                },
+                progress: true,
+            };
+            let report = run_loadgen(params, async {
+                service::shutdown_signal().await;
+            })
+            .await?;
+            println!(
+                "k2 loadgen: produced {} ({} malformed), {} failed, in {:.1} s",
+                report.produced,
+                report.malformed,
+                report.failed,
+                report.elapsed.as_secs_f64()
+            );
+        }
+        Command::Bench {
+            messages,
+            partitions,
+            config,
+            json,
+        } => {
+            if cfg!(debug_assertions) {
+                eprintln!("k2 bench: warning: this is a debug build; use `cargo run --release -- bench`");
+            }
+            let config = load_config(config.as_deref())?;
+            let dir = tempfile_dir()?;
+            let report = k2::bench::run(
+                k2::bench::BenchParams {
+                    messages,
+                    partitions,
+                    config,
+                },
+                &dir,
+            )
+            .await;
+            let _ = std::fs::remove_dir_all(&dir);
+            let report = report?;
+            k2::bench::print_report(&report);
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_topic(spec: &str) -> anyhow::Result<(String, i32)> {
+    match spec.split_once(':') {
+        None => Ok((spec.to_string(), 1)),
+        Some((name, partitions)) => {
+            let partitions: i32 = partitions
+                .parse()
+                .ok()
+                .filter(|p| *p > 0)
+                .with_context(|| format!("--topic {spec}: partitions must be a positive integer"))?;
+            if name.is_empty() {
+                anyhow::bail!("--topic {spec}: the topic name is empty");
+            }
+            Ok((name.to_string(), partitions))
+        }
+    }
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("k2-bench-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    Ok(dir)
+}

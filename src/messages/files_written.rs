@@ -1,0 +1,19 @@
+use actix::Message;
+use iceberg::spec::DataFile;
+
+use super::LaneId;
+use crate::model::DeadLetter;
+
+/// A batcher wrote data files covering `[first_offset, next_offset)` of its
+/// partition; the committer makes them durable in the next commit.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FilesWritten {
+    pub lane: LaneId,
+    pub first_offset: i64,
+    pub next_offset: i64,
+    pub data_files: Vec<DataFile>,
+    pub rows: u64,
+    pub file_bytes: u64,
+    pub dead_letters: Vec<DeadLetter>,
+}

@@ -1,0 +1,112 @@
+//! Every metric K2 emits: names, descriptions and the Prometheus recorder.
+//!
+//! Names follow `k2_<noun>_<unit>`, `_total` only on counters; labels are
+//! low-cardinality. Stages emit per chunk, not per record.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const RECORDS_CONSUMED: &str = "k2_records_consumed_total";
+pub const DEAD_LETTERS: &str = "k2_dead_letters_total";
+pub const SEQUENCE_GAPS: &str = "k2_sequence_gaps_total";
+pub const DUPLICATES_DROPPED: &str = "k2_duplicates_dropped_total";
+pub const RECORDS_SHED: &str = "k2_shed_records_total";
+pub const DATA_FILES_WRITTEN: &str = "k2_data_files_written_total";
+pub const DATA_FILE_BYTES: &str = "k2_data_file_bytes_total";
+pub const BATCHER_BUFFERED_BYTES: &str = "k2_batcher_buffered_bytes";
+pub const COMMITS: &str = "k2_commits_total";
+pub const COMMIT_DURATION: &str = "k2_commit_duration_seconds";
+pub const COMMIT_PENDING_BYTES: &str = "k2_commit_pending_bytes";
+pub const TRADES_COMMITTED: &str = "k2_trades_committed_total";
+pub const COMMIT_FENCED: &str = "k2_commit_fenced_total";
+pub const RETENTION_LOST_RECORDS: &str = "k2_kafka_retention_lost_records_total";
+pub const LANE_RESTARTS: &str = "k2_lane_restarts_total";
+pub const LANES_ACTIVE: &str = "k2_lanes_active";
+pub const CONSUMER_LAG: &str = "k2_consumer_lag_records";
+
+/// Installs the global Prometheus recorder once and returns its handle.
+/// Later calls (several pipelines in one test process) share it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .expect("static bucket list is valid")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        RECORDS_CONSUMED,
+        Unit::Count,
+        "Kafka records read by partition consumers"
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        Unit::Count,
+        "Records sent to k2.dead_letters, by reason kind"
+    );
+    describe_counter!(
+        SEQUENCE_GAPS,
+        Unit::Count,
+        "Gaps seen in per-symbol sequence numbers"
+    );
+    describe_counter!(
+        DUPLICATES_DROPPED,
+        Unit::Count,
+        "Records dropped as exact duplicates"
+    );
+    describe_counter!(RECORDS_SHED, Unit::Count, "Records shed by the load shedder");
+    describe_counter!(
+        DATA_FILES_WRITTEN,
+        Unit::Count,
+        "Parquet data files written by batchers"
+    );
+    describe_counter!(
+        DATA_FILE_BYTES,
+        Unit::Bytes,
+        "Bytes of Parquet data files written"
+    );
+    describe_gauge!(
+        BATCHER_BUFFERED_BYTES,
+        Unit::Bytes,
+        "Bytes buffered in batchers, per partition"
+    );
+    describe_counter!(COMMITS, Unit::Count, "Iceberg commits, by table and outcome");
+    describe_histogram!(COMMIT_DURATION, Unit::Seconds, "Iceberg commit latency");
+    describe_gauge!(
+        COMMIT_PENDING_BYTES,
+        Unit::Bytes,
+        "Bytes of data files written but not committed"
+    );
+    describe_counter!(TRADES_COMMITTED, Unit::Count, "Trades made durable in Iceberg");
+    describe_counter!(
+        COMMIT_FENCED,
+        Unit::Count,
+        "Partitions refused at commit because the table moved past them"
+    );
+    describe_counter!(
+        RETENTION_LOST_RECORDS,
+        Unit::Count,
+        "Records Kafka deleted before K2 read them"
+    );
+    describe_counter!(
+        LANE_RESTARTS,
+        Unit::Count,
+        "Lanes rebuilt after a failure, by stage"
+    );
+    describe_gauge!(LANES_ACTIVE, Unit::Count, "Lanes currently running");
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "High watermark minus committed offset, per partition"
+    );
+}

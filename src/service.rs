@@ -1,0 +1,281 @@
+//! Runs K2 as a service: the embedded broker and load generator when the
+//! config says `brokers = "embedded"`, the pipeline, the HTTP server and a
+//! one-line progress display, until Ctrl-C (or the demo's duration); then a
+//! final commit. `k2 run` and `k2 demo` are both this.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing::{info, warn};
+
+use crate::config::K2Config;
+use crate::embedded::EmbeddedBroker;
+use crate::loadgen::{GeneratorParams, LoadgenParams, LoadgenReport, run_loadgen};
+use crate::pipeline::{self, Pipeline, PipelineParams};
+use crate::storage::reader::{committed_record_count, scan_trade_keys};
+use crate::web::{self, AppState};
+
+pub struct ServiceOptions {
+    pub config: K2Config,
+    pub base_dir: PathBuf,
+    /// Stop by itself after this long (the demo); None = until Ctrl-C.
+    pub duration: Option<Duration>,
+    pub progress: bool,
+    /// Print the verdict table (produced / committed / dead-lettered /
+    /// duplicates / lost) at the end. Embedded mode only.
+    pub verdict: bool,
+}
+
+/// What the verdict table shows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Verdict {
+    pub produced: u64,
+    pub produced_valid: u64,
+    pub committed_rows: u64,
+    pub distinct_trades: u64,
+    pub dead_lettered: u64,
+    pub duplicates: u64,
+    pub lost: u64,
+}
+
+pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
+    let config = options.config.clone();
+    let handle = crate::metrics::install();
+    let embedded = config.kafka.is_embedded();
+    let broker = if embedded {
+        let broker =
+            EmbeddedBroker::start(&[(config.kafka.topic.clone(), config.kafka.embedded_partitions)])?;
+        info!(
+            bootstrap = broker.bootstrap_servers(),
+            "embedded Kafka broker started"
+        );
+        Some(broker)
+    } else {
+        None
+    };
+    let brokers = broker.as_ref().map_or(config.kafka.brokers.clone(), |b| {
+        b.bootstrap_servers().to_string()
+    });
+
+    let pipeline = pipeline::start(PipelineParams {
+        config: config.clone(),
+        brokers: brokers.clone(),
+        base_dir: options.base_dir.clone(),
+        instance: instance_name(),
+    })
+    .await?;
+    let (server, addr) = web::serve(
+        AppState {
+            supervisor: pipeline.supervisor.clone(),
+            metrics: handle,
+        },
+        &config.http.listen,
+    )?;
+    let server_handle = server.handle();
+    actix_rt::spawn(server);
+    info!(%addr, "HTTP control plane listening");
+    eprintln!("k2: HTTP on http://{addr} (/health /ready /metrics /v1/pipeline)");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let ids_file = options.base_dir.join("data").join("produced-trade-ids.csv");
+    let loadgen = if embedded && config.loadgen.enabled {
+        if options.verdict {
+            std::fs::create_dir_all(ids_file.parent().expect("has a parent"))?;
+            let _ = std::fs::remove_file(&ids_file);
+        }
+        let params = LoadgenParams {
+            brokers,
+            topic: config.kafka.topic.clone(),
+            rate: config.loadgen.rate,
+            duration: None,
+            total: None,
+            ids_file: options.verdict.then(|| ids_file.clone()),
+            generator: GeneratorParams {
+                seed: config.loadgen.seed,
+                malformed_ratio: config.loadgen.malformed_ratio,
+                ..GeneratorParams::default()
+            },
+            progress: false,
+        };
+        Some(actix_rt::spawn(run_loadgen(params, async move {
+            let _ = stop_rx.await;
+        })))
+    } else {
+        None
+    };
+
+    let progress = options.progress.then(|| {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("static template"),
+        );
+        bar
+    });
+    let deadline = options.duration.map(|d| Instant::now() + d);
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let stop_signal = shutdown_signal();
+    tokio::pin!(stop_signal);
+    loop {
+        tokio::select! {
+            signal = &mut stop_signal => {
+                eprintln!("\nk2: {signal} received, committing what was consumed and stopping");
+                break;
+            }
+            _ = ticker.tick() => {
+                if let Some(bar) = &progress
+                    && let Ok(status) = pipeline.status().await {
+                        bar.set_message(progress_line(&status, started.elapsed()));
+                        bar.tick();
+                    }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+        }
+    }
+
+    let _ = stop_tx.send(());
+    let report: Option<LoadgenReport> = match loadgen {
+        Some(task) => match task.await {
+            Ok(Ok(report)) => Some(report),
+            Ok(Err(err)) => {
+                warn!(error = %err, "load generator failed");
+                None
+            }
+            Err(err) => {
+                warn!(error = %err, "load generator task failed");
+                None
+            }
+        },
+        None => None,
+    };
+    if options.verdict && report.is_some() {
+        // Let the lanes drain what the generator produced before the final commit.
+        wait_until_caught_up(&pipeline, Duration::from_secs(60)).await;
+    }
+    let verdict_inputs = (pipeline.catalog.clone(), pipeline.tables.clone());
+    pipeline.shutdown().await.context("shutdown failed")?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    server_handle.stop(true).await;
+    drop(broker);
+
+    match (options.verdict, report) {
+        (true, Some(report)) => {
+            let (catalog, tables) = verdict_inputs;
+            let verdict = verdict(&report, &ids_file, catalog.as_ref(), &tables).await?;
+            print_verdict(&verdict);
+            Ok(Some(verdict))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `docker stop` and Kubernetes
+/// send), naming the signal.
+pub async fn shutdown_signal() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops K2 cleanly");
+            let _ = tokio::signal::ctrl_c().await;
+            return "Ctrl-C";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// Waits until every lane's committed offset reaches its high watermark.
+async fn wait_until_caught_up(pipeline: &Pipeline, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut previous_positions = None;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let Ok(status) = pipeline.status().await else {
+            continue;
+        };
+        let positions: Vec<_> = status
+            .lanes
+            .iter()
+            .map(|l| (l.position, l.high_watermark))
+            .collect();
+        let caught_up = !status.lanes.is_empty()
+            && status
+                .lanes
+                .iter()
+                .all(|l| l.high_watermark.is_some() && l.position >= l.high_watermark);
+        if caught_up && previous_positions.as_ref() == Some(&positions) {
+            return;
+        }
+        previous_positions = Some(positions);
+    }
+    warn!("lanes did not catch up within {limit:?}; committing what was consumed");
+}
+
+fn progress_line(status: &crate::actors::supervisor::PipelineStatus, elapsed: Duration) -> String {
+    let consumed: u64 = status.lanes.iter().map(|l| l.consumed).sum();
+    let lag: i64 = status.lanes.iter().filter_map(|l| l.lag).sum();
+    let rate = consumed as f64 / elapsed.as_secs_f64().max(0.001);
+    format!(
+        "lanes {} | consumed {consumed} ({rate:.0}/s) | committed {} rows in {} commits | dead letters {} | lag {lag} | restarts {}",
+        status.lanes.len(),
+        status.committer.rows_committed,
+        status.committer.commits,
+        status.committer.dead_letters_committed,
+        status.lane_restarts,
+    )
+}
+
+async fn verdict(
+    report: &LoadgenReport,
+    ids_file: &std::path::Path,
+    catalog: &dyn iceberg::Catalog,
+    tables: &crate::storage::tables::TableIdents,
+) -> anyhow::Result<Verdict> {
+    let produced_ids = std::fs::read_to_string(ids_file)
+        .with_context(|| format!("failed to read {}", ids_file.display()))?;
+    let produced: HashSet<&str> = produced_ids.lines().filter(|l| !l.is_empty()).collect();
+    let trades = catalog.load_table(&tables.trades).await?;
+    let keys = scan_trade_keys(&trades).await?;
+    let committed: HashSet<String> = keys.keys.iter().map(|(e, s, t)| format!("{e},{s},{t}")).collect();
+    let dead_letters = catalog.load_table(&tables.dead_letters).await?;
+    Ok(Verdict {
+        produced: report.produced,
+        produced_valid: produced.len() as u64,
+        committed_rows: keys.keys.len() as u64,
+        distinct_trades: committed.len() as u64,
+        dead_lettered: committed_record_count(&dead_letters),
+        duplicates: (keys.keys.len() - committed.len()) as u64,
+        lost: produced.iter().filter(|id| !committed.contains(**id)).count() as u64,
+    })
+}
+
+pub fn print_verdict(v: &Verdict) {
+    println!();
+    println!("  verdict                    records");
+    println!("  ------------------------- --------");
+    println!("  produced                   {:>8}", v.produced);
+    println!("    valid trades             {:>8}", v.produced_valid);
+    println!("  committed rows             {:>8}", v.committed_rows);
+    println!("  distinct trades committed  {:>8}", v.distinct_trades);
+    println!("  dead-lettered              {:>8}", v.dead_lettered);
+    println!("  duplicates                 {:>8}", v.duplicates);
+    println!("  lost                       {:>8}", v.lost);
+    println!();
+}
+
+/// Names this process in the offsets it records: host and pid.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "k2".to_string());
+    format!("{host}-{}", std::process::id())
+}

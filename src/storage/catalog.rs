@@ -1,0 +1,207 @@
+//! Opening the SQL catalog, and the commit fence.
+//!
+//! K2 records consumed Kafka offsets in each snapshot's summary. iceberg-rust's
+//! `Transaction::commit` reloads the table and re-applies its actions on the
+//! newest snapshot before every attempt, so a commit prepared on an older
+//! snapshot would succeed silently and overwrite the offsets another writer
+//! recorded in between. [`FencedCatalog`] closes that hole: it refuses (with a
+//! non-retryable error) any table update whose table has moved past the
+//! snapshot the offsets were read from. The committer then reloads, re-merges
+//! and tries again. See `docs/adr/0001-offsets-in-snapshot-summaries.md`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use iceberg::io::LocalFsStorageFactory;
+use iceberg::table::Table;
+use iceberg::{
+    Catalog, CatalogBuilder, Error, ErrorKind, Namespace, NamespaceIdent, Result, TableCommit, TableCreation,
+    TableIdent,
+};
+use iceberg_catalog_sql::{
+    SQL_CATALOG_PROP_BIND_STYLE, SQL_CATALOG_PROP_URI, SQL_CATALOG_PROP_WAREHOUSE, SqlBindStyle,
+    SqlCatalogBuilder,
+};
+
+use crate::config::CatalogConfig;
+
+/// Message of the error [`FencedCatalog`] returns when the table moved.
+pub const FENCE_MESSAGE: &str = "k2 commit fence: table changed since its offsets were read";
+
+/// Opens the SQL catalog described by `config` (SQLite or PostgreSQL) with a
+/// local-filesystem warehouse. Relative paths are resolved against `base_dir`.
+pub async fn open_catalog(config: &CatalogConfig, base_dir: &Path) -> anyhow::Result<Arc<dyn Catalog>> {
+    use anyhow::Context as _;
+
+    let (uri, bind_style) = if let Some(path) = config.uri.strip_prefix("sqlite:") {
+        let path = path.trim_start_matches("//");
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let path = base_dir.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("failed to create catalog directory {}", parent.display()))?;
+        }
+        let query = if query.is_empty() {
+            "mode=rwc".to_string()
+        } else {
+            query.to_string()
+        };
+        (format!("sqlite:{}?{query}", path.display()), SqlBindStyle::QMark)
+    } else {
+        (config.uri.clone(), SqlBindStyle::DollarNumeric)
+    };
+    let warehouse = config
+        .warehouse
+        .strip_prefix("file://")
+        .unwrap_or(&config.warehouse);
+    let warehouse = base_dir.join(warehouse);
+    std::fs::create_dir_all(&warehouse)
+        .with_context(|| format!("failed to create warehouse directory {}", warehouse.display()))?;
+    let warehouse = warehouse
+        .canonicalize()
+        .with_context(|| format!("failed to resolve warehouse directory {}", warehouse.display()))?;
+
+    let props = HashMap::from([
+        (SQL_CATALOG_PROP_URI.to_string(), uri.clone()),
+        (
+            SQL_CATALOG_PROP_WAREHOUSE.to_string(),
+            format!("file://{}", warehouse.display()),
+        ),
+        (SQL_CATALOG_PROP_BIND_STYLE.to_string(), bind_style.to_string()),
+    ]);
+    let catalog = SqlCatalogBuilder::default()
+        .with_storage_factory(Arc::new(LocalFsStorageFactory))
+        .load(config.name.clone(), props)
+        .await
+        .with_context(|| format!("failed to open the Iceberg SQL catalog at {}", redact(&uri)))?;
+    Ok(Arc::new(catalog))
+}
+
+/// Hides a password in a database URI before it reaches a log or an error.
+fn redact(uri: &str) -> String {
+    match (uri.find("://"), uri.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &uri[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &uri[..scheme_end + 3], &uri[at..]),
+                None => uri.to_string(),
+            }
+        }
+        _ => uri.to_string(),
+    }
+}
+
+/// A catalog that accepts a table update only if the table's current snapshot
+/// is still `expected_snapshot_id`. Everything else is delegated.
+pub struct FencedCatalog<'a> {
+    inner: &'a dyn Catalog,
+    expected_snapshot_id: Option<i64>,
+}
+
+impl<'a> FencedCatalog<'a> {
+    pub fn new(inner: &'a dyn Catalog, base: &Table) -> Self {
+        Self {
+            inner,
+            expected_snapshot_id: base.metadata().current_snapshot_id(),
+        }
+    }
+}
+
+impl fmt::Debug for FencedCatalog<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FencedCatalog")
+            .field("expected_snapshot_id", &self.expected_snapshot_id)
+            .finish()
+    }
+}
+
+/// True when `err` is the fence's refusal (reload, re-merge, retry).
+pub fn is_fence_error(err: &Error) -> bool {
+    err.message() == FENCE_MESSAGE
+}
+
+#[async_trait]
+impl Catalog for FencedCatalog<'_> {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> Result<Vec<NamespaceIdent>> {
+        self.inner.list_namespaces(parent).await
+    }
+    async fn create_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> Result<Namespace> {
+        self.inner.create_namespace(namespace, properties).await
+    }
+    async fn get_namespace(&self, namespace: &NamespaceIdent) -> Result<Namespace> {
+        self.inner.get_namespace(namespace).await
+    }
+    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> Result<bool> {
+        self.inner.namespace_exists(namespace).await
+    }
+    async fn update_namespace(
+        &self,
+        namespace: &NamespaceIdent,
+        properties: HashMap<String, String>,
+    ) -> Result<()> {
+        self.inner.update_namespace(namespace, properties).await
+    }
+    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> Result<()> {
+        self.inner.drop_namespace(namespace).await
+    }
+    async fn list_tables(&self, namespace: &NamespaceIdent) -> Result<Vec<TableIdent>> {
+        self.inner.list_tables(namespace).await
+    }
+    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> Result<Table> {
+        self.inner.create_table(namespace, creation).await
+    }
+    async fn load_table(&self, table: &TableIdent) -> Result<Table> {
+        self.inner.load_table(table).await
+    }
+    async fn drop_table(&self, table: &TableIdent) -> Result<()> {
+        self.inner.drop_table(table).await
+    }
+    async fn purge_table(&self, table: &TableIdent) -> Result<()> {
+        self.inner.purge_table(table).await
+    }
+    async fn table_exists(&self, table: &TableIdent) -> Result<bool> {
+        self.inner.table_exists(table).await
+    }
+    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> Result<()> {
+        self.inner.rename_table(src, dest).await
+    }
+    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> Result<Table> {
+        self.inner.register_table(table, metadata_location).await
+    }
+    async fn update_table(&self, commit: TableCommit) -> Result<Table> {
+        let current = self.inner.load_table(commit.identifier()).await?;
+        let current_id = current.metadata().current_snapshot_id();
+        if current_id != self.expected_snapshot_id {
+            return Err(Error::new(ErrorKind::CatalogCommitConflicts, FENCE_MESSAGE)
+                .with_context("expected_snapshot_id", format!("{:?}", self.expected_snapshot_id))
+                .with_context("current_snapshot_id", format!("{current_id:?}"))
+                .with_retryable(false));
+        }
+        // The inner SQL catalog still compare-and-swaps the metadata location,
+        // and the transaction's own requirement pins the snapshot id, so a
+        // writer that slips in after this check makes the update fail too.
+        self.inner.update_table(commit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn password_in_catalog_uri_is_redacted() {
+        assert_eq!(
+            redact("postgres://k2:secret@db:5432/k2"),
+            "postgres://k2:***@db:5432/k2"
+        );
+        assert_eq!(redact("postgres://k2@db/k2"), "postgres://k2@db/k2");
+        assert_eq!(redact("sqlite:/tmp/x.db?mode=rwc"), "sqlite:/tmp/x.db?mode=rwc");
+    }
+}

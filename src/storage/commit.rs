@@ -1,0 +1,219 @@
+//! The commit protocol: one Iceberg snapshot per table per epoch, carrying
+//! the offsets the data covers, fenced against concurrent writers.
+//!
+//! Order within an epoch: dead letters first (in `k2.dead_letters`, with
+//! their own offsets summary), then trades (in the trades table, whose
+//! offsets are the source of truth for restarts). A crash between the two
+//! replays the epoch: the trades are written again (their offsets were not
+//! recorded) and dead letters below the dead-letter table's recorded offset
+//! are skipped, so neither table holds anything twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use iceberg::spec::DataFile;
+use iceberg::table::Table;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use iceberg::{Catalog, TableIdent};
+use tracing::{info, warn};
+
+use super::catalog::{FencedCatalog, is_fence_error};
+use super::offsets::{OffsetsError, TopicOffsets, summary_key};
+use super::tables::TableIdents;
+use super::writer::{TableWriter, dead_letter_batch};
+use crate::model::DeadLetter;
+
+/// How many times one epoch is re-merged after losing a race to another writer.
+const MAX_FENCE_RETRIES: usize = 20;
+
+/// What one partition contributes to an epoch.
+#[derive(Debug, Default)]
+pub struct PartitionRange {
+    pub partition: i32,
+    pub first_offset: i64,
+    pub next_offset: i64,
+    pub files: Vec<DataFile>,
+    pub rows: u64,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+#[derive(Debug, Default)]
+pub struct CommitOutcome {
+    /// Partitions now durable up to these offsets.
+    pub committed: BTreeMap<i32, i64>,
+    /// Partitions refused: the table stands elsewhere (its next offset).
+    pub fenced: Vec<(i32, Option<i64>)>,
+    pub rows: u64,
+    pub dead_letters: u64,
+    pub snapshot_id: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("iceberg: {0}")]
+    Iceberg(#[from] iceberg::Error),
+    #[error(transparent)]
+    Offsets(#[from] OffsetsError),
+    #[error("lost the commit race {0} times in a row")]
+    TooManyConflicts(usize),
+    #[error("failed to build a dead-letter batch: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+}
+
+pub struct Committer {
+    pub catalog: Arc<dyn Catalog>,
+    pub idents: TableIdents,
+    pub topic: String,
+    pub writer_id: String,
+    pub zstd_level: i32,
+}
+
+impl Committer {
+    /// Loads the trades table and returns its recorded offsets.
+    pub async fn load_offsets(&self) -> Result<TopicOffsets, CommitError> {
+        let table = self.catalog.load_table(&self.idents.trades).await?;
+        Ok(TopicOffsets::from_table(&table, &self.topic)?)
+    }
+
+    /// Commits one epoch. Ranges the table refuses are reported in
+    /// `fenced`; their files are left out (orphans no reader sees).
+    pub async fn commit(&self, ranges: &[PartitionRange]) -> Result<CommitOutcome, CommitError> {
+        let dead_letters = self.commit_dead_letters(ranges).await?;
+        let mut outcome = self.commit_trades(ranges).await?;
+        outcome.dead_letters = dead_letters;
+        Ok(outcome)
+    }
+
+    async fn commit_dead_letters(&self, ranges: &[PartitionRange]) -> Result<u64, CommitError> {
+        if ranges.iter().all(|r| r.dead_letters.is_empty()) {
+            return Ok(0);
+        }
+        for _ in 0..MAX_FENCE_RETRIES {
+            let table = self.catalog.load_table(&self.idents.dead_letters).await?;
+            let mut offsets = TopicOffsets::from_table(&table, &self.topic)?;
+            let mut rows = Vec::new();
+            for range in ranges {
+                let committed_below = offsets.next_offset(range.partition).unwrap_or(i64::MIN);
+                rows.extend(
+                    range
+                        .dead_letters
+                        .iter()
+                        .filter(|d| d.offset >= committed_below)
+                        .cloned(),
+                );
+                if !range.dead_letters.is_empty() {
+                    offsets.set(
+                        range.partition,
+                        range.next_offset.max(committed_below),
+                        &self.writer_id,
+                    );
+                }
+            }
+            if rows.is_empty() {
+                return Ok(0);
+            }
+            let writer = TableWriter::new(&table, self.zstd_level, 64 << 20)?;
+            let files = writer
+                .write(dead_letter_batch(&rows, writer.arrow_schema())?)
+                .await?;
+            match self.append(&table, files, &offsets).await {
+                Ok(_) => return Ok(rows.len() as u64),
+                Err(err) if is_fence_error(&err) => {
+                    warn!(table = %self.idents.dead_letters, "dead-letter commit lost a race, re-merging");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(CommitError::TooManyConflicts(MAX_FENCE_RETRIES))
+    }
+
+    async fn commit_trades(&self, ranges: &[PartitionRange]) -> Result<CommitOutcome, CommitError> {
+        for _ in 0..MAX_FENCE_RETRIES {
+            let table = self.catalog.load_table(&self.idents.trades).await?;
+            let mut offsets = TopicOffsets::from_table(&table, &self.topic)?;
+            let mut outcome = CommitOutcome::default();
+            let mut files = Vec::new();
+            for range in ranges {
+                match offsets.advance(
+                    range.partition,
+                    range.first_offset,
+                    range.next_offset,
+                    &self.writer_id,
+                ) {
+                    Ok(()) => {
+                        outcome.committed.insert(range.partition, range.next_offset);
+                        outcome.rows += range.rows;
+                        files.extend(range.files.iter().cloned());
+                    }
+                    Err(OffsetsError::Fenced {
+                        partition,
+                        table_next,
+                        ..
+                    }) => {
+                        outcome.fenced.push((partition, table_next));
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            if outcome.committed.is_empty() {
+                return Ok(outcome);
+            }
+            match self.append(&table, files, &offsets).await {
+                Ok(table) => {
+                    outcome.snapshot_id = table.metadata().current_snapshot_id();
+                    return Ok(outcome);
+                }
+                Err(err) if is_fence_error(&err) => {
+                    warn!(table = %self.idents.trades, "commit lost a race to another writer, re-merging offsets");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(CommitError::TooManyConflicts(MAX_FENCE_RETRIES))
+    }
+
+    /// Appends `files` to `base` with `offsets` in the snapshot summary, only
+    /// if the table has not moved past `base`.
+    async fn append(
+        &self,
+        base: &Table,
+        files: Vec<DataFile>,
+        offsets: &TopicOffsets,
+    ) -> iceberg::Result<Table> {
+        let properties = HashMap::from([(summary_key(&self.topic), offsets.to_json())]);
+        let tx = Transaction::new(base);
+        let tx = tx
+            .fast_append()
+            .add_data_files(files)
+            .with_check_duplicate(false)
+            .set_snapshot_properties(properties)
+            .apply(tx)?;
+        tx.commit(&FencedCatalog::new(self.catalog.as_ref(), base)).await
+    }
+
+    /// Drops all but the newest `retain` snapshots of K2's tables, so commit
+    /// cost and metadata size stay flat. Data files are not deleted.
+    pub async fn expire_snapshots(&self, retain: usize) -> Result<(), CommitError> {
+        for ident in [&self.idents.trades, &self.idents.dead_letters] {
+            expire(self.catalog.as_ref(), ident, retain).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn expire(catalog: &dyn Catalog, ident: &TableIdent, retain: usize) -> Result<(), CommitError> {
+    let table = catalog.load_table(ident).await?;
+    let count = table.metadata().snapshots().count();
+    if count <= retain {
+        return Ok(());
+    }
+    let tx = Transaction::new(&table);
+    let tx = tx
+        .expire_snapshots()
+        .expire_older_than_ms(chrono::Utc::now().timestamp_millis())
+        .retain_last(retain)
+        .apply(tx)?;
+    tx.commit(catalog).await?;
+    info!(table = %ident, before = count, retain, "expired old snapshots");
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The Iceberg tables K2 writes, their schemas and partition specs.
+
+use std::sync::Arc;
+
+use iceberg::spec::{NestedField, PrimitiveType, Schema, Transform, Type, UnboundPartitionSpec};
+use iceberg::{Catalog, NamespaceIdent, TableCreation, TableIdent};
+
+use crate::model::{DECIMAL_PRECISION, DECIMAL_SCALE};
+
+/// Namespace of K2's own operational tables (`k2.dead_letters`, ...).
+pub const K2_NAMESPACE: &str = "k2";
+pub const TRADES_TABLE: &str = "trades";
+pub const DEAD_LETTERS_TABLE: &str = "dead_letters";
+
+/// The tables one pipeline writes.
+#[derive(Debug, Clone)]
+pub struct TableIdents {
+    pub trades: TableIdent,
+    pub dead_letters: TableIdent,
+}
+
+impl TableIdents {
+    pub fn new(market_namespace: &str) -> Self {
+        Self {
+            trades: TableIdent::new(
+                NamespaceIdent::new(market_namespace.to_string()),
+                TRADES_TABLE.to_string(),
+            ),
+            dead_letters: TableIdent::new(
+                NamespaceIdent::new(K2_NAMESPACE.to_string()),
+                DEAD_LETTERS_TABLE.to_string(),
+            ),
+        }
+    }
+}
+
+fn decimal() -> Type {
+    Type::Primitive(PrimitiveType::Decimal {
+        precision: DECIMAL_PRECISION as u32,
+        scale: DECIMAL_SCALE as u32,
+    })
+}
+
+fn string() -> Type {
+    Type::Primitive(PrimitiveType::String)
+}
+
+fn timestamptz() -> Type {
+    Type::Primitive(PrimitiveType::Timestamptz)
+}
+
+/// Field id of `event_time` in the trades schema (the partition source).
+pub const TRADES_EVENT_TIME_FIELD_ID: i32 = 8;
+
+/// `market.trades`: one row per accepted trade.
+pub fn trades_schema() -> Schema {
+    let fields = vec![
+        NestedField::required(1, "exchange", string()),
+        NestedField::required(2, "symbol", string()),
+        NestedField::required(3, "sequence", Type::Primitive(PrimitiveType::Long)),
+        NestedField::required(4, "trade_id", string()),
+        NestedField::required(5, "price", decimal()),
+        NestedField::required(6, "quantity", decimal()),
+        NestedField::required(7, "side", string()),
+        NestedField::required(TRADES_EVENT_TIME_FIELD_ID, "event_time", timestamptz()),
+        NestedField::required(9, "ingest_time", timestamptz()),
+        NestedField::required(10, "kafka_partition", Type::Primitive(PrimitiveType::Int)),
+        NestedField::required(11, "kafka_offset", Type::Primitive(PrimitiveType::Long)),
+    ];
+    Schema::builder()
+        .with_schema_id(0)
+        .with_fields(fields.into_iter().map(Arc::new))
+        .build()
+        .expect("the trades schema is statically valid")
+}
+
+/// Trades are partitioned by day of event time.
+pub fn trades_partition_spec() -> UnboundPartitionSpec {
+    UnboundPartitionSpec::builder()
+        .add_partition_field(TRADES_EVENT_TIME_FIELD_ID, "event_day", Transform::Day)
+        .expect("the trades partition spec is statically valid")
+        .build()
+}
+
+/// `k2.dead_letters`: records that could not be decoded or validated, and
+/// offset ranges Kafka deleted before K2 could read them.
+pub fn dead_letters_schema() -> Schema {
+    let fields = vec![
+        NestedField::required(1, "topic", string()),
+        NestedField::required(2, "partition", Type::Primitive(PrimitiveType::Int)),
+        NestedField::required(3, "offset", Type::Primitive(PrimitiveType::Long)),
+        NestedField::required(4, "raw", Type::Primitive(PrimitiveType::Binary)),
+        NestedField::required(5, "reason", string()),
+        NestedField::required(6, "dead_lettered_at", timestamptz()),
+    ];
+    Schema::builder()
+        .with_schema_id(0)
+        .with_fields(fields.into_iter().map(Arc::new))
+        .build()
+        .expect("the dead-letter schema is statically valid")
+}
+
+/// Create the namespaces and tables that do not exist yet. Safe to run from
+/// several processes at once: a creation that loses the race is not an error.
+pub async fn ensure_tables(catalog: &dyn Catalog, idents: &TableIdents) -> iceberg::Result<()> {
+    let wanted = [
+        (&idents.trades, trades_schema(), Some(trades_partition_spec())),
+        (&idents.dead_letters, dead_letters_schema(), None),
+    ];
+    for (ident, schema, spec) in wanted {
+        let namespace = ident.namespace();
+        if !catalog.namespace_exists(namespace).await?
+            && let Err(err) = catalog.create_namespace(namespace, Default::default()).await
+            && !catalog.namespace_exists(namespace).await?
+        {
+            return Err(err);
+        }
+        if catalog.table_exists(ident).await? {
+            continue;
+        }
+        let creation = TableCreation::builder()
+            .name(ident.name().to_string())
+            .schema(schema)
+            .partition_spec_opt(spec)
+            .properties(std::collections::HashMap::from([(
+                // Data files are ZSTD-compressed by K2's writer; record it for readers.
+                "write.parquet.compression-codec".to_string(),
+                "zstd".to_string(),
+            )]))
+            .build();
+        if let Err(err) = catalog.create_table(namespace, creation).await
+            && !catalog.table_exists(ident).await?
+        {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! The HTTP control plane (actix-web): health, readiness, Prometheus metrics
+//! and the pipeline view. Routes are wired here; one file per resource.
+
+mod health;
+mod pipeline;
+
+use std::net::SocketAddr;
+
+use actix::Addr;
+use actix_web::{App, HttpServer, web};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::actors::Supervisor;
+
+/// Largest request body the API accepts.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub supervisor: Addr<Supervisor>,
+    pub metrics: PrometheusHandle,
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health::health))
+        .route("/ready", web::get().to(health::ready))
+        .route("/metrics", web::get().to(health::metrics))
+        .route("/v1/pipeline", web::get().to(pipeline::get_pipeline));
+}
+
+/// Binds the server (port 0 picks a free port) and returns it with the
+/// address it listens on. Run it by awaiting the server.
+pub fn serve(state: AppState, listen: &str) -> anyhow::Result<(actix_web::dev::Server, SocketAddr)> {
+    use anyhow::Context as _;
+
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
+            .configure(routes)
+    })
+    .workers(1)
+    .disable_signals()
+    .bind(listen)
+    .with_context(|| format!("failed to listen on {listen}"))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("server bound to no address")?;
+    Ok((server.run(), addr))
+}

@@ -1,0 +1,156 @@
+//! Shared scaffolding for the black-box tests: an embedded Kafka-protocol
+//! broker, a temp warehouse with a SQLite catalog, and ways to wait for and
+//! read what the pipeline committed.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k2::config::K2Config;
+use k2::embedded::EmbeddedBroker;
+use k2::model::TradeKey;
+use k2::pipeline::{self, Pipeline, PipelineParams};
+use k2::storage::catalog::open_catalog;
+use k2::storage::offsets::TopicOffsets;
+use k2::storage::reader::{TradeKeys, committed_record_count, scan_trade_keys};
+use k2::storage::tables::TableIdents;
+
+pub const TOPIC: &str = "market.trades.raw";
+
+pub fn broker(partitions: i32) -> EmbeddedBroker {
+    EmbeddedBroker::start(&[(TOPIC.to_string(), partitions)]).expect("embedded broker starts")
+}
+
+/// A config for tests: small, fast commits into a catalog under `dir`.
+pub fn config(dir: &Path, group: &str) -> K2Config {
+    let mut config = K2Config::default();
+    config.kafka.topic = TOPIC.to_string();
+    config.kafka.group_id = group.to_string();
+    config.catalog.uri = format!("sqlite:{}/catalog.db", dir.display());
+    config.catalog.warehouse = dir.join("warehouse").display().to_string();
+    config.commit.interval_ms = 200;
+    config.batcher.max_age_ms = 100;
+    config.batcher.max_rows = 5_000;
+    config.lanes.arbiters = 2;
+    config.http.listen = "127.0.0.1:0".to_string();
+    config
+}
+
+/// Logs go to the test's captured output (shown when it fails); `K2_LOG`
+/// sets the filter, as for the binary.
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("K2_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,k2=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+pub async fn start(config: &K2Config, broker: &EmbeddedBroker, dir: &Path, instance: &str) -> Pipeline {
+    init_logs();
+    k2::metrics::install();
+    pipeline::start(PipelineParams {
+        config: config.clone(),
+        brokers: broker.bootstrap_servers().to_string(),
+        base_dir: dir.to_path_buf(),
+        instance: instance.to_string(),
+    })
+    .await
+    .expect("pipeline starts")
+}
+
+/// What the catalog under `config` holds.
+pub struct TableContents {
+    pub trades: TradeKeys,
+    pub dead_letters: u64,
+    pub offsets: TopicOffsets,
+}
+
+impl TableContents {
+    pub fn distinct(&self) -> HashSet<TradeKey> {
+        self.trades.keys.iter().cloned().collect()
+    }
+}
+
+pub async fn read_tables(config: &K2Config, dir: &Path) -> TableContents {
+    let catalog = open_catalog(&config.catalog, dir).await.expect("catalog opens");
+    let idents = TableIdents::new(&config.catalog.namespace);
+    let trades = catalog
+        .load_table(&idents.trades)
+        .await
+        .expect("trades table loads");
+    let dead_letters = catalog
+        .load_table(&idents.dead_letters)
+        .await
+        .expect("dead-letter table loads");
+    TableContents {
+        trades: scan_trade_keys(&trades).await.expect("trades scan"),
+        dead_letters: committed_record_count(&dead_letters),
+        offsets: TopicOffsets::from_table(&trades, TOPIC).expect("offsets parse"),
+    }
+}
+
+/// Polls `check` every 100 ms until it returns true or `limit` passes.
+pub async fn wait_for<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rows the pipeline's committer has made durable so far.
+pub async fn committed_rows(pipeline: &Pipeline) -> u64 {
+    pipeline
+        .status()
+        .await
+        .map(|s| s.committer.rows_committed)
+        .unwrap_or(0)
+}
+
+/// Reads an ids file written by the load generator ("exchange,symbol,trade_id" lines).
+pub fn read_ids(path: &Path) -> HashSet<TradeKey> {
+    std::fs::read_to_string(path)
+        .expect("ids file readable")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut fields = l.splitn(3, ',').map(str::to_string);
+            let mut next = || {
+                fields
+                    .next()
+                    .unwrap_or_else(|| panic!("malformed ids line {l:?}"))
+            };
+            (next(), next(), next())
+        })
+        .collect()
+}
+
+/// Asserts the table holds exactly `expected`: every trade once, nothing else.
+pub fn assert_exactly_once(contents: &TableContents, expected: &HashSet<TradeKey>) {
+    let distinct = contents.distinct();
+    let rows = contents.trades.keys.len();
+    assert_eq!(
+        rows,
+        distinct.len(),
+        "{} duplicate rows in the table",
+        rows - distinct.len()
+    );
+    let missing = expected.difference(&distinct).count();
+    let extra = distinct.difference(expected).count();
+    assert_eq!(missing, 0, "{missing} produced trades are missing from the table");
+    assert_eq!(extra, 0, "{extra} rows in the table were never produced");
+}

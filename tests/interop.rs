@@ -1,0 +1,139 @@
+//! Tables K2 writes are read by independent readers: PyIceberg (in a venv
+//! made by `scripts/test`, path in `K2_PYTHON`) finds the same rows, schema,
+//! partition spec and `k2.offsets` summary. And the SQL catalog works on
+//! PostgreSQL (`K2_TEST_POSTGRES_URL`).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{TOPIC, assert_exactly_once, committed_rows, read_tables, wait_for};
+use k2::loadgen::{GeneratorParams, Spread, preload};
+use k2::storage::offsets::summary_key;
+
+fn required_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run ./scripts/test, which provides it (see CONTRIBUTING.md)")
+    })
+}
+
+async fn ingest(
+    config: &k2::config::K2Config,
+    dir: &std::path::Path,
+    count: u64,
+) -> HashSet<k2::model::TradeKey> {
+    let broker = common::broker(4);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let loaded = tokio::task::spawn_blocking(move || {
+        preload(
+            &bootstrap,
+            TOPIC,
+            count,
+            GeneratorParams {
+                seed: 3,
+                ..GeneratorParams::default()
+            },
+            Spread::Even { partitions: 4 },
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let pipeline = common::start(config, &broker, dir, "interop").await;
+    let expected = loaded.valid.len() as u64;
+    wait_for(Duration::from_secs(120), "trades committed", || async {
+        committed_rows(&pipeline).await >= expected
+    })
+    .await;
+    pipeline.shutdown().await.unwrap();
+    loaded.valid.into_iter().collect()
+}
+
+#[actix_rt::test]
+#[ignore = "needs K2_PYTHON with PyIceberg; ./scripts/test runs it"]
+async fn pyiceberg_reads_the_rows_schema_and_offsets_k2_wrote() {
+    let python = required_env("K2_PYTHON");
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::config(dir.path(), "k2-interop");
+    let expected = ingest(&config, dir.path(), 20_000).await;
+    let ours = read_tables(&config, dir.path()).await;
+    assert_exactly_once(&ours, &expected);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/read_table.py");
+    let warehouse = format!(
+        "file://{}",
+        dir.path().join("warehouse").canonicalize().unwrap().display()
+    );
+    let output = std::process::Command::new(&python)
+        .arg(script)
+        .arg(dir.path().join("catalog.db"))
+        .arg(&warehouse)
+        .arg("market.trades")
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "PyIceberg failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&output.stdout).expect("script prints JSON");
+
+    assert_eq!(found["rows"], expected.len());
+    assert_eq!(found["distinct_keys"], expected.len());
+    let fields: Vec<String> = found["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {} {} {}",
+                f[0],
+                f[1].as_str().unwrap(),
+                f[2].as_str().unwrap(),
+                f[3]
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "1 exchange string true",
+            "2 symbol string true",
+            "3 sequence long true",
+            "4 trade_id string true",
+            "5 price decimal(18, 8) true",
+            "6 quantity decimal(18, 8) true",
+            "7 side string true",
+            "8 event_time timestamptz true",
+            "9 ingest_time timestamptz true",
+            "10 kafka_partition int true",
+            "11 kafka_offset long true",
+        ]
+    );
+    assert_eq!(found["partition_spec"], serde_json::json!([["event_day", "day"]]));
+    let offsets_json = found["k2_summary"][summary_key(TOPIC)]
+        .as_str()
+        .expect("k2.offsets key present");
+    assert_eq!(
+        offsets_json,
+        ours.offsets.to_json(),
+        "PyIceberg sees the offsets K2 recorded"
+    );
+}
+
+#[actix_rt::test]
+#[ignore = "needs K2_TEST_POSTGRES_URL; ./scripts/test runs it"]
+async fn sql_catalog_on_postgresql_ingests_exactly_once() {
+    let url = required_env("K2_TEST_POSTGRES_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config(dir.path(), "k2-postgres");
+    config.catalog.uri = url;
+    // A catalog name of its own keeps this run's tables apart from earlier runs'.
+    config.catalog.name = format!("k2test_{}", uuid::Uuid::now_v7().simple());
+    let expected = ingest(&config, dir.path(), 20_000).await;
+    let contents = read_tables(&config, dir.path()).await;
+    assert_exactly_once(&contents, &expected);
+    let next: i64 = contents.offsets.iter().map(|(_, o)| o.next_offset).sum();
+    assert_eq!(next, 20_000);
+}
