@@ -81,6 +81,9 @@ pub struct K2ConsumerContext {
     start_from: StartFrom,
     consumer: OnceLock<Weak<KafkaConsumer>>,
     listeners: OnceLock<GroupListeners>,
+    /// Set when a partition can only be restarted by a new assignment (see
+    /// [`K2ConsumerContext::request_rejoin`]).
+    rejoin: AtomicBool,
 }
 
 impl ClientContext for K2ConsumerContext {
@@ -150,6 +153,16 @@ impl ConsumerContext for K2ConsumerContext {
 }
 
 impl K2ConsumerContext {
+    /// Asks the group thread to subscribe again, which revokes and
+    /// reassigns this process's partitions. librdkafka stops fetching a
+    /// partition whose offset is out of range (K2 sets
+    /// `auto.offset.reset=error`) and refuses to seek it afterwards; only a
+    /// new assignment restarts it, and the assignment positions it past what
+    /// retention deleted.
+    pub fn request_rejoin(&self) {
+        self.rejoin.store(true, Ordering::Relaxed);
+    }
+
     /// Sets each assigned partition's start offset from the table and splits
     /// its queue. Runs in the rebalance callback, before the assignment.
     fn prepare_assignment(&self, tpl: &mut TopicPartitionList) -> Vec<(Arc<LaneQueue>, Option<i64>)> {
@@ -185,7 +198,7 @@ impl K2ConsumerContext {
         for partition in partitions {
             let start = recorded.get(&partition).copied();
             let offset = match (start, self.start_from) {
-                (Some(next), _) => Offset::Offset(next),
+                (Some(next), _) => Offset::Offset(retained_start(&consumer, &self.topic, partition, next)),
                 (None, StartFrom::Earliest) => Offset::Beginning,
                 (None, StartFrom::Latest) => Offset::End,
             };
@@ -211,6 +224,31 @@ impl K2ConsumerContext {
             ));
         }
         queues
+    }
+}
+
+/// Where to start reading a partition whose table offset is `next`: `next`
+/// itself, or the earliest offset Kafka still has if retention deleted
+/// `next`. The lane reports the skipped range when its first record arrives
+/// past its position (see `PartitionConsumer`).
+pub fn retained_start(consumer: &KafkaConsumer, topic: &str, partition: i32, next: i64) -> i64 {
+    match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+        Ok((low, _)) if low > next => {
+            error!(
+                partition,
+                next,
+                earliest = low,
+                "the table's next offset is gone from Kafka (retention); starting at the earliest retained offset"
+            );
+            low
+        }
+        Ok(_) => next,
+        Err(err) => {
+            // If `next` is really gone, the fetch fails, the lane asks for a
+            // rejoin, and this check runs again.
+            warn!(partition, error = %err, "could not read the low watermark; starting at the table's offset");
+            next
+        }
     }
 }
 
@@ -266,6 +304,7 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
         start_from: config.start_from,
         consumer: OnceLock::new(),
         listeners: OnceLock::new(),
+        rejoin: AtomicBool::new(false),
     };
     let consumer: KafkaConsumer = client
         .create_with_context(context)
@@ -273,6 +312,29 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
     let consumer = Arc::new(consumer);
     let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
     Ok(consumer)
+}
+
+/// Leaves the group and serves the revoke callback before returning, so the
+/// lanes stop while the broker and the actors are still there. Gives up
+/// after a bound: a broker that is gone cannot answer the leave request.
+fn leave_group(consumer: &KafkaConsumer) {
+    const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+    if let Err(err) = consumer.close_queue() {
+        warn!(error = %err, "failed to leave the consumer group cleanly");
+        consumer.unsubscribe();
+        return;
+    }
+    let deadline = std::time::Instant::now() + LEAVE_TIMEOUT;
+    while !consumer.closed() {
+        if std::time::Instant::now() >= deadline {
+            warn!(timeout = ?LEAVE_TIMEOUT, "gave up waiting to leave the consumer group");
+            return;
+        }
+        // Records still arriving on the main queue are not processed: every
+        // lane is stopping and resumes from Iceberg's offsets next time.
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    info!("left the consumer group");
 }
 
 /// Serves the group protocol on a dedicated thread until stopped. The
@@ -298,10 +360,19 @@ impl GroupDriver {
             .with_context(|| format!("failed to subscribe to topic {topic}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
+        let topic = topic.to_string();
         let thread = std::thread::Builder::new()
             .name("k2-kafka-group".into())
             .spawn(move || {
                 while !thread_stop.load(Ordering::Relaxed) {
+                    if consumer.context().rejoin.swap(false, Ordering::Relaxed) {
+                        // Subscribing again revokes every partition and
+                        // rejoins the group; the callback runs on this thread.
+                        warn!("rejoining the consumer group to restart stopped partitions");
+                        if let Err(err) = consumer.subscribe(&[&topic]) {
+                            error!(error = %err, "failed to subscribe again");
+                        }
+                    }
                     match consumer.poll(Duration::from_millis(100)) {
                         None => {}
                         Some(Ok(message)) => {
@@ -314,7 +385,7 @@ impl GroupDriver {
                         Some(Err(err)) => warn!(error = %err, "kafka consumer error"),
                     }
                 }
-                consumer.unsubscribe();
+                leave_group(&consumer);
             })
             .context("failed to start the Kafka group thread")?;
         Ok(Self {

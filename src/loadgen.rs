@@ -291,7 +291,7 @@ impl Instrument {
         let log_price = start_price.ln();
         Instrument {
             exchange: exchange.clone(),
-            symbol: Arc::from(symbol.as_ref()),
+            symbol: Arc::from(symbol),
             key: format!("{exchange}:{symbol}"),
             json_symbol: json_escape(symbol),
             json_exchange: json_escape(exchange),

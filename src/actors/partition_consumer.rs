@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use rdkafka::Offset;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
@@ -20,7 +19,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tracing::{error, warn};
 
 use crate::decode::TradeDecoder;
-use crate::kafka::{KafkaConsumer, LaneQueue};
+use crate::kafka::{self, KafkaConsumer, LaneQueue};
 use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, StopLane, TradeChunk};
 use crate::metrics as m;
 use crate::model::{DeadLetter, now_us};
@@ -108,10 +107,11 @@ impl PartitionConsumer {
         let mut first_offset = self.position;
         let mut next_offset = None;
         let now = now_us();
-        let decoder = &self.params.decoder;
+        let decoder = self.params.decoder.clone();
+        let queue = self.params.queue.clone();
         let partition = self.params.lane.partition;
         while trades.len() + dead_letters.len() < self.params.chunk_max_records {
-            let message = match self.params.queue.queue.poll(Duration::ZERO) {
+            let message = match queue.queue.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
@@ -123,7 +123,15 @@ impl PartitionConsumer {
                 }
             };
             let offset = message.offset();
-            first_offset.get_or_insert(offset);
+            if first_offset.is_none() {
+                first_offset = Some(offset);
+            } else if next_offset.is_none()
+                && let Some(position) = first_offset
+                && offset > position
+                && let Some(lost) = self.retention_gap(position, offset, now)
+            {
+                dead_letters.push(lost);
+            }
             next_offset = Some(offset + 1);
             let payload = message.payload().unwrap_or_default();
             match decoder.decode(payload, partition, offset, now) {
@@ -155,6 +163,39 @@ impl PartitionConsumer {
         }))
     }
 
+    /// The first record after `position` arrived at `offset`. Offsets can be
+    /// skipped legitimately (transaction markers, compaction); the skipped
+    /// range is a loss only where Kafka's log now starts past `position`.
+    /// Then the lost range becomes a dead letter at `position` and is
+    /// reported loudly.
+    fn retention_gap(&mut self, position: i64, offset: i64, now: i64) -> Option<DeadLetter> {
+        let partition = self.params.lane.partition;
+        let (low, _) = kafka::cached_watermarks(&self.params.consumer, &self.params.topic, partition)?;
+        if low <= position {
+            return None;
+        }
+        let to = low.min(offset);
+        let lost = (to - position) as u64;
+        error!(
+            partition,
+            from = position,
+            to,
+            lost,
+            "kafka deleted offsets before K2 read them (retention outran lag); recorded in k2.dead_letters"
+        );
+        self.counters.record_lost(&self.partition_label, lost);
+        Some(DeadLetter {
+            topic: self.params.topic.clone(),
+            partition,
+            offset: position,
+            raw: Vec::new(),
+            reason: format!(
+                "retention: Kafka deleted offsets [{position}, {to}) ({lost} records) before K2 read them"
+            ),
+            dead_lettered_at_us: now,
+        })
+    }
+
     fn publish(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let status = &self.params.status;
@@ -176,60 +217,19 @@ impl PartitionConsumer {
         ctx.stop();
     }
 
-    /// The next offset is gone from Kafka. Accounts for the lost range with
-    /// a dead letter, reports it, and moves the partition to the earliest
-    /// retained offset.
+    /// The next offset is gone from Kafka and librdkafka stopped fetching
+    /// the partition. Only a new assignment restarts it: ask the group
+    /// thread to rejoin. The new lane starts at the earliest retained offset
+    /// and records the lost range (`retention_gap`).
     fn retention_loss(&mut self, ctx: &mut Context<Self>) {
-        let consumer = self.params.consumer.clone();
-        let topic = self.params.topic.clone();
-        let partition = self.params.lane.partition;
-        let fut = async move {
-            tokio::task::spawn_blocking(move || -> Result<i64, KafkaError> {
-                let (low, _high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
-                consumer.seek(&topic, partition, Offset::Offset(low), Duration::from_secs(10))?;
-                Ok(low)
-            })
-            .await
-        };
-        ctx.wait(fut.into_actor(self).map(|result, act, ctx| match result {
-            Ok(Ok(low)) => {
-                let from = act.position.unwrap_or(low);
-                if low <= from {
-                    // Nothing lost after all (the range came back); resume.
-                    ctx.notify(Poll);
-                    return;
-                }
-                let lost = (low - from) as u64;
-                error!(
-                    partition = act.params.lane.partition,
-                    from, to = low, lost,
-                    "kafka deleted offsets before K2 read them (retention outran lag); recorded in k2.dead_letters"
-                );
-                act.counters.record_lost(&act.partition_label, lost);
-                let now = now_us();
-                let chunk = TradeChunk {
-                    lane: act.params.lane,
-                    first_offset: from,
-                    next_offset: low,
-                    trades: Vec::new(),
-                    dead_letters: vec![DeadLetter {
-                        topic: act.params.topic.clone(),
-                        partition: act.params.lane.partition,
-                        offset: from,
-                        raw: Vec::new(),
-                        reason: format!(
-                            "retention: Kafka deleted offsets [{from}, {low}) ({lost} records) before K2 read them"
-                        ),
-                        dead_lettered_at_us: now,
-                    }],
-                };
-                act.position = Some(low);
-                act.publish();
-                act.forward(chunk, ctx);
-            }
-            Ok(Err(err)) => act.fail(ctx, format!("cannot recover from offset out of range: {err}")),
-            Err(err) => act.fail(ctx, format!("watermark lookup panicked: {err}")),
-        }));
+        error!(
+            lane = %self.params.lane,
+            position = ?self.position,
+            "the partition's next offset is gone from Kafka (retention outran lag); rejoining the group to resume"
+        );
+        self.params.consumer.context().request_rejoin();
+        // The rejoin revokes this lane; until then, look again now and then.
+        ctx.run_later(Duration::from_secs(5), |_, ctx| ctx.notify(Poll));
     }
 
     /// Sends a chunk downstream, holding further polls until it is accepted.

@@ -190,13 +190,22 @@ impl Supervisor {
                 .send(RegisterLane { lane: id })
                 .await
                 .map_err(|e| e.to_string())??;
-            let offset = match (start, start_from) {
-                (Some(next), _) => Offset::Offset(next),
-                (None, StartFrom::Earliest) => Offset::Beginning,
-                (None, StartFrom::Latest) => Offset::End,
-            };
             tokio::task::spawn_blocking(move || {
-                consumer.seek(&topic, partition, offset, Duration::from_secs(10))
+                let offset = match (start, start_from) {
+                    (Some(next), _) => {
+                        Offset::Offset(kafka::retained_start(&consumer, &topic, partition, next))
+                    }
+                    (None, StartFrom::Earliest) => Offset::Beginning,
+                    (None, StartFrom::Latest) => Offset::End,
+                };
+                consumer
+                    .seek(&topic, partition, offset, Duration::from_secs(10))
+                    .inspect_err(|_| {
+                        // librdkafka refuses to seek a partition it stopped
+                        // (offset out of range); a new assignment restarts it
+                        // and revokes this lane, superseding this rebuild.
+                        consumer.context().request_rejoin();
+                    })
             })
             .await
             .map_err(|e| e.to_string())?

@@ -14,7 +14,12 @@ def main() -> None:
     catalog = SqlCatalog("k2", uri=f"sqlite:///{db}", warehouse=warehouse)
     table = catalog.load_table(table_name)
     arrow = table.scan().to_arrow()
-    keys = set(zip(arrow.column("exchange").to_pylist(), arrow.column("trade_id").to_pylist()))
+    # A trade's identity is (exchange, symbol, trade_id): exchanges number trades per symbol.
+    keys = set(zip(
+        arrow.column("exchange").to_pylist(),
+        arrow.column("symbol").to_pylist(),
+        arrow.column("trade_id").to_pylist(),
+    ))
     snapshot = table.current_snapshot()
     summary = snapshot.summary.additional_properties if snapshot else {}
     print(json.dumps({

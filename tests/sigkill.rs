@@ -1,0 +1,166 @@
+//! The `k2 run` binary killed with SIGKILL mid-stream and started again
+//! against the same broker and catalog: the table holds every trade exactly
+//! once. The broker is librdkafka's mock cluster in this test process; the
+//! K2 processes reach it over TCP like any Kafka.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{TOPIC, assert_exactly_once, read_ids, read_tables, wait_for};
+use k2::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
+use k2::storage::catalog::open_catalog;
+use k2::storage::reader::committed_record_count;
+use k2::storage::tables::TableIdents;
+
+const TOTAL: u64 = 60_000;
+
+fn write_config(dir: &Path, bootstrap: &str) -> std::path::PathBuf {
+    let path = dir.join("k2.toml");
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{bootstrap}"
+topic = "{TOPIC}"
+group_id = "k2-sigkill"
+session_timeout_ms = 6000
+
+[lanes]
+arbiters = 2
+
+[batcher]
+max_rows = 5000
+max_age_ms = 100
+
+[commit]
+interval_ms = 200
+
+[catalog]
+uri = "sqlite:{dir}/catalog.db"
+warehouse = "{dir}/warehouse"
+
+[http]
+listen = "127.0.0.1:0"
+"#,
+        dir = dir.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn_k2(config: &Path, dir: &Path, name: &str) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_k2"))
+        .args(["run", "--config"])
+        .arg(config)
+        .current_dir(dir)
+        .env_remove("K2_CONFIG")
+        .env("K2_LOG", "warn,k2=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("k2 binary starts")
+}
+
+/// Trades committed so far, or 0 while the process has not created the
+/// catalog and tables yet.
+async fn committed_trades(config: &k2::config::K2Config, dir: &Path) -> u64 {
+    if !dir.join("catalog.db").exists() {
+        return 0;
+    }
+    let Ok(catalog) = open_catalog(&config.catalog, dir).await else {
+        return 0;
+    };
+    let idents = TableIdents::new(&config.catalog.namespace);
+    match catalog.load_table(&idents.trades).await {
+        Ok(table) => committed_record_count(&table),
+        Err(_) => 0,
+    }
+}
+
+fn process_log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+#[actix_rt::test]
+async fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(8);
+    let ids = dir.path().join("ids.csv");
+    let loadgen = actix_rt::spawn(run_loadgen(
+        LoadgenParams {
+            brokers: broker.bootstrap_servers().to_string(),
+            topic: TOPIC.to_string(),
+            rate: 10_000,
+            duration: None,
+            total: Some(TOTAL),
+            ids_file: Some(ids.clone()),
+            generator: GeneratorParams {
+                seed: 23,
+                malformed_ratio: 0.0,
+                ..GeneratorParams::default()
+            },
+            progress: false,
+        },
+        futures::future::pending(),
+    ));
+
+    let config_path = write_config(dir.path(), broker.bootstrap_servers());
+    let config = k2::config::K2Config::load(Some(&config_path)).expect("test config loads");
+
+    let mut first = spawn_k2(&config_path, dir.path(), "first");
+    wait_for(Duration::from_secs(90), "the first process commits", || async {
+        committed_trades(&config, dir.path()).await >= 5_000
+    })
+    .await;
+    first.kill().expect("SIGKILL delivered"); // Child::kill sends SIGKILL on Unix
+    first.wait().unwrap();
+    let before_kill = read_tables(&config, dir.path()).await.trades.keys.len() as u64;
+
+    let report = loadgen.await.unwrap().unwrap();
+    assert_eq!(report.produced, TOTAL);
+    assert!(
+        before_kill < TOTAL,
+        "the kill must land mid-stream (committed {before_kill})"
+    );
+
+    let mut second = spawn_k2(&config_path, dir.path(), "second");
+    let expected = read_ids(&ids);
+    assert_eq!(expected.len() as u64, TOTAL);
+    let mut done = false;
+    for _ in 0..2400 {
+        if committed_trades(&config, dir.path()).await >= TOTAL {
+            done = true;
+            break;
+        }
+        if let Some(status) = second.try_wait().unwrap() {
+            panic!(
+                "the restarted process exited ({status}):\n{}",
+                process_log(dir.path(), "second")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        done,
+        "the restarted process did not commit every trade within 240 s:\n{}",
+        process_log(dir.path(), "second")
+    );
+
+    // A clean stop of the restarted process (SIGTERM) commits and exits 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .expect("kill(1) runs");
+    assert!(status.success());
+    let exit = second.wait().unwrap();
+    assert!(
+        exit.success(),
+        "k2 run exited with {exit} after SIGTERM:\n{}",
+        process_log(dir.path(), "second")
+    );
+    assert_exactly_once(&read_tables(&config, dir.path()).await, &expected);
+}
