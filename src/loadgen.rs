@@ -1356,7 +1356,7 @@ mod tests {
                 assert!(seen.insert((exchange, String::new(), trade_id)), "duplicate id");
             }
             if message.key.starts_with("BINANCE:") {
-                binance_ids.insert(message.trade.clone());
+                binance_ids.insert(message.trade.clone().map(|(_, _, id)| id));
             }
         }
         assert_eq!(seen.len(), messages.len());
