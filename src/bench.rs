@@ -25,6 +25,8 @@ use crate::storage::reader::committed_record_count;
 pub struct BenchParams {
     pub messages: u64,
     pub partitions: i32,
+    /// Timed repetitions of both measurements; the report gives medians.
+    pub runs: u32,
     pub config: K2Config,
 }
 
@@ -39,6 +41,9 @@ pub struct BenchReport {
     pub pipeline_msgs_per_s: f64,
     pub pipeline_mb_per_s: f64,
     pub ratio: f64,
+    pub runs: u32,
+    pub raw_runs_s: Vec<f64>,
+    pub pipeline_runs_s: Vec<f64>,
     pub commits: u64,
     pub rows_committed: u64,
     pub data_files: u64,
@@ -87,14 +92,72 @@ pub async fn run(params: BenchParams, data_dir: &Path) -> anyhow::Result<BenchRe
         );
     }
 
-    eprintln!("k2 bench: raw consume");
-    let raw = {
-        let brokers = brokers.clone();
-        tokio::task::spawn_blocking(move || raw_consume(&brokers, messages)).await??
-    };
+    let runs = params.runs.max(1);
+    let (mut raw_runs, mut pipeline_runs) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for run in 1..=runs {
+        eprintln!("k2 bench: run {run}/{runs}: raw consume");
+        let raw = {
+            let brokers = brokers.clone();
+            tokio::task::spawn_blocking(move || raw_consume(&brokers, messages)).await??
+        };
+        eprintln!("k2 bench: run {run}/{runs}: pipeline");
+        let run_dir = data_dir.join(format!("run-{run}"));
+        let timed = time_pipeline(&params.config, &brokers, &run_dir, messages).await?;
+        eprintln!(
+            "k2 bench: run {run}/{runs}: raw {:.2} s, pipeline {:.2} s, ratio {:.2}",
+            raw.as_secs_f64(),
+            timed.seconds,
+            raw.as_secs_f64() / timed.seconds
+        );
+        raw_runs.push(raw.as_secs_f64());
+        pipeline_runs.push(timed.seconds);
+        // Each run's warehouse is only needed for its own figures.
+        let _ = std::fs::remove_dir_all(&run_dir);
+        last = Some(timed);
+    }
+    drop(broker);
+    let timed = last.context("no bench run")?;
+    let (raw_seconds, pipeline_seconds) = (median(&raw_runs), median(&pipeline_runs));
+    Ok(BenchReport {
+        messages,
+        partitions,
+        payload_bytes: loaded.bytes,
+        raw_seconds,
+        raw_msgs_per_s: messages as f64 / raw_seconds,
+        pipeline_seconds,
+        pipeline_msgs_per_s: messages as f64 / pipeline_seconds,
+        pipeline_mb_per_s: loaded.bytes as f64 / 1e6 / pipeline_seconds,
+        ratio: raw_seconds / pipeline_seconds,
+        runs,
+        raw_runs_s: raw_runs,
+        pipeline_runs_s: pipeline_runs,
+        commits: timed.commits,
+        rows_committed: timed.rows,
+        data_files: timed.data_files,
+        avg_file_bytes: timed.avg_file_bytes,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
 
-    eprintln!("k2 bench: pipeline");
-    let mut config = params.config.clone();
+/// One timed pipeline run and what its last snapshot says.
+struct PipelineRun {
+    seconds: f64,
+    commits: u64,
+    rows: u64,
+    data_files: u64,
+    avg_file_bytes: u64,
+}
+
+/// Starts the pipeline with a fresh group and catalog under `dir` and times
+/// it until every preloaded message is committed.
+async fn time_pipeline(
+    config: &K2Config,
+    brokers: &str,
+    dir: &Path,
+    messages: u64,
+) -> anyhow::Result<PipelineRun> {
+    let mut config = config.clone();
     config.kafka.topic = TOPIC.to_string();
     config.kafka.group_id = format!("k2-bench-{}", uuid::Uuid::now_v7());
     config.catalog.uri = "sqlite:catalog.db".to_string();
@@ -103,8 +166,8 @@ pub async fn run(params: BenchParams, data_dir: &Path) -> anyhow::Result<BenchRe
     let started = Instant::now();
     let pipeline = pipeline::start(PipelineParams {
         config,
-        brokers,
-        base_dir: data_dir.to_path_buf(),
+        brokers: brokers.to_string(),
+        base_dir: dir.to_path_buf(),
         instance: "k2-bench".to_string(),
     })
     .await?;
@@ -122,10 +185,9 @@ pub async fn run(params: BenchParams, data_dir: &Path) -> anyhow::Result<BenchRe
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let pipeline_seconds = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     let trades = pipeline.catalog.load_table(&pipeline.tables.trades).await?;
     pipeline.shutdown().await?;
-    drop(broker);
 
     let summary = trades
         .metadata()
@@ -134,23 +196,23 @@ pub async fn run(params: BenchParams, data_dir: &Path) -> anyhow::Result<BenchRe
         .unwrap_or_default();
     let number = |key: &str| summary.get(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let data_files = number("total-data-files");
-    let rows = committed_record_count(&trades);
-    Ok(BenchReport {
-        messages,
-        partitions,
-        payload_bytes: loaded.bytes,
-        raw_seconds: raw.as_secs_f64(),
-        raw_msgs_per_s: messages as f64 / raw.as_secs_f64(),
-        pipeline_seconds,
-        pipeline_msgs_per_s: messages as f64 / pipeline_seconds,
-        pipeline_mb_per_s: loaded.bytes as f64 / 1e6 / pipeline_seconds,
-        ratio: raw.as_secs_f64() / pipeline_seconds,
+    Ok(PipelineRun {
+        seconds,
         commits: status.committer.commits,
-        rows_committed: rows,
+        rows: committed_record_count(&trades),
         data_files,
         avg_file_bytes: number("total-files-size").checked_div(data_files).unwrap_or(0),
-        peak_rss_bytes: peak_rss_bytes(),
     })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// Consumes `messages` with a bare consumer that only counts them. Like the
@@ -225,7 +287,13 @@ pub fn print_report(r: &BenchReport) {
         "  pipeline         {:>10.0} msg/s  ({:.2} s, {:.1} MB/s)",
         r.pipeline_msgs_per_s, r.pipeline_seconds, r.pipeline_mb_per_s
     );
-    println!("  ratio            {:>10.2}", r.ratio);
+    println!(
+        "  ratio            {:>10.2}  (medians of {} runs; raw {:?} s, pipeline {:?} s)",
+        r.ratio,
+        r.runs,
+        rounded(&r.raw_runs_s),
+        rounded(&r.pipeline_runs_s)
+    );
     println!("  commits          {:>10}", r.commits);
     println!("  rows committed   {:>10}", r.rows_committed);
     println!(
@@ -237,4 +305,20 @@ pub fn print_report(r: &BenchReport) {
         "  peak RSS         {:>10.1} MiB",
         r.peak_rss_bytes as f64 / (1024.0 * 1024.0)
     );
+}
+
+fn rounded(values: &[f64]) -> Vec<f64> {
+    values.iter().map(|v| (v * 100.0).round() / 100.0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
 }

@@ -315,8 +315,13 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
 }
 
 /// Leaves the group and serves the revoke callback before returning, so the
-/// lanes stop while the broker and the actors are still there. Gives up
-/// after a bound: a broker that is gone cannot answer the leave request.
+/// lanes stop while the broker and the actors are still there and the group
+/// hands the partitions on at once. Gives up after a bound: a broker that
+/// is gone cannot answer the leave request.
+///
+/// rdkafka's `Drop` closes the consumer once more and logs "Failed to close
+/// consumer queue on drop: … BrokerDestroy" (librdkafka: "Consumer already
+/// closed"); the binary's default log filter hides that line.
 fn leave_group(consumer: &KafkaConsumer) {
     const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
     if let Err(err) = consumer.close_queue() {

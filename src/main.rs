@@ -91,6 +91,10 @@ enum Command {
         /// Partitions (keep messages/partition under ~25k: the mock broker keeps ~5 MiB each).
         #[arg(long, default_value_t = 48)]
         partitions: i32,
+        /// Timed runs of both the raw consumer and the pipeline over the same
+        /// preloaded messages; the figures are medians.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        runs: u32,
         /// Config file for pipeline tuning (Kafka topic and catalog are the bench's own).
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -111,9 +115,13 @@ fn main() {
     }
 }
 
+/// Without `K2_LOG`: warnings, K2's own progress, and not the one line rdkafka
+/// logs when it closes an already closed consumer (see `kafka::leave_group`).
+const DEFAULT_LOG_FILTER: &str = "warn,k2=info,rdkafka::consumer::base_consumer=off";
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("K2_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,k2=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -229,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             messages,
             partitions,
+            runs,
             config,
             json,
         } => {
@@ -241,6 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 k2::bench::BenchParams {
                     messages,
                     partitions,
+                    runs,
                     config,
                 },
                 &dir,
