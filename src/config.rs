@@ -739,6 +739,11 @@ fn describe_figment_error(error: &figment::Error) -> String {
     }
     if let Some(metadata) = &error.metadata {
         match &metadata.source {
+            // The file's path as figment resolved it (absolute), not figment's
+            // display, which shortens it relative to the working directory.
+            Some(figment::Source::File(file)) => {
+                let _ = write!(line, " in {}", file.display());
+            }
             Some(source) => {
                 let _ = write!(line, " in {source}");
             }

@@ -1131,7 +1131,11 @@ impl Pacer {
             };
         };
         let batch = NonZeroU32::new((rate.get() / 1000).clamp(1, Self::MAX_BATCH)).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_second(rate).allow_burst(batch);
+        // Up to 100 ms of credit: a wait that oversleeps (timer slack, a
+        // busy machine) is made up by the next batches instead of lost, so
+        // the produced rate stays the configured one.
+        let burst = NonZeroU32::new((rate.get() / 10).max(batch.get())).unwrap_or(batch);
+        let quota = Quota::per_second(rate).allow_burst(burst);
         Pacer {
             limiter: Some(RateLimiter::direct(quota)),
             batch: u64::from(batch.get()),
