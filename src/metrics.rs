@@ -9,6 +9,8 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 pub const RECORDS_CONSUMED: &str = "k2_records_consumed_total";
 pub const DEAD_LETTERS: &str = "k2_dead_letters_total";
 pub const SEQUENCE_GAPS: &str = "k2_sequence_gaps_total";
+pub const SEQUENCE_MISSING: &str = "k2_sequence_missing_records_total";
+pub const SEQUENCE_RESETS: &str = "k2_sequence_resets_total";
 pub const DUPLICATES_DROPPED: &str = "k2_duplicates_dropped_total";
 pub const RECORDS_SHED: &str = "k2_shed_records_total";
 pub const DATA_FILES_WRITTEN: &str = "k2_data_files_written_total";
@@ -57,7 +59,17 @@ fn describe() {
     describe_counter!(
         SEQUENCE_GAPS,
         Unit::Count,
-        "Gaps seen in per-symbol sequence numbers"
+        "Gaps in per-symbol sequence numbers still open when their reorder window closed, by exchange"
+    );
+    describe_counter!(
+        SEQUENCE_MISSING,
+        Unit::Count,
+        "Sequence numbers missing in reported gaps, by exchange"
+    );
+    describe_counter!(
+        SEQUENCE_RESETS,
+        Unit::Count,
+        "Per-symbol sequence restarts (session changes), by exchange"
     );
     describe_counter!(
         DUPLICATES_DROPPED,

@@ -59,6 +59,7 @@ pub struct LaneShared {
     pub chunk_max_records: usize,
     pub mailbox_capacity: usize,
     pub batcher: crate::config::BatcherConfig,
+    pub sequence: crate::sequence::SequenceConfig,
 }
 
 /// The running actors of one lane that the supervisor stops directly; the
@@ -103,7 +104,8 @@ pub fn spawn_lane(
     });
     let sequencer = Sequencer::start_in_arbiter(arbiter, {
         let next = sink(&deduplicator);
-        move |_| Sequencer::new(next, mailbox)
+        let config = shared.sequence.clone();
+        move |_| Sequencer::new(config, next, mailbox)
     });
     let status = Arc::new(LaneStatus::default());
     status.position.store(-1, std::sync::atomic::Ordering::Relaxed);
@@ -215,6 +217,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 chunk_max_records: config.lanes.chunk_max_records,
                 mailbox_capacity: config.lanes.mailbox_capacity,
                 batcher: config.batcher.clone(),
+                sequence: config.sequence.tracker_config(),
             };
             Supervisor::new(
                 shared,

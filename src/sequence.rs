@@ -1,55 +1,270 @@
-//! Per-(exchange, symbol) sequence tracking: in order, gap, or old/duplicate.
+//! Per-(exchange, symbol) sequence tracking: in order, gap, late fill,
+//! old/duplicate, reset.
 //!
-//! This is the backbone's tracker: it classifies and counts. Reorder windows,
-//! resets, gap events in `k2.sequence_gaps` and persistent state build on it.
+//! A gap is not reported the moment it is seen: feeds reorder a little, and
+//! a late record that fills the hole would otherwise leave a false gap
+//! event. Each gap waits for `reorder_window` further records of its symbol;
+//! records that arrive in the meantime and fall into its holes fill them.
+//! When the window closes, whatever is still missing becomes one
+//! [`GapEvent`]; if nothing is, there is no event.
+//!
+//! A reset — the sequence starting again near 1 after a large drop, as
+//! after an exchange session change — is a [`ResetEvent`], and tracking
+//! restarts at the new number. The rule is configurable per exchange.
 
 use std::collections::HashMap;
 
-/// What one sequence number means relative to what was seen before.
+/// When a lower sequence number means "the feed restarted" rather than
+/// "an old record": it is at most `near_start` and at least `min_drop`
+/// below the highest number seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SequenceOutcome {
-    /// The first record of a symbol, or exactly the next number.
-    InOrder,
-    /// Numbers between the last one seen and this one are missing.
-    Gap { expected: i64, missing: i64 },
-    /// At or below the last number seen.
-    Old,
+pub struct ResetRule {
+    pub near_start: i64,
+    pub min_drop: i64,
 }
 
-/// Last sequence number seen, by exchange then symbol (nested so lookups
-/// borrow the record's strings and allocate nothing).
+impl Default for ResetRule {
+    fn default() -> Self {
+        Self {
+            near_start: 10,
+            min_drop: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SequenceConfig {
+    /// Records of the same symbol a gap waits for late fills before it is
+    /// reported (0: report at once).
+    pub reorder_window: u32,
+    /// Reset rule for exchanges not listed in `reset_rules`.
+    pub default_reset: ResetRule,
+    pub reset_rules: HashMap<String, ResetRule>,
+}
+
+/// What one record's sequence number means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The first record of a symbol, the next number, or a jump forward
+    /// (which opens a gap).
+    InOrder,
+    /// A late record that filled a hole of a gap still in its window.
+    LateFill,
+    /// At or below the highest number seen and not in an open hole: a
+    /// duplicate, or a record later than the reorder window. The
+    /// deduplicator decides which.
+    Old,
+    /// The feed restarted at this number (see [`ResetRule`]).
+    Reset,
+}
+
+/// Where a record came from, for the events it causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordPosition {
+    pub partition: i32,
+    pub offset: i64,
+    pub detected_at_us: i64,
+}
+
+/// Numbers missing between `expected` and `received` once the reorder
+/// window closed. `missing` counts what was still missing then (late fills
+/// within the window are not counted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GapEvent {
+    pub exchange: String,
+    pub symbol: String,
+    pub expected: i64,
+    pub received: i64,
+    pub missing: i64,
+    /// The record that revealed the gap.
+    pub at: RecordPosition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResetEvent {
+    pub exchange: String,
+    pub symbol: String,
+    /// Highest number seen before the reset.
+    pub previous: i64,
+    pub received: i64,
+    pub at: RecordPosition,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SequenceEvent {
+    Gap(GapEvent),
+    Reset(ResetEvent),
+}
+
+/// A gap waiting for late fills.
+#[derive(Debug, Clone)]
+struct PendingGap {
+    expected: i64,
+    received: i64,
+    /// Still-missing numbers, as disjoint inclusive ranges in order.
+    holes: Vec<(i64, i64)>,
+    /// Records of the symbol still to come before the gap is reported.
+    records_left: u32,
+    at: RecordPosition,
+}
+
+impl PendingGap {
+    fn missing(&self) -> i64 {
+        self.holes.iter().map(|(lo, hi)| hi - lo + 1).sum()
+    }
+
+    /// Removes `n` from the holes; true if it was in one.
+    fn fill(&mut self, n: i64) -> bool {
+        let Some(i) = self.holes.iter().position(|&(lo, hi)| lo <= n && n <= hi) else {
+            return false;
+        };
+        let (lo, hi) = self.holes[i];
+        match (n == lo, n == hi) {
+            (true, true) => {
+                self.holes.remove(i);
+            }
+            (true, false) => self.holes[i].0 = n + 1,
+            (false, true) => self.holes[i].1 = n - 1,
+            (false, false) => {
+                self.holes[i].1 = n - 1;
+                self.holes.insert(i + 1, (n + 1, hi));
+            }
+        }
+        true
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SymbolState {
+    /// Highest number seen since tracking (re)started.
+    high: i64,
+    pending: Vec<PendingGap>,
+}
+
+/// Sequence state of the symbols one lane has seen, by exchange then symbol
+/// (nested so lookups borrow the record's strings and allocate nothing).
 #[derive(Debug, Default)]
 pub struct SequenceTracker {
-    last: HashMap<String, HashMap<String, i64>>,
+    config: SequenceConfig,
+    symbols: HashMap<String, HashMap<String, SymbolState>>,
 }
 
 impl SequenceTracker {
-    pub fn observe(&mut self, exchange: &str, symbol: &str, sequence: i64) -> SequenceOutcome {
-        if !self.last.contains_key(exchange) {
-            self.last.insert(exchange.to_string(), HashMap::new());
+    pub fn new(config: SequenceConfig) -> Self {
+        Self {
+            config,
+            symbols: HashMap::new(),
         }
-        let symbols = self.last.get_mut(exchange).expect("inserted above");
-        let Some(last) = symbols.get_mut(symbol) else {
-            symbols.insert(symbol.to_string(), sequence);
-            return SequenceOutcome::InOrder;
+    }
+
+    /// Classifies one record and appends the events it completes to `events`.
+    pub fn observe(
+        &mut self,
+        exchange: &str,
+        symbol: &str,
+        sequence: i64,
+        at: RecordPosition,
+        events: &mut Vec<SequenceEvent>,
+    ) -> Verdict {
+        let window = self.config.reorder_window;
+        let rule = self
+            .config
+            .reset_rules
+            .get(exchange)
+            .copied()
+            .unwrap_or(self.config.default_reset);
+        if !self.symbols.contains_key(exchange) {
+            self.symbols.insert(exchange.to_string(), HashMap::new());
+        }
+        let symbols = self.symbols.get_mut(exchange).expect("inserted above");
+        let Some(state) = symbols.get_mut(symbol) else {
+            symbols.insert(
+                symbol.to_string(),
+                SymbolState {
+                    high: sequence,
+                    pending: Vec::new(),
+                },
+            );
+            return Verdict::InOrder;
         };
-        let expected = *last + 1;
-        if sequence == expected {
-            *last = sequence;
-            SequenceOutcome::InOrder
-        } else if sequence > expected {
-            *last = sequence;
-            SequenceOutcome::Gap {
-                expected,
-                missing: sequence - expected,
+
+        let verdict = if sequence > state.high {
+            if sequence > state.high + 1 {
+                state.pending.push(PendingGap {
+                    expected: state.high + 1,
+                    received: sequence,
+                    holes: vec![(state.high + 1, sequence - 1)],
+                    // This record does not count against its own window.
+                    records_left: window + 1,
+                    at,
+                });
             }
+            state.high = sequence;
+            Verdict::InOrder
+        } else if state.pending.iter_mut().any(|gap| gap.fill(sequence)) {
+            Verdict::LateFill
+        } else if sequence <= rule.near_start && state.high - sequence >= rule.min_drop {
+            // Whatever the old session still missed is reported before the restart.
+            for gap in state.pending.drain(..) {
+                push_gap(events, exchange, symbol, gap);
+            }
+            events.push(SequenceEvent::Reset(ResetEvent {
+                exchange: exchange.to_string(),
+                symbol: symbol.to_string(),
+                previous: state.high,
+                received: sequence,
+                at,
+            }));
+            state.high = sequence;
+            return Verdict::Reset;
         } else {
-            SequenceOutcome::Old
+            Verdict::Old
+        };
+
+        // Every record of the symbol moves its open windows on.
+        let mut i = 0;
+        while i < state.pending.len() {
+            let gap = &mut state.pending[i];
+            gap.records_left = gap.records_left.saturating_sub(1);
+            if gap.records_left == 0 || gap.holes.is_empty() {
+                let gap = state.pending.remove(i);
+                push_gap(events, exchange, symbol, gap);
+            } else {
+                i += 1;
+            }
+        }
+        verdict
+    }
+
+    /// Closes every open window now (the lane is flushing), reporting what
+    /// is still missing.
+    pub fn close_windows(&mut self, events: &mut Vec<SequenceEvent>) {
+        for (exchange, symbols) in &mut self.symbols {
+            for (symbol, state) in symbols.iter_mut() {
+                for gap in state.pending.drain(..) {
+                    push_gap(events, exchange, symbol, gap);
+                }
+            }
         }
     }
 
     pub fn symbols(&self) -> usize {
-        self.last.values().map(HashMap::len).sum()
+        self.symbols.values().map(HashMap::len).sum()
+    }
+}
+
+/// Reports `gap` if anything in it is still missing.
+fn push_gap(events: &mut Vec<SequenceEvent>, exchange: &str, symbol: &str, gap: PendingGap) {
+    let missing = gap.missing();
+    if missing > 0 {
+        events.push(SequenceEvent::Gap(GapEvent {
+            exchange: exchange.to_string(),
+            symbol: symbol.to_string(),
+            expected: gap.expected,
+            received: gap.received,
+            missing,
+            at: gap.at,
+        }));
     }
 }
 
@@ -57,35 +272,216 @@ impl SequenceTracker {
 mod tests {
     use super::*;
 
+    fn at(offset: i64) -> RecordPosition {
+        RecordPosition {
+            partition: 0,
+            offset,
+            detected_at_us: 1_000 + offset,
+        }
+    }
+
+    /// Feeds `(symbol, sequence)` pairs (offsets 0, 1, …) and returns the
+    /// verdicts and the events.
+    fn feed(
+        tracker: &mut SequenceTracker,
+        exchange: &str,
+        records: &[(&str, i64)],
+    ) -> (Vec<Verdict>, Vec<SequenceEvent>) {
+        let mut events = Vec::new();
+        let verdicts = records
+            .iter()
+            .enumerate()
+            .map(|(i, (symbol, seq))| tracker.observe(exchange, symbol, *seq, at(i as i64), &mut events))
+            .collect();
+        (verdicts, events)
+    }
+
+    fn gap(symbol: &str, expected: i64, received: i64, missing: i64, offset: i64) -> SequenceEvent {
+        SequenceEvent::Gap(GapEvent {
+            exchange: "ASX".into(),
+            symbol: symbol.into(),
+            expected,
+            received,
+            missing,
+            at: at(offset),
+        })
+    }
+
+    fn tracker(window: u32) -> SequenceTracker {
+        SequenceTracker::new(SequenceConfig {
+            reorder_window: window,
+            ..SequenceConfig::default()
+        })
+    }
+
+    use Verdict::*;
+
     #[test]
-    fn consecutive_numbers_are_in_order_per_symbol() {
-        let mut t = SequenceTracker::default();
-        assert_eq!(t.observe("ASX", "BHP", 1), SequenceOutcome::InOrder);
-        assert_eq!(t.observe("ASX", "CBA", 7), SequenceOutcome::InOrder);
-        assert_eq!(t.observe("ASX", "BHP", 2), SequenceOutcome::InOrder);
+    fn consecutive_numbers_are_in_order_per_symbol_and_cause_no_events() {
+        let mut t = tracker(2);
+        let (verdicts, events) = feed(&mut t, "ASX", &[("BHP", 1), ("CBA", 7), ("BHP", 2), ("CBA", 8)]);
+        assert_eq!(verdicts, [InOrder; 4]);
+        assert!(events.is_empty());
         assert_eq!(t.symbols(), 2);
     }
 
     #[test]
-    fn gap_reports_expected_and_missing_count() {
-        let mut t = SequenceTracker::default();
-        t.observe("ASX", "BHP", 10);
-        assert_eq!(
-            t.observe("ASX", "BHP", 14),
-            SequenceOutcome::Gap {
-                expected: 11,
-                missing: 3
-            }
-        );
-        assert_eq!(t.observe("ASX", "BHP", 15), SequenceOutcome::InOrder);
+    fn without_a_window_a_gap_is_reported_at_once_with_its_missing_count() {
+        let mut t = tracker(0);
+        let (verdicts, events) = feed(&mut t, "ASX", &[("BHP", 10), ("BHP", 14), ("BHP", 15)]);
+        assert_eq!(verdicts, [InOrder, InOrder, InOrder]);
+        assert_eq!(events, [gap("BHP", 11, 14, 3, 1)]);
     }
 
     #[test]
-    fn repeated_or_older_number_is_old_and_does_not_move_the_position() {
-        let mut t = SequenceTracker::default();
-        t.observe("BINANCE", "BTCUSDT", 5);
-        assert_eq!(t.observe("BINANCE", "BTCUSDT", 5), SequenceOutcome::Old);
-        assert_eq!(t.observe("BINANCE", "BTCUSDT", 3), SequenceOutcome::Old);
-        assert_eq!(t.observe("BINANCE", "BTCUSDT", 6), SequenceOutcome::InOrder);
+    fn a_late_record_within_the_window_closes_the_gap_without_an_event() {
+        let mut t = tracker(2);
+        let (verdicts, events) = feed(
+            &mut t,
+            "ASX",
+            &[("BHP", 1), ("BHP", 2), ("BHP", 4), ("BHP", 3), ("BHP", 5)],
+        );
+        assert_eq!(verdicts, [InOrder, InOrder, InOrder, LateFill, InOrder]);
+        assert!(events.is_empty(), "{events:?}");
+    }
+
+    #[test]
+    fn a_partly_filled_gap_reports_what_is_still_missing_when_the_window_closes() {
+        let mut t = tracker(2);
+        // 2..=4 missing after 5; 3 arrives late; the window (2 records) closes at 6.
+        let (verdicts, events) = feed(
+            &mut t,
+            "ASX",
+            &[("BHP", 1), ("BHP", 5), ("BHP", 3), ("BHP", 6), ("BHP", 7)],
+        );
+        assert_eq!(verdicts, [InOrder, InOrder, LateFill, InOrder, InOrder]);
+        assert_eq!(events, [gap("BHP", 2, 5, 2, 1)]);
+        // A record later than the window is old, not a fill.
+        let mut events = Vec::new();
+        assert_eq!(t.observe("ASX", "BHP", 2, at(9), &mut events), Old);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn windows_count_records_of_their_own_symbol_only() {
+        let mut t = tracker(1);
+        let (_, events) = feed(
+            &mut t,
+            "ASX",
+            &[
+                ("BHP", 1),
+                ("BHP", 3),
+                ("CBA", 1),
+                ("CBA", 2),
+                ("CBA", 3),
+                ("BHP", 2),
+            ],
+        );
+        assert!(
+            events.is_empty(),
+            "other symbols' records must not close BHP's window: {events:?}"
+        );
+    }
+
+    #[test]
+    fn repeated_or_older_numbers_are_old_and_do_not_move_the_position() {
+        let mut t = tracker(0);
+        let (verdicts, events) = feed(&mut t, "ASX", &[("BHP", 5), ("BHP", 5), ("BHP", 3), ("BHP", 6)]);
+        assert_eq!(verdicts, [InOrder, Old, Old, InOrder]);
+        assert!(events.is_empty());
+    }
+
+    #[test]
+    fn a_restart_near_one_after_a_large_drop_is_a_reset_and_tracking_restarts() {
+        let mut t = tracker(0);
+        let (verdicts, events) = feed(
+            &mut t,
+            "ASX",
+            &[("BHP", 5_000), ("BHP", 1), ("BHP", 2), ("BHP", 4)],
+        );
+        assert_eq!(verdicts, [InOrder, Reset, InOrder, InOrder]);
+        assert_eq!(
+            events,
+            [
+                SequenceEvent::Reset(ResetEvent {
+                    exchange: "ASX".into(),
+                    symbol: "BHP".into(),
+                    previous: 5_000,
+                    received: 1,
+                    at: at(1),
+                }),
+                gap("BHP", 3, 4, 1, 3),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_small_drop_or_a_low_number_far_from_one_is_old_not_a_reset() {
+        let mut t = tracker(0);
+        let (verdicts, events) = feed(
+            &mut t,
+            "ASX",
+            &[("BHP", 50), ("BHP", 1), ("BHP", 5_000), ("BHP", 400)],
+        );
+        assert_eq!(verdicts, [InOrder, Old, InOrder, Old]);
+        assert_eq!(events, [gap("BHP", 51, 5_000, 4_949, 2)]);
+    }
+
+    #[test]
+    fn reset_rules_are_per_exchange() {
+        let mut t = SequenceTracker::new(SequenceConfig {
+            reorder_window: 0,
+            default_reset: ResetRule::default(),
+            reset_rules: HashMap::from([(
+                "BINANCE".to_string(),
+                ResetRule {
+                    near_start: 1,
+                    min_drop: 10,
+                },
+            )]),
+        });
+        let mut events = Vec::new();
+        t.observe("BINANCE", "BTCUSDT", 100, at(0), &mut events);
+        assert_eq!(t.observe("BINANCE", "BTCUSDT", 1, at(1), &mut events), Reset);
+        t.observe("ASX", "BHP", 100, at(2), &mut events);
+        assert_eq!(t.observe("ASX", "BHP", 1, at(3), &mut events), Old);
+    }
+
+    #[test]
+    fn a_reset_reports_the_old_sessions_open_gaps_first() {
+        let mut t = tracker(5);
+        let (_, events) = feed(&mut t, "ASX", &[("BHP", 5_000), ("BHP", 5_003), ("BHP", 1)]);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0], gap("BHP", 5_001, 5_003, 2, 1));
+        assert!(matches!(events[1], SequenceEvent::Reset(_)));
+    }
+
+    #[test]
+    fn closing_the_windows_reports_open_gaps() {
+        let mut t = tracker(100);
+        let (_, events) = feed(&mut t, "ASX", &[("BHP", 1), ("BHP", 4), ("BHP", 2)]);
+        assert!(events.is_empty());
+        let mut events = Vec::new();
+        t.close_windows(&mut events);
+        assert_eq!(events, [gap("BHP", 2, 4, 1, 1)]);
+        t.close_windows(&mut events);
+        assert_eq!(events.len(), 1, "a gap is reported once");
+    }
+
+    #[test]
+    fn filling_the_middle_of_a_hole_splits_it() {
+        let mut g = PendingGap {
+            expected: 1,
+            received: 10,
+            holes: vec![(1, 9)],
+            records_left: 1,
+            at: at(0),
+        };
+        assert!(g.fill(5));
+        assert_eq!(g.holes, [(1, 4), (6, 9)]);
+        assert!(g.fill(1) && g.fill(9));
+        assert_eq!(g.holes, [(2, 4), (6, 8)]);
+        assert!(!g.fill(5), "already filled");
+        assert_eq!(g.missing(), 6);
     }
 }
