@@ -1,13 +1,15 @@
-//! Drops records whose (exchange, trade id) the lane has already seen in its
-//! recent window. Exact: a record is dropped only on an exact key match.
+//! Drops records whose (exchange, symbol, trade id) the lane has already
+//! seen. Exact: a record is dropped only on an exact key match. Numeric ids
+//! (per-symbol increasing, like Binance's) go to [`OrderedIds`], which
+//! remembers all of them in little memory; other ids to the recent window.
 //!
-//! The window starts empty in every lane incarnation: a lane rebuilt from the
-//! last committed offsets replays records it may have seen before the
-//! failure, and those must not be mistaken for duplicates.
+//! Both start empty in every lane incarnation: a lane rebuilt from the last
+//! committed offsets replays records it may have seen before the failure,
+//! and those must not be mistaken for duplicates.
 
 use actix::prelude::*;
 
-use crate::dedup::RecentIds;
+use crate::dedup::{OrderedIds, RecentIds, numeric_id};
 use crate::messages::{ChunkSink, Flush, TradeChunk};
 use crate::metrics as m;
 
@@ -29,6 +31,7 @@ impl DeduplicatorCounters {
 
 pub struct Deduplicator {
     window: RecentIds,
+    ordered: OrderedIds,
     downstream: ChunkSink,
     mailbox_capacity: usize,
     pub counters: DeduplicatorCounters,
@@ -38,6 +41,7 @@ impl Deduplicator {
     pub fn new(downstream: ChunkSink, window_capacity: usize, mailbox_capacity: usize) -> Self {
         Self {
             window: RecentIds::new(window_capacity),
+            ordered: OrderedIds::default(),
             downstream,
             mailbox_capacity,
             counters: DeduplicatorCounters::default(),
@@ -58,10 +62,11 @@ impl Handler<TradeChunk> for Deduplicator {
 
     fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
         let before = chunk.trades.len();
-        let window = &mut self.window;
-        chunk
-            .trades
-            .retain(|t| window.insert(&t.exchange, &t.symbol, &t.trade_id));
+        let (window, ordered) = (&mut self.window, &mut self.ordered);
+        chunk.trades.retain(|t| match numeric_id(&t.trade_id) {
+            Some(id) => ordered.insert(&t.exchange, &t.symbol, id),
+            None => window.insert(&t.exchange, &t.symbol, &t.trade_id),
+        });
         self.counters.record_chunk(before, before - chunk.trades.len());
         let next = self.downstream.chunks.clone();
         AtomicResponse::new(Box::pin(
