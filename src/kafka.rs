@@ -197,11 +197,7 @@ impl K2ConsumerContext {
         let mut queues = Vec::with_capacity(partitions.len());
         for partition in partitions {
             let start = recorded.get(&partition).copied();
-            let offset = match (start, self.start_from) {
-                (Some(next), _) => Offset::Offset(retained_start(&consumer, &self.topic, partition, next)),
-                (None, StartFrom::Earliest) => Offset::Beginning,
-                (None, StartFrom::Latest) => Offset::End,
-            };
+            let offset = start_offset(&consumer, &self.topic, partition, start, self.start_from);
             if let Err(err) = tpl.set_partition_offset(&self.topic, partition, offset) {
                 error!(partition, error = %err, "failed to set start offset");
                 continue;
@@ -227,11 +223,27 @@ impl K2ConsumerContext {
     }
 }
 
+/// Where to position a partition whose table offset is `start`: see
+/// [`retained_start`]; `start_from` for a partition the table has never seen.
+pub fn start_offset(
+    consumer: &KafkaConsumer,
+    topic: &str,
+    partition: i32,
+    start: Option<i64>,
+    start_from: StartFrom,
+) -> Offset {
+    match (start, start_from) {
+        (Some(next), _) => Offset::Offset(retained_start(consumer, topic, partition, next)),
+        (None, StartFrom::Earliest) => Offset::Beginning,
+        (None, StartFrom::Latest) => Offset::End,
+    }
+}
+
 /// Where to start reading a partition whose table offset is `next`: `next`
 /// itself, or the earliest offset Kafka still has if retention deleted
 /// `next`. The lane reports the skipped range when its first record arrives
 /// past its position (see `PartitionConsumer`).
-pub fn retained_start(consumer: &KafkaConsumer, topic: &str, partition: i32, next: i64) -> i64 {
+fn retained_start(consumer: &KafkaConsumer, topic: &str, partition: i32, next: i64) -> i64 {
     match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
         Ok((low, _)) if low > next => {
             error!(

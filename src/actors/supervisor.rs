@@ -191,13 +191,7 @@ impl Supervisor {
                 .await
                 .map_err(|e| e.to_string())??;
             tokio::task::spawn_blocking(move || {
-                let offset = match (start, start_from) {
-                    (Some(next), _) => {
-                        Offset::Offset(kafka::retained_start(&consumer, &topic, partition, next))
-                    }
-                    (None, StartFrom::Earliest) => Offset::Beginning,
-                    (None, StartFrom::Latest) => Offset::End,
-                };
+                let offset = kafka::start_offset(&consumer, &topic, partition, start, start_from);
                 consumer
                     .seek(&topic, partition, offset, Duration::from_secs(10))
                     .inspect_err(|_| {
