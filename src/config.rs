@@ -22,6 +22,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::decode::TradeFormat;
+use crate::sequence::SequenceConfig;
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "K2_";
@@ -67,7 +68,7 @@ pub struct K2Config {
     /// How raw Kafka messages are decoded into trades.
     pub decode: DecodeConfig,
     /// Per-(exchange, symbol) sequence tracking.
-    pub sequence: SequenceSettings,
+    pub sequence: SequenceConfig,
     /// The per-partition actor lanes.
     pub lanes: LanesConfig,
     /// Per-lane buffering of records into Parquet files.
@@ -136,78 +137,18 @@ pub struct DecodeConfig {
     pub binance_exchange: String,
 }
 
-/// Per-(exchange, symbol) sequence tracking: gaps, late fills, resets.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SequenceSettings {
-    /// Records of the same symbol a gap waits for late records to fill it before it is reported, so
-    /// a little reordering does not produce false gap events. 0: report gaps at once.
-    pub reorder_window: u32,
-    /// When a lower sequence number is a feed restart (reset) rather than an old record: it is at most
-    /// `near_start` and at least `min_drop` below the highest number seen. Applies to exchanges not in
-    /// `exchange_resets`.
-    pub reset: ResetRuleConfig,
-    /// Reset rules per exchange name, e.g. `[sequence.exchange_resets.BINANCE]`.
-    pub exchange_resets: BTreeMap<String, ResetRuleConfig>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ResetRuleConfig {
-    pub near_start: i64,
-    pub min_drop: i64,
-}
-
-impl Default for ResetRuleConfig {
-    fn default() -> Self {
-        let rule = crate::sequence::ResetRule::default();
-        ResetRuleConfig {
-            near_start: rule.near_start,
-            min_drop: rule.min_drop,
-        }
+fn validate_sequence(config: &SequenceConfig) -> Result<(), ConfigError> {
+    let rules = std::iter::once(("sequence.reset".to_string(), &config.reset)).chain(
+        config
+            .exchange_resets
+            .iter()
+            .map(|(exchange, rule)| (format!("sequence.exchange_resets.{exchange}"), rule)),
+    );
+    for (key, rule) in rules {
+        positive(&format!("{key}.near_start"), rule.near_start)?;
+        positive(&format!("{key}.min_drop"), rule.min_drop)?;
     }
-}
-
-impl Default for SequenceSettings {
-    fn default() -> Self {
-        SequenceSettings {
-            reorder_window: 64,
-            reset: ResetRuleConfig::default(),
-            exchange_resets: BTreeMap::new(),
-        }
-    }
-}
-
-impl SequenceSettings {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let rules = std::iter::once(("sequence.reset".to_string(), &self.reset)).chain(
-            self.exchange_resets
-                .iter()
-                .map(|(exchange, rule)| (format!("sequence.exchange_resets.{exchange}"), rule)),
-        );
-        for (key, rule) in rules {
-            positive(&format!("{key}.near_start"), rule.near_start)?;
-            positive(&format!("{key}.min_drop"), rule.min_drop)?;
-        }
-        Ok(())
-    }
-
-    /// The tracker's configuration.
-    pub fn tracker_config(&self) -> crate::sequence::SequenceConfig {
-        let rule = |r: &ResetRuleConfig| crate::sequence::ResetRule {
-            near_start: r.near_start,
-            min_drop: r.min_drop,
-        };
-        crate::sequence::SequenceConfig {
-            reorder_window: self.reorder_window,
-            default_reset: rule(&self.reset),
-            reset_rules: self
-                .exchange_resets
-                .iter()
-                .map(|(exchange, r)| (exchange.clone(), rule(r)))
-                .collect(),
-        }
-    }
+    Ok(())
 }
 
 /// The per-partition lanes (consumer → sequencer → dedup → shedder → batcher).
@@ -468,7 +409,7 @@ impl K2Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.kafka.validate()?;
         self.decode.validate()?;
-        self.sequence.validate()?;
+        validate_sequence(&self.sequence)?;
         self.lanes.validate()?;
         self.batcher.validate()?;
         self.commit.validate()?;

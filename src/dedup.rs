@@ -10,9 +10,11 @@
 //! - [`RecentIds`] for any other id: the most recent `capacity` keys,
 //!   forgetting the oldest first, so memory is bounded.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use roaring::RoaringTreemap;
+
+use crate::per_symbol::PerSymbol;
 
 #[derive(Debug)]
 pub struct RecentIds {
@@ -135,35 +137,24 @@ impl SymbolIds {
 /// Exact dedup of numeric ids that increase per (exchange, symbol).
 #[derive(Debug, Default)]
 pub struct OrderedIds {
-    symbols: HashMap<String, HashMap<String, SymbolIds>>,
+    symbols: PerSymbol<SymbolIds>,
 }
 
 impl OrderedIds {
     /// Records the id; returns false if it was seen before.
     pub fn insert(&mut self, exchange: &str, symbol: &str, id: u64) -> bool {
-        if !self.symbols.contains_key(exchange) {
-            self.symbols.insert(exchange.to_string(), HashMap::new());
-        }
-        let symbols = self.symbols.get_mut(exchange).expect("inserted above");
-        if !symbols.contains_key(symbol) {
-            symbols.insert(symbol.to_string(), SymbolIds::default());
-        }
-        symbols.get_mut(symbol).expect("inserted above").insert(id)
+        self.symbols.get_or_default(exchange, symbol).insert(id)
     }
 
     pub fn symbols(&self) -> usize {
-        self.symbols.values().map(HashMap::len).sum()
+        self.symbols.len()
     }
 
     /// Bytes the bitmaps take in their serialized form, which is close to
     /// their heap size; per-symbol overhead (map entry, names, the run) is
     /// on top and constant per symbol.
     pub fn bitmap_bytes(&self) -> usize {
-        self.symbols
-            .values()
-            .flat_map(HashMap::values)
-            .map(SymbolIds::bitmap_bytes)
-            .sum()
+        self.symbols.values().map(SymbolIds::bitmap_bytes).sum()
     }
 }
 
@@ -240,7 +231,7 @@ mod tests {
         assert!(ids.bitmap_bytes() > 0);
         ids.insert("X", "S", 2);
         assert_eq!(ids.bitmap_bytes(), 0);
-        let symbol = &ids.symbols["X"]["S"];
+        let symbol = ids.symbols.get("X", "S").expect("tracked");
         assert_eq!(symbol.run, Some((1, 1_000)));
         assert!(symbol.others.is_empty());
     }

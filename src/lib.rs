@@ -13,6 +13,7 @@ pub mod loadgen;
 pub mod messages;
 pub mod metrics;
 pub mod model;
+pub mod per_symbol;
 pub mod pipeline;
 pub mod sequence;
 pub mod service;

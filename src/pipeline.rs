@@ -217,7 +217,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 chunk_max_records: config.lanes.chunk_max_records,
                 mailbox_capacity: config.lanes.mailbox_capacity,
                 batcher: config.batcher.clone(),
-                sequence: config.sequence.tracker_config(),
+                sequence: config.sequence.clone(),
             };
             Supervisor::new(
                 shared,

@@ -12,12 +12,17 @@
 //! after an exchange session change — is a [`ResetEvent`], and tracking
 //! restarts at the new number. The rule is configurable per exchange.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::per_symbol::PerSymbol;
 
 /// When a lower sequence number means "the feed restarted" rather than
 /// "an old record": it is at most `near_start` and at least `min_drop`
 /// below the highest number seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ResetRule {
     pub near_start: i64,
     pub min_drop: i64,
@@ -32,14 +37,29 @@ impl Default for ResetRule {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// The `[sequence]` config section: per-(exchange, symbol) sequence
+/// tracking.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SequenceConfig {
-    /// Records of the same symbol a gap waits for late fills before it is
-    /// reported (0: report at once).
+    /// Records of the same symbol a gap waits for late records to fill it
+    /// before it is reported, so a little reordering does not produce false
+    /// gap events. 0: report gaps at once.
     pub reorder_window: u32,
-    /// Reset rule for exchanges not listed in `reset_rules`.
-    pub default_reset: ResetRule,
-    pub reset_rules: HashMap<String, ResetRule>,
+    /// Reset rule for exchanges not in `exchange_resets`.
+    pub reset: ResetRule,
+    /// Reset rules per exchange name, e.g. `[sequence.exchange_resets.ASX]`.
+    pub exchange_resets: BTreeMap<String, ResetRule>,
+}
+
+impl Default for SequenceConfig {
+    fn default() -> Self {
+        Self {
+            reorder_window: 64,
+            reset: ResetRule::default(),
+            exchange_resets: BTreeMap::new(),
+        }
+    }
 }
 
 /// What one record's sequence number means.
@@ -96,6 +116,15 @@ pub enum SequenceEvent {
     Reset(ResetEvent),
 }
 
+impl SequenceEvent {
+    pub fn exchange(&self) -> &str {
+        match self {
+            SequenceEvent::Gap(gap) => &gap.exchange,
+            SequenceEvent::Reset(reset) => &reset.exchange,
+        }
+    }
+}
+
 /// A gap waiting for late fills.
 #[derive(Debug, Clone)]
 struct PendingGap {
@@ -134,26 +163,26 @@ impl PendingGap {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct SymbolState {
-    /// Highest number seen since tracking (re)started.
-    high: i64,
+    /// Highest number seen since tracking (re)started; None before the
+    /// symbol's first record.
+    high: Option<i64>,
     pending: Vec<PendingGap>,
 }
 
-/// Sequence state of the symbols one lane has seen, by exchange then symbol
-/// (nested so lookups borrow the record's strings and allocate nothing).
+/// Sequence state of the symbols one lane has seen.
 #[derive(Debug, Default)]
 pub struct SequenceTracker {
     config: SequenceConfig,
-    symbols: HashMap<String, HashMap<String, SymbolState>>,
+    symbols: PerSymbol<SymbolState>,
 }
 
 impl SequenceTracker {
     pub fn new(config: SequenceConfig) -> Self {
         Self {
             config,
-            symbols: HashMap::new(),
+            symbols: PerSymbol::default(),
         }
     }
 
@@ -169,41 +198,32 @@ impl SequenceTracker {
         let window = self.config.reorder_window;
         let rule = self
             .config
-            .reset_rules
+            .exchange_resets
             .get(exchange)
             .copied()
-            .unwrap_or(self.config.default_reset);
-        if !self.symbols.contains_key(exchange) {
-            self.symbols.insert(exchange.to_string(), HashMap::new());
-        }
-        let symbols = self.symbols.get_mut(exchange).expect("inserted above");
-        let Some(state) = symbols.get_mut(symbol) else {
-            symbols.insert(
-                symbol.to_string(),
-                SymbolState {
-                    high: sequence,
-                    pending: Vec::new(),
-                },
-            );
+            .unwrap_or(self.config.reset);
+        let state = self.symbols.get_or_default(exchange, symbol);
+        let Some(high) = state.high else {
+            state.high = Some(sequence);
             return Verdict::InOrder;
         };
 
-        let verdict = if sequence > state.high {
-            if sequence > state.high + 1 {
+        let verdict = if sequence > high {
+            if sequence > high + 1 {
                 state.pending.push(PendingGap {
-                    expected: state.high + 1,
+                    expected: high + 1,
                     received: sequence,
-                    holes: vec![(state.high + 1, sequence - 1)],
+                    holes: vec![(high + 1, sequence - 1)],
                     // This record does not count against its own window.
                     records_left: window + 1,
                     at,
                 });
             }
-            state.high = sequence;
+            state.high = Some(sequence);
             Verdict::InOrder
         } else if state.pending.iter_mut().any(|gap| gap.fill(sequence)) {
             Verdict::LateFill
-        } else if sequence <= rule.near_start && state.high - sequence >= rule.min_drop {
+        } else if sequence <= rule.near_start && high - sequence >= rule.min_drop {
             // Whatever the old session still missed is reported before the restart.
             for gap in state.pending.drain(..) {
                 push_gap(events, exchange, symbol, gap);
@@ -211,11 +231,11 @@ impl SequenceTracker {
             events.push(SequenceEvent::Reset(ResetEvent {
                 exchange: exchange.to_string(),
                 symbol: symbol.to_string(),
-                previous: state.high,
+                previous: high,
                 received: sequence,
                 at,
             }));
-            state.high = sequence;
+            state.high = Some(sequence);
             return Verdict::Reset;
         } else {
             Verdict::Old
@@ -239,17 +259,15 @@ impl SequenceTracker {
     /// Closes every open window now (the lane is flushing), reporting what
     /// is still missing.
     pub fn close_windows(&mut self, events: &mut Vec<SequenceEvent>) {
-        for (exchange, symbols) in &mut self.symbols {
-            for (symbol, state) in symbols.iter_mut() {
-                for gap in state.pending.drain(..) {
-                    push_gap(events, exchange, symbol, gap);
-                }
+        for (exchange, symbol, state) in self.symbols.iter_mut() {
+            for gap in state.pending.drain(..) {
+                push_gap(events, exchange, symbol, gap);
             }
         }
     }
 
     pub fn symbols(&self) -> usize {
-        self.symbols.values().map(HashMap::len).sum()
+        self.symbols.len()
     }
 }
 
@@ -431,8 +449,8 @@ mod tests {
     fn reset_rules_are_per_exchange() {
         let mut t = SequenceTracker::new(SequenceConfig {
             reorder_window: 0,
-            default_reset: ResetRule::default(),
-            reset_rules: HashMap::from([(
+            reset: ResetRule::default(),
+            exchange_resets: BTreeMap::from([(
                 "BINANCE".to_string(),
                 ResetRule {
                     near_start: 1,

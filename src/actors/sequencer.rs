@@ -32,10 +32,7 @@ impl SequencerCounters {
         // (exchange, gaps, missing, resets); a chunk holds few exchanges.
         let mut by_exchange: Vec<(&str, u64, u64, u64)> = Vec::new();
         for event in events {
-            let exchange = match event {
-                SequenceEvent::Gap(gap) => gap.exchange.as_str(),
-                SequenceEvent::Reset(reset) => reset.exchange.as_str(),
-            };
+            let exchange = event.exchange();
             let index = match by_exchange.iter().position(|(e, ..)| *e == exchange) {
                 Some(index) => index,
                 None => {

@@ -1,0 +1,89 @@
+//! State kept per (exchange, symbol), as the sequencer and the deduplicator
+//! keep it. Nested by exchange then symbol so lookups borrow the record's
+//! strings and allocate only for a symbol seen for the first time.
+
+use std::collections::HashMap;
+
+#[derive(Debug)]
+pub struct PerSymbol<V> {
+    exchanges: HashMap<String, HashMap<String, V>>,
+}
+
+impl<V> Default for PerSymbol<V> {
+    fn default() -> Self {
+        Self {
+            exchanges: HashMap::new(),
+        }
+    }
+}
+
+impl<V> PerSymbol<V> {
+    /// The state of (`exchange`, `symbol`), created with `V::default()` if new.
+    pub fn get_or_default(&mut self, exchange: &str, symbol: &str) -> &mut V
+    where
+        V: Default,
+    {
+        if !self.exchanges.contains_key(exchange) {
+            self.exchanges.insert(exchange.to_string(), HashMap::new());
+        }
+        let symbols = self.exchanges.get_mut(exchange).expect("inserted above");
+        if !symbols.contains_key(symbol) {
+            symbols.insert(symbol.to_string(), V::default());
+        }
+        symbols.get_mut(symbol).expect("inserted above")
+    }
+
+    pub fn get(&self, exchange: &str, symbol: &str) -> Option<&V> {
+        self.exchanges.get(exchange)?.get(symbol)
+    }
+
+    /// Number of (exchange, symbol) pairs.
+    pub fn len(&self) -> usize {
+        self.exchanges.values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.exchanges.values().flat_map(HashMap::values)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &str, &mut V)> {
+        self.exchanges.iter_mut().flat_map(|(exchange, symbols)| {
+            symbols
+                .iter_mut()
+                .map(move |(symbol, value)| (exchange.as_str(), symbol.as_str(), value))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PerSymbol;
+
+    #[test]
+    fn state_is_per_exchange_and_symbol() {
+        let mut map: PerSymbol<u32> = PerSymbol::default();
+        *map.get_or_default("ASX", "BHP") += 1;
+        *map.get_or_default("ASX", "BHP") += 1;
+        *map.get_or_default("BINANCE", "BHP") += 1;
+        assert_eq!(map.get("ASX", "BHP"), Some(&2));
+        assert_eq!(map.get("BINANCE", "BHP"), Some(&1));
+        assert_eq!(map.get("ASX", "CBA"), None);
+        assert_eq!(map.len(), 2);
+        let mut seen: Vec<(String, String, u32)> = map
+            .iter_mut()
+            .map(|(e, s, v)| (e.to_string(), s.to_string(), *v))
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("ASX".into(), "BHP".into(), 2),
+                ("BINANCE".into(), "BHP".into(), 1)
+            ]
+        );
+    }
+}
