@@ -7,8 +7,12 @@
 use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use k2::dedup::{OrderedIds, RecentIds};
+use std::sync::{Arc, Mutex};
+
+use k2::dedup::{DedupConfig, LaneIds, OrderedIds, UnorderedWindows};
+use k2::model::{Side, Trade};
 use k2::sequence::{RecordPosition, SequenceConfig, SequenceTracker};
+use k2::state::Checkpoint;
 
 const RECORDS: u64 = 10_000;
 const SYMBOLS: u64 = 100;
@@ -22,6 +26,22 @@ fn stream(start: u64) -> Vec<(usize, u64)> {
     (0..RECORDS)
         .map(|i| ((i % SYMBOLS) as usize, start + i / SYMBOLS + 1))
         .collect()
+}
+
+fn trade(symbol: &str, trade_id: String, offset: i64) -> Trade {
+    Trade {
+        exchange: "BINANCE".into(),
+        symbol: symbol.into(),
+        sequence: offset,
+        trade_id,
+        price: 1,
+        quantity: 1,
+        side: Side::Buy,
+        event_time_us: 1_800_000_000_000_000,
+        ingest_time_us: 1_800_000_000_000_000,
+        partition: 0,
+        offset,
+    }
 }
 
 fn at(offset: i64) -> RecordPosition {
@@ -81,24 +101,62 @@ fn dedup(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    group.bench_function("recent_window_1m", |b| {
-        let ids: Vec<String> = (0..2 * RECORDS).map(|i| (i + 1).to_string()).collect();
-        b.iter_batched_ref(
-            || {
-                let mut window = RecentIds::new(1_000_000);
-                for (i, (s, _)) in stream(0).into_iter().enumerate() {
-                    window.insert("NASDAQ", &names[s], &ids[i]);
-                }
-                (window, stream(RECORDS / SYMBOLS))
-            },
-            |(window, records)| {
-                for (i, &(s, _)) in records.iter().enumerate() {
-                    black_box(window.insert("NASDAQ", &names[s], &ids[RECORDS as usize + i]));
-                }
-            },
-            BatchSize::LargeInput,
-        )
-    });
+    group.finish();
+
+    // The deduplicator's whole per-record path: check, epoch log, and the
+    // commit (replay into the committed copy, or moving ids without order
+    // into the shared windows) once per 10,000 records.
+    let mut group = c.benchmark_group("LaneIds");
+    group.throughput(Throughput::Elements(RECORDS));
+    for (name, numeric) in [
+        ("numeric_ids_with_commit", true),
+        ("unordered_ids_with_commit", false),
+    ] {
+        group.bench_function(name, |b| {
+            let trades = |round: u64| -> Vec<Trade> {
+                stream(round * RECORDS / SYMBOLS)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (s, id))| {
+                        let offset = (round * RECORDS) as i64 + i as i64;
+                        let trade_id = if numeric {
+                            id.to_string()
+                        } else {
+                            format!("{}-{id:09}", names[s])
+                        };
+                        trade(&names[s], trade_id, offset)
+                    })
+                    .collect()
+            };
+            let windows = Arc::new(UnorderedWindows::new(&DedupConfig::default()));
+            let mut round = 0;
+            b.iter_batched_ref(
+                || {
+                    round += 2;
+                    let mut ids = LaneIds::new("bench:0:dedup".into(), windows.clone());
+                    for t in &trades(round - 1) {
+                        ids.check(t, true);
+                    }
+                    let ids = Mutex::new(ids);
+                    ids.stage(round as i64 * RECORDS as i64);
+                    ids.committed(round as i64 * RECORDS as i64, true);
+                    (ids, trades(round))
+                },
+                |(ids, records)| {
+                    {
+                        let lane = ids.get_mut().unwrap();
+                        for t in records.iter() {
+                            black_box(lane.check(t, true));
+                        }
+                    }
+                    let next = records.last().map_or(0, |t| t.offset + 1);
+                    black_box(ids.stage(next));
+                    ids.committed(next, true);
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
     group.finish();
 }
 

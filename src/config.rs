@@ -22,7 +22,9 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::decode::TradeFormat;
+use crate::dedup::DedupConfig;
 use crate::sequence::SequenceConfig;
+use crate::state::{StateBackend, StateConfig};
 
 /// Prefix of the environment variables that override config keys.
 pub const ENV_PREFIX: &str = "K2_";
@@ -69,6 +71,10 @@ pub struct K2Config {
     pub decode: DecodeConfig,
     /// Per-(exchange, symbol) sequence tracking.
     pub sequence: SequenceConfig,
+    /// Deduplication windows for ids without order, and the probable-duplicate policy.
+    pub dedup: DedupConfig,
+    /// Where sequence and dedup state is kept between commit epochs.
+    pub state: StateConfig,
     /// The per-partition actor lanes.
     pub lanes: LanesConfig,
     /// Per-lane buffering of records into Parquet files.
@@ -147,6 +153,32 @@ fn validate_sequence(config: &SequenceConfig) -> Result<(), ConfigError> {
     for (key, rule) in rules {
         positive(&format!("{key}.near_start"), rule.near_start)?;
         positive(&format!("{key}.min_drop"), rule.min_drop)?;
+    }
+    Ok(())
+}
+
+fn validate_dedup(config: &DedupConfig) -> Result<(), ConfigError> {
+    positive("dedup.recent_window_s", config.recent_window_s)?;
+    positive("dedup.recent_max_entries", config.recent_max_entries)?;
+    config
+        .long_window
+        .validate()
+        .map_err(|reason| invalid("dedup.long_window", &reason))
+}
+
+fn validate_state(config: &StateConfig) -> Result<(), ConfigError> {
+    not_blank("state.key_prefix", &config.key_prefix)?;
+    positive("state.timeout_ms", config.timeout_ms)?;
+    if config.backend == StateBackend::Redis
+        && !(config.redis_url.starts_with("redis://")
+            || config.redis_url.starts_with("rediss://")
+            || config.redis_url.starts_with("redis+unix://")
+            || config.redis_url.starts_with("unix://"))
+    {
+        return Err(invalid(
+            "state.redis_url",
+            "must be a Redis URL such as `redis://127.0.0.1:6379/0`",
+        ));
     }
     Ok(())
 }
@@ -410,6 +442,8 @@ impl K2Config {
         self.kafka.validate()?;
         self.decode.validate()?;
         validate_sequence(&self.sequence)?;
+        validate_dedup(&self.dedup)?;
+        validate_state(&self.state)?;
         self.lanes.validate()?;
         self.batcher.validate()?;
         self.commit.validate()?;

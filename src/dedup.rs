@@ -1,67 +1,199 @@
-//! Exact deduplication of (exchange, symbol, trade id). The symbol is part of
-//! the key: Binance numbers trades per symbol.
+//! Deduplication of (exchange, symbol, trade id). The symbol is part of the
+//! key: Binance numbers trades per symbol.
 //!
-//! Exact means a record is dropped only when the very same key was seen:
-//! never on a hash match. Two structures:
+//! A record is dropped only when the very same key was seen: never on a hash
+//! match. Two kinds of ids:
 //! - [`OrderedIds`] for numeric ids that increase per symbol (exchange trade
-//!   ids, feed sequence numbers): a per-symbol run of contiguous ids seen plus
-//!   a compressed bitmap of the ids seen outside it. Memory grows with symbols
-//!   and holes, not with messages.
-//! - [`RecentIds`] for any other id: the most recent `capacity` keys,
-//!   forgetting the oldest first, so memory is bounded.
+//!   ids, feed sequence numbers): exact, a per-symbol run of contiguous ids
+//!   seen plus a compressed bitmap of the ids seen outside it. Memory grows
+//!   with symbols and holes, not with messages. Per lane, persisted with the
+//!   lane's state at every commit epoch ([`crate::state`]).
+//! - Any other id: an exact recent window ([`UnorderedWindows`], a TTL cache,
+//!   default 1 h) and, for the long window (default 24 h), Bloom filters by
+//!   event hour ([`crate::bloom`]). A Bloom hit the exact window cannot
+//!   confirm is a *probable* duplicate: kept and recorded (or dropped and
+//!   recorded, by policy), never silently dropped. Both windows hold
+//!   committed ids only and are shared by the process's lanes; ids of an
+//!   uncommitted epoch wait in the lane ([`LaneIds`]), so a rewind discards
+//!   them.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use roaring::RoaringTreemap;
+use serde::{Deserialize, Serialize};
 
+use crate::bloom::{LongWindow, LongWindowConfig};
+use crate::model::Trade;
 use crate::per_symbol::PerSymbol;
+use crate::state::{Checkpoint, EpochState, Replay, Staged, lock};
 
-#[derive(Debug)]
-pub struct RecentIds {
-    capacity: usize,
-    seen: HashSet<Box<str>>,
-    order: VecDeque<Box<str>>,
+/// The `[dedup]` config section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// How long an id without order stays in the exact recent window.
+    pub recent_window_s: u64,
+    /// Most ids the recent window holds (the oldest go first beyond it).
+    pub recent_max_entries: u64,
+    /// `keep`: a probable duplicate stays in the trades table; `drop`: it is
+    /// left out. Either way it is recorded in `k2.probable_duplicates`.
+    pub probable_duplicates: ProbablePolicy,
+    /// Bloom filters by event hour for ids without order.
+    pub long_window: LongWindowConfig,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            recent_window_s: 3_600,
+            recent_max_entries: 10_000_000,
+            probable_duplicates: ProbablePolicy::Keep,
+            long_window: LongWindowConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbablePolicy {
+    Keep,
+    Drop,
+}
+
+/// What the deduplicator makes of one record's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdVerdict {
+    New,
+    /// The same key was seen: dropped.
+    Duplicate,
+    /// Only the Bloom filter has seen it.
+    ProbableDuplicate,
+}
+
+/// Committed ids without order, shared by a process's lanes.
+pub struct UnorderedWindows {
+    recent: moka::sync::Cache<Box<str>, ()>,
+    long: LongWindow,
+}
+
+impl UnorderedWindows {
+    pub fn new(config: &DedupConfig) -> Self {
+        Self {
+            recent: moka::sync::Cache::builder()
+                .max_capacity(config.recent_max_entries)
+                .time_to_live(Duration::from_secs(config.recent_window_s))
+                .build(),
+            long: LongWindow::new(&config.long_window),
+        }
+    }
+
+    fn verdict(&self, key: &str, event_time_us: i64) -> IdVerdict {
+        if self.recent.contains_key(key) {
+            IdVerdict::Duplicate
+        } else if self.long.contains(key.as_bytes(), event_time_us) {
+            IdVerdict::ProbableDuplicate
+        } else {
+            IdVerdict::New
+        }
+    }
+
+    fn commit(&self, key: Box<str>, event_time_us: i64) {
+        self.long.insert(key.as_bytes(), event_time_us);
+        self.recent.insert(key, ());
+    }
+
+    /// Ids in the recent window (approximate while evictions are pending).
+    pub fn recent_len(&self) -> u64 {
+        self.recent.entry_count()
+    }
+
+    pub fn long_window(&self) -> &LongWindow {
+        &self.long
+    }
+}
+
+/// One lane's dedup state: exact ordered ids (persisted per epoch) and the
+/// ids without order of its uncommitted epochs.
+pub struct LaneIds {
+    pub ordered: EpochState<OrderedIds>,
+    pending: HashSet<Box<str>>,
+    pending_log: VecDeque<(i64, Box<str>, i64)>,
+    windows: Arc<UnorderedWindows>,
     key: String,
 }
 
-impl RecentIds {
-    pub fn new(capacity: usize) -> Self {
+impl LaneIds {
+    pub fn new(scope: String, windows: Arc<UnorderedWindows>) -> Self {
         Self {
-            capacity: capacity.max(1),
-            seen: HashSet::with_capacity(capacity.min(1 << 20)),
-            order: VecDeque::with_capacity(capacity.min(1 << 20)),
+            ordered: EpochState::new(scope, OrderedIds::default),
+            pending: HashSet::new(),
+            pending_log: VecDeque::new(),
+            windows,
             key: String::new(),
         }
     }
 
-    /// Records the key; returns false if it was already in the window.
-    pub fn insert(&mut self, exchange: &str, symbol: &str, trade_id: &str) -> bool {
+    /// Classifies the trade's id and remembers it unless it is a duplicate
+    /// (a probable duplicate is remembered only if `keep_probable`).
+    pub fn check(&mut self, trade: &Trade, keep_probable: bool) -> IdVerdict {
+        if let Some(id) = numeric_id(&trade.trade_id) {
+            return if self.ordered.working.insert(&trade.exchange, &trade.symbol, id) {
+                self.ordered
+                    .record(trade.offset, &trade.exchange, &trade.symbol, id);
+                IdVerdict::New
+            } else {
+                IdVerdict::Duplicate
+            };
+        }
         self.key.clear();
-        self.key.push_str(exchange);
+        self.key.push_str(&trade.exchange);
         self.key.push('\u{1f}');
-        self.key.push_str(symbol);
+        self.key.push_str(&trade.symbol);
         self.key.push('\u{1f}');
-        self.key.push_str(trade_id);
-        if self.seen.contains(self.key.as_str()) {
-            return false;
+        self.key.push_str(&trade.trade_id);
+        if self.pending.contains(self.key.as_str()) {
+            return IdVerdict::Duplicate;
         }
-        if self.order.len() == self.capacity
-            && let Some(oldest) = self.order.pop_front()
+        let verdict = self.windows.verdict(&self.key, trade.event_time_us);
+        if verdict == IdVerdict::New || (verdict == IdVerdict::ProbableDuplicate && keep_probable) {
+            let key: Box<str> = self.key.as_str().into();
+            self.pending.insert(key.clone());
+            self.pending_log
+                .push_back((trade.offset, key, trade.event_time_us));
+        }
+        verdict
+    }
+
+    /// Ids without order waiting for their epoch's commit.
+    pub fn pending_unordered(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn committed(&mut self, next_offset: i64, promoted: bool) {
+        if promoted {
+            self.ordered.promoted(next_offset);
+        }
+        while self
+            .pending_log
+            .front()
+            .is_some_and(|(offset, ..)| *offset < next_offset)
         {
-            self.seen.remove(&oldest);
+            let (_, key, event_time_us) = self.pending_log.pop_front().expect("checked above");
+            self.pending.remove(&key);
+            self.windows.commit(key, event_time_us);
         }
-        let key: Box<str> = self.key.as_str().into();
-        self.seen.insert(key.clone());
-        self.order.push_back(key);
-        true
+    }
+}
+
+impl Checkpoint for Mutex<LaneIds> {
+    fn stage(&self, next_offset: i64) -> Staged {
+        lock(self).ordered.stage(next_offset)
     }
 
-    pub fn len(&self) -> usize {
-        self.order.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+    fn committed(&self, next_offset: i64, promoted: bool) {
+        lock(self).committed(next_offset, promoted);
     }
 }
 
@@ -125,12 +257,60 @@ impl SymbolIds {
         true
     }
 
+    /// Version 1: `[1, has_run, low (8 bytes LE), high (8 bytes LE), bitmap]`.
+    fn encode(&self) -> Vec<u8> {
+        let (has_run, (low, high)) = match self.run {
+            Some(run) => (1, run),
+            None => (0, (0, 0)),
+        };
+        let mut bytes = Vec::with_capacity(18 + self.others.serialized_size());
+        bytes.extend([1, has_run]);
+        bytes.extend(low.to_le_bytes());
+        bytes.extend(high.to_le_bytes());
+        self.others
+            .serialize_into(&mut bytes)
+            .expect("writing to a Vec cannot fail");
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() < 18 || bytes[0] != 1 {
+            return Err("not a version-1 id set".to_string());
+        }
+        let number = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        let run = (bytes[1] == 1).then(|| (number(2), number(10)));
+        let others = RoaringTreemap::deserialize_from(&bytes[18..]).map_err(|e| format!("bitmap: {e}"))?;
+        Ok(Self {
+            run,
+            others,
+            inserts_since_optimize: 0,
+        })
+    }
+
     fn bitmap_bytes(&self) -> usize {
         if self.others.is_empty() {
             0
         } else {
             self.others.serialized_size()
         }
+    }
+}
+
+/// A lane's committed copy replays the ids its records added.
+impl Replay for OrderedIds {
+    type Op = u64;
+
+    fn replay(&mut self, exchange: &str, symbol: &str, &id: &u64) {
+        self.insert(exchange, symbol, id);
+    }
+
+    fn encode(&self, exchange: &str, symbol: &str) -> Option<Vec<u8>> {
+        self.symbols.get(exchange, symbol).map(SymbolIds::encode)
+    }
+
+    fn decode(&mut self, exchange: &str, symbol: &str, bytes: &[u8]) -> Result<(), String> {
+        *self.symbols.get_or_default(exchange, symbol) = SymbolIds::decode(bytes)?;
+        Ok(())
     }
 }
 
@@ -162,34 +342,125 @@ impl OrderedIds {
 mod tests {
     use super::*;
 
+    fn trade(exchange: &str, symbol: &str, trade_id: &str, offset: i64) -> Trade {
+        Trade {
+            exchange: exchange.into(),
+            symbol: symbol.into(),
+            sequence: offset + 1,
+            trade_id: trade_id.into(),
+            price: 1,
+            quantity: 1,
+            side: crate::model::Side::Buy,
+            event_time_us: 1_800_000_000_000_000,
+            ingest_time_us: 1_800_000_000_000_000,
+            partition: 0,
+            offset,
+        }
+    }
+
+    fn lane(windows: &Arc<UnorderedWindows>) -> LaneIds {
+        LaneIds::new("test:0:dedup".into(), windows.clone())
+    }
+
+    fn windows() -> Arc<UnorderedWindows> {
+        let config = DedupConfig {
+            long_window: LongWindowConfig {
+                window_hours: 2,
+                capacity: 20_000,
+                false_positive_rate: 0.001,
+            },
+            ..DedupConfig::default()
+        };
+        Arc::new(UnorderedWindows::new(&config))
+    }
+
     #[test]
-    fn same_key_is_a_duplicate_other_exchange_is_not() {
-        let mut ids = RecentIds::new(10);
-        assert!(ids.insert("ASX", "BHP", "1"));
-        assert!(!ids.insert("ASX", "BHP", "1"));
-        assert!(ids.insert("BINANCE", "BHP", "1"));
+    fn unordered_keys_are_exact_per_exchange_and_symbol() {
+        let windows = windows();
+        let mut ids = lane(&windows);
+        let mut check = |e, s, id| ids.check(&trade(e, s, id, 0), true);
+        assert_eq!(check("ASX", "BHP", "BHP-1"), IdVerdict::New);
+        assert_eq!(check("ASX", "BHP", "BHP-1"), IdVerdict::Duplicate);
+        assert_eq!(check("CHIX", "BHP", "BHP-1"), IdVerdict::New);
         // The separator keeps ("AS", "XBHP") apart from ("ASX", "BHP").
-        assert!(ids.insert("AS", "XBHP", "1"));
+        assert_eq!(check("AS", "XBHP", "BHP-1"), IdVerdict::New);
+        // Binance numbers trades per symbol: BTCUSDT #7 and ETHUSDT #7 are two trades.
+        assert_eq!(check("BINANCE", "BTCUSDT", "7"), IdVerdict::New);
+        assert_eq!(check("BINANCE", "ETHUSDT", "7"), IdVerdict::New);
+        assert_eq!(check("BINANCE", "ETHUSDT", "7"), IdVerdict::Duplicate);
+    }
+
+    /// Records at offsets 0..10, half with numeric ids, half without.
+    fn records() -> Vec<Trade> {
+        (0..10)
+            .map(|offset| match offset % 2 {
+                0 => trade("BINANCE", "BTCUSDT", &(100 + offset).to_string(), offset),
+                _ => trade("ASX", "BHP", &format!("BHP-{offset}"), offset),
+            })
+            .collect()
+    }
+
+    /// A lane commits offsets below 5, sees 5..10, and is rebuilt from the
+    /// store at 5: replaying 5..10 finds no duplicate (those ids were only
+    /// pending), while a second copy of anything below 5 is one.
+    #[actix_rt::test]
+    async fn a_rewind_forgets_the_ids_of_uncommitted_epochs_and_keeps_committed_ones() {
+        use crate::state::{MemoryStore, StateStore};
+        let store = MemoryStore::default();
+        let windows = windows();
+        let first = Mutex::new(lane(&windows));
+        for t in &records() {
+            assert_eq!(lock(&first).check(t, true), IdVerdict::New);
+        }
+        let staged = first.stage(5);
+        store.stage("w", std::slice::from_ref(&staged)).await.unwrap();
+        store.promote("w", &[(staged.scope.clone(), 5)]).await.unwrap();
+        first.committed(5, true);
+        drop(first); // the lane fails; offsets 5.. are read again
+
+        let rebuilt = Mutex::new(lane(&windows));
+        let entries = store.load(&staged.scope, 5).await.unwrap().expect("state at 5");
+        let mut ids = lock(&rebuilt);
+        ids.ordered.restore(5, &entries).unwrap();
+        for t in &records()[5..] {
+            assert_eq!(ids.check(t, true), IdVerdict::New, "replayed {t:?}");
+        }
+        for t in &records()[..5] {
+            assert_eq!(ids.check(t, true), IdVerdict::Duplicate, "committed {t:?}");
+        }
     }
 
     #[test]
-    fn same_trade_id_on_another_symbol_is_not_a_duplicate() {
-        // Binance's trade ids are per symbol: BTCUSDT #7 and ETHUSDT #7 are two trades.
-        let mut ids = RecentIds::new(10);
-        assert!(ids.insert("BINANCE", "BTCUSDT", "7"));
-        assert!(ids.insert("BINANCE", "ETHUSDT", "7"));
-        assert!(!ids.insert("BINANCE", "ETHUSDT", "7"));
+    fn a_bloom_hit_the_exact_window_cannot_confirm_is_a_probable_duplicate() {
+        let windows = windows();
+        let mut ids = lane(&windows);
+        let t = trade("ASX", "BHP", "BHP-1", 0);
+        assert_eq!(ids.check(&t, true), IdVerdict::New);
+        ids.committed(1, true);
+        assert_eq!(ids.check(&t, true), IdVerdict::Duplicate, "in the recent window");
+        windows.recent.invalidate_all();
+        windows.recent.run_pending_tasks();
+        assert_eq!(ids.check(&t, false), IdVerdict::ProbableDuplicate);
+        assert_eq!(ids.pending_unordered(), 0, "dropped by policy: not remembered");
+        assert_eq!(ids.check(&t, true), IdVerdict::ProbableDuplicate);
+        assert_eq!(ids.pending_unordered(), 1, "kept: a second copy is a duplicate");
+        assert_eq!(ids.check(&t, true), IdVerdict::Duplicate);
     }
 
     #[test]
-    fn window_forgets_the_oldest_key_first() {
-        let mut ids = RecentIds::new(2);
-        ids.insert("A", "S", "1");
-        ids.insert("A", "S", "2");
-        ids.insert("A", "S", "3");
-        assert_eq!(ids.len(), 2);
-        assert!(ids.insert("A", "S", "1"), "evicted key is accepted again");
-        assert!(!ids.insert("A", "S", "3"));
+    fn ordered_ids_survive_encoding() {
+        let mut ids = OrderedIds::default();
+        for id in [1, 2, 3, 7, 9] {
+            ids.insert("X", "S", id);
+        }
+        let bytes = ids.encode("X", "S").unwrap();
+        let mut restored = OrderedIds::default();
+        restored.decode("X", "S", &bytes).unwrap();
+        for id in [1, 2, 3, 7, 9] {
+            assert!(!restored.insert("X", "S", id), "{id} was seen");
+        }
+        assert!(restored.insert("X", "S", 8));
+        assert!(restored.decode("X", "S", b"junk").is_err());
     }
 
     #[test]

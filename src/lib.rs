@@ -4,6 +4,7 @@
 
 pub mod actors;
 pub mod bench;
+pub mod bloom;
 pub mod config;
 pub mod decode;
 pub mod dedup;
@@ -17,5 +18,6 @@ pub mod per_symbol;
 pub mod pipeline;
 pub mod sequence;
 pub mod service;
+pub mod state;
 pub mod storage;
 pub mod web;

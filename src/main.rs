@@ -122,8 +122,10 @@ const DEFAULT_LOG_FILTER: &str = "warn,k2=info,rdkafka::consumer::base_consumer=
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("K2_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    // Colours only on a terminal: a log file or a pipe gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }

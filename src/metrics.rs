@@ -12,6 +12,8 @@ pub const SEQUENCE_GAPS: &str = "k2_sequence_gaps_total";
 pub const SEQUENCE_MISSING: &str = "k2_sequence_missing_records_total";
 pub const SEQUENCE_RESETS: &str = "k2_sequence_resets_total";
 pub const DUPLICATES_DROPPED: &str = "k2_duplicates_dropped_total";
+pub const PROBABLE_DUPLICATES: &str = "k2_probable_duplicates_total";
+pub const STATE_LOADS: &str = "k2_state_loads_total";
 pub const RECORDS_SHED: &str = "k2_shed_records_total";
 pub const DATA_FILES_WRITTEN: &str = "k2_data_files_written_total";
 pub const DATA_FILE_BYTES: &str = "k2_data_file_bytes_total";
@@ -46,6 +48,16 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_counter!(
+        PROBABLE_DUPLICATES,
+        Unit::Count,
+        "Trades only the long-window Bloom filter had seen, by policy (keep or drop); all recorded in k2.probable_duplicates"
+    );
+    describe_counter!(
+        STATE_LOADS,
+        Unit::Count,
+        "Lane stage state loads at lane start, by stage and outcome (found, none)"
+    );
     describe_counter!(
         RECORDS_CONSUMED,
         Unit::Count,

@@ -68,3 +68,69 @@ pub fn now_us() -> i64 {
 /// What identifies one trade: (exchange, symbol, trade id). The symbol is
 /// part of it because some exchanges number trades per symbol (Binance's `t`).
 pub type TradeKey = (String, String, String);
+
+/// A gap or reset of a (exchange, symbol) sequence, as stored in
+/// `k2.sequence_gaps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceEventRow {
+    /// `"gap"` or `"reset"`.
+    pub kind: &'static str,
+    pub exchange: String,
+    pub symbol: String,
+    /// Gap: first missing number. Reset: none.
+    pub expected: Option<i64>,
+    /// The number that revealed the gap, or the number the feed restarted at.
+    pub received: i64,
+    /// Gap: numbers still missing when its reorder window closed. Reset: none.
+    pub missing: Option<i64>,
+    /// Reset: the highest number before the reset. Gap: none.
+    pub previous: Option<i64>,
+    pub topic: String,
+    pub partition: i32,
+    /// Offset of the record that revealed the gap or reset.
+    pub offset: i64,
+    /// Offset of the record whose arrival completed the event (a gap is
+    /// reported when its reorder window closes). The event belongs to the
+    /// commit epoch of this offset.
+    pub reported_offset: i64,
+    /// Microseconds since the Unix epoch (UTC).
+    pub detected_at_us: i64,
+}
+
+/// A trade whose id the long-window Bloom filter has probably seen before
+/// but no exact structure can confirm. Kept in `market.trades` (or dropped,
+/// by policy) and recorded in `k2.probable_duplicates` either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbableDuplicate {
+    pub exchange: String,
+    pub symbol: String,
+    pub trade_id: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Whether the trade was kept in the trades table.
+    pub kept: bool,
+    /// Microseconds since the Unix epoch (UTC).
+    pub detected_at_us: i64,
+}
+
+/// What a chunk of records produced besides trades; each goes to its own
+/// table of K2's, committed in the same epoch as the trades around it.
+#[derive(Debug, Default)]
+pub struct SideRows {
+    pub dead_letters: Vec<DeadLetter>,
+    pub sequence_events: Vec<SequenceEventRow>,
+    pub probable_duplicates: Vec<ProbableDuplicate>,
+}
+
+impl SideRows {
+    pub fn extend(&mut self, other: SideRows) {
+        self.dead_letters.extend(other.dead_letters);
+        self.sequence_events.extend(other.sequence_events);
+        self.probable_duplicates.extend(other.probable_duplicates);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.dead_letters.is_empty() && self.sequence_events.is_empty() && self.probable_duplicates.is_empty()
+    }
+}

@@ -23,12 +23,17 @@ impl<V> PerSymbol<V> {
     where
         V: Default,
     {
+        self.get_or_insert_with(exchange, symbol, V::default)
+    }
+
+    /// The state of (`exchange`, `symbol`), created with `new` if new.
+    pub fn get_or_insert_with(&mut self, exchange: &str, symbol: &str, new: impl FnOnce() -> V) -> &mut V {
         if !self.exchanges.contains_key(exchange) {
             self.exchanges.insert(exchange.to_string(), HashMap::new());
         }
         let symbols = self.exchanges.get_mut(exchange).expect("inserted above");
         if !symbols.contains_key(symbol) {
-            symbols.insert(symbol.to_string(), V::default());
+            symbols.insert(symbol.to_string(), new());
         }
         symbols.get_mut(symbol).expect("inserted above")
     }

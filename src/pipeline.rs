@@ -11,7 +11,7 @@
 //! supervisor rebuilds a failed lane.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -19,23 +19,27 @@ use anyhow::Context as _;
 use iceberg::Catalog;
 
 use crate::actors::batcher::BatcherParams;
-use crate::actors::iceberg_committer::{CommitNow, CommitPolicy, ConnectSupervisor, StopCommitter};
+use crate::actors::deduplicator::DeduplicatorParams;
+use crate::actors::iceberg_committer::{
+    CommitNow, CommitPolicy, ConnectSupervisor, StateSink, StopCommitter,
+};
 use crate::actors::partition_consumer::{LaneStatus, PartitionConsumerParams};
+use crate::actors::sequencer::{SequenceState, SequencerParams};
 use crate::actors::supervisor::{DrainLanes, GetPipelineStatus, PipelineStatus, RestartPolicy, StopLanes};
 use crate::actors::{
     Batcher, Deduplicator, IcebergCommitter, LoadShedder, PartitionConsumer, Sequencer, Supervisor,
 };
 use crate::config::K2Config;
 use crate::decode::{DecoderConfig, TradeDecoder};
+use crate::dedup::{LaneIds, ProbablePolicy, UnorderedWindows};
 use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, LaneQueue};
 use crate::messages::{ChunkSink, FilesWritten, LaneFailed, LaneId};
+use crate::sequence::SequenceTracker;
+use crate::state::{self, Checkpoint, EpochState, StateStore, open_store};
 use crate::storage::catalog::open_catalog;
 use crate::storage::commit::Committer;
 use crate::storage::tables::{TableIdents, ensure_tables};
 use crate::storage::writer::TableWriter;
-
-/// Capacity of each lane's exact dedup window (keys).
-const DEDUP_WINDOW: usize = 100_000;
 
 pub struct PipelineParams {
     pub config: K2Config,
@@ -60,6 +64,36 @@ pub struct LaneShared {
     pub mailbox_capacity: usize,
     pub batcher: crate::config::BatcherConfig,
     pub sequence: crate::sequence::SequenceConfig,
+    pub store: Arc<dyn StateStore>,
+    /// `{key_prefix}:{group_id}`: the start of every state scope.
+    pub state_prefix: String,
+    pub windows: Arc<UnorderedWindows>,
+    pub probable_policy: ProbablePolicy,
+}
+
+/// A lane's stage state, made with the lane and registered with the
+/// committer, which stages and promotes it with every commit.
+#[derive(Clone)]
+pub struct LaneStates {
+    pub sequence: Arc<SequenceState>,
+    pub ids: Arc<Mutex<LaneIds>>,
+}
+
+impl LaneStates {
+    pub fn new(shared: &LaneShared, partition: i32) -> Self {
+        let scope = |stage| state::scope(&shared.state_prefix, &shared.topic, partition, stage);
+        let config = shared.sequence.clone();
+        Self {
+            sequence: Arc::new(Mutex::new(EpochState::new(scope("sequencer"), move || {
+                SequenceTracker::new(config.clone())
+            }))),
+            ids: Arc::new(Mutex::new(LaneIds::new(scope("dedup"), shared.windows.clone()))),
+        }
+    }
+
+    pub fn checkpoints(&self) -> Vec<Arc<dyn Checkpoint>> {
+        vec![self.sequence.clone(), self.ids.clone()]
+    }
 }
 
 /// The running actors of one lane that the supervisor stops directly; the
@@ -76,6 +110,7 @@ pub fn spawn_lane(
     lane: LaneId,
     queue: Arc<LaneQueue>,
     start_offset: Option<i64>,
+    states: LaneStates,
     arbiter: &ArbiterHandle,
 ) -> LaneHandle {
     let mailbox = shared.mailbox_capacity;
@@ -99,13 +134,31 @@ pub fn spawn_lane(
         move |_| LoadShedder::new(next, mailbox)
     });
     let deduplicator = Deduplicator::start_in_arbiter(arbiter, {
-        let next = sink(&shedder);
-        move |_| Deduplicator::new(next, DEDUP_WINDOW, mailbox)
+        let params = DeduplicatorParams {
+            lane,
+            topic: shared.topic.clone(),
+            ids: states.ids,
+            store: shared.store.clone(),
+            start_offset,
+            policy: shared.probable_policy,
+            downstream: sink(&shedder),
+            failures: shared.failures.clone(),
+            mailbox_capacity: mailbox,
+        };
+        move |_| Deduplicator::new(params)
     });
     let sequencer = Sequencer::start_in_arbiter(arbiter, {
-        let next = sink(&deduplicator);
-        let config = shared.sequence.clone();
-        move |_| Sequencer::new(config, next, mailbox)
+        let params = SequencerParams {
+            lane,
+            topic: shared.topic.clone(),
+            state: states.sequence,
+            store: shared.store.clone(),
+            start_offset,
+            downstream: sink(&deduplicator),
+            failures: shared.failures.clone(),
+            mailbox_capacity: mailbox,
+        };
+        move |_| Sequencer::new(params)
     });
     let status = Arc::new(LaneStatus::default());
     status.position.store(-1, std::sync::atomic::Ordering::Relaxed);
@@ -153,6 +206,12 @@ pub struct Pipeline {
 /// Must run inside an actix `System`.
 pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     let config = &params.config;
+    let store = open_store(&config.state).await.with_context(|| {
+        format!(
+            "failed to open the state store ([state] backend = {:?})",
+            config.state.backend
+        )
+    })?;
     let catalog = open_catalog(&config.catalog, &params.base_dir).await?;
     let tables = TableIdents::new(&config.catalog.namespace);
     ensure_tables(catalog.as_ref(), &tables)
@@ -186,8 +245,13 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             expire_every_commits: config.commit.expire_every_commits,
             retry_backoff: Duration::from_millis(config.commit.retry_backoff_ms),
         },
+        StateSink {
+            store: store.clone(),
+            writer: params.instance.clone(),
+        },
     )
     .start();
+    let windows = Arc::new(UnorderedWindows::new(&config.dedup));
 
     let consumer = kafka::create_consumer(&config.kafka, &params.brokers)?;
     let arbiter_count = match config.lanes.arbiters {
@@ -218,6 +282,10 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 mailbox_capacity: config.lanes.mailbox_capacity,
                 batcher: config.batcher.clone(),
                 sequence: config.sequence.clone(),
+                store,
+                state_prefix: format!("{}:{}", config.state.key_prefix, config.kafka.group_id),
+                windows,
+                probable_policy: config.dedup.probable_duplicates,
             };
             Supervisor::new(
                 shared,

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::per_symbol::PerSymbol;
+use crate::state::Replay;
 
 /// When a lower sequence number means "the feed restarted" rather than
 /// "an old record": it is at most `near_start` and at least `min_drop`
@@ -79,7 +80,7 @@ pub enum Verdict {
 }
 
 /// Where a record came from, for the events it causes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordPosition {
     pub partition: i32,
     pub offset: i64,
@@ -126,7 +127,7 @@ impl SequenceEvent {
 }
 
 /// A gap waiting for late fills.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct PendingGap {
     expected: i64,
     received: i64,
@@ -163,7 +164,7 @@ impl PendingGap {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct SymbolState {
     /// Highest number seen since tracking (re)started; None before the
     /// symbol's first record.
@@ -176,6 +177,8 @@ struct SymbolState {
 pub struct SequenceTracker {
     config: SequenceConfig,
     symbols: PerSymbol<SymbolState>,
+    /// Events of a replay, which are not reported again.
+    replayed_events: Vec<SequenceEvent>,
 }
 
 impl SequenceTracker {
@@ -183,6 +186,7 @@ impl SequenceTracker {
         Self {
             config,
             symbols: PerSymbol::default(),
+            replayed_events: Vec::new(),
         }
     }
 
@@ -268,6 +272,30 @@ impl SequenceTracker {
 
     pub fn symbols(&self) -> usize {
         self.symbols.len()
+    }
+}
+
+/// The committed copy of a lane's sequence state replays what records did;
+/// a symbol's state is stored as JSON (small: a number and open gaps).
+impl Replay for SequenceTracker {
+    type Op = (i64, RecordPosition);
+
+    fn replay(&mut self, exchange: &str, symbol: &str, &(sequence, at): &Self::Op) {
+        let mut events = std::mem::take(&mut self.replayed_events);
+        self.observe(exchange, symbol, sequence, at, &mut events);
+        events.clear();
+        self.replayed_events = events;
+    }
+
+    fn encode(&self, exchange: &str, symbol: &str) -> Option<Vec<u8>> {
+        let state = self.symbols.get(exchange, symbol)?;
+        Some(serde_json::to_vec(state).expect("sequence state serialises"))
+    }
+
+    fn decode(&mut self, exchange: &str, symbol: &str, bytes: &[u8]) -> Result<(), String> {
+        let state: SymbolState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        *self.symbols.get_or_default(exchange, symbol) = state;
+        Ok(())
     }
 }
 

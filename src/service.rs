@@ -71,6 +71,8 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
         AppState {
             supervisor: pipeline.supervisor.clone(),
             metrics: handle,
+            catalog: pipeline.catalog.clone(),
+            tables: pipeline.tables.clone(),
         },
         &config.http.listen,
     )?;

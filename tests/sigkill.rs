@@ -6,14 +6,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TOPIC, assert_exactly_once, read_ids, read_tables, wait_for};
+use common::{
+    TOPIC, assert_exactly_once, committed_trades, process_log, read_ids, read_tables, spawn_k2, stop_k2,
+    wait_for,
+};
 use k2::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
-use k2::storage::catalog::open_catalog;
-use k2::storage::reader::committed_record_count;
-use k2::storage::tables::TableIdents;
 
 const TOTAL: u64 = 60_000;
 
@@ -48,41 +47,6 @@ listen = "127.0.0.1:0"
     );
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn spawn_k2(config: &Path, dir: &Path, name: &str) -> Child {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_k2"))
-        .args(["run", "--config"])
-        .arg(config)
-        .current_dir(dir)
-        .env_remove("K2_CONFIG")
-        .env("K2_LOG", "warn,k2=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("k2 binary starts")
-}
-
-/// Trades committed so far, or 0 while the process has not created the
-/// catalog and tables yet.
-async fn committed_trades(config: &k2::config::K2Config, dir: &Path) -> u64 {
-    if !dir.join("catalog.db").exists() {
-        return 0;
-    }
-    let Ok(catalog) = open_catalog(&config.catalog, dir).await else {
-        return 0;
-    };
-    let idents = TableIdents::new(&config.catalog.namespace);
-    match catalog.load_table(&idents.trades).await {
-        Ok(table) => committed_record_count(&table),
-        Err(_) => 0,
-    }
-}
-
-fn process_log(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
 }
 
 #[actix_rt::test]
@@ -151,16 +115,6 @@ async fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
     );
 
     // A clean stop of the restarted process (SIGTERM) commits and exits 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &second.id().to_string()])
-        .status()
-        .expect("kill(1) runs");
-    assert!(status.success());
-    let exit = second.wait().unwrap();
-    assert!(
-        exit.success(),
-        "k2 run exited with {exit} after SIGTERM:\n{}",
-        process_log(dir.path(), "second")
-    );
+    stop_k2(second, dir.path(), "second");
     assert_exactly_once(&read_tables(&config, dir.path()).await, &expected);
 }

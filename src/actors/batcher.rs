@@ -1,7 +1,8 @@
 //! Buffers a lane's trades as Arrow columns and writes them as Parquet data
 //! files when the buffer reaches its row or byte target, or grows old —
 //! whichever comes first. Each flush hands the files, the offset range they
-//! cover and the chunk's dead letters to the committer, and waits until the
+//! cover and the chunks' side rows (dead letters, sequence events, probable
+//! duplicates) to the committer, and waits until the
 //! committer accepts them (backpressure when commits fall behind).
 
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use tracing::error;
 
 use crate::messages::{FilesWritten, Flush, LaneFailed, LaneId, StopLane, TradeChunk};
 use crate::metrics as m;
-use crate::model::DeadLetter;
+use crate::model::SideRows;
 use crate::storage::writer::{TableWriter, TradeBatchBuilder};
 
 #[derive(Debug, Clone)]
@@ -46,7 +47,7 @@ pub struct Batcher {
     committer: Recipient<FilesWritten>,
     supervisor: Recipient<LaneFailed>,
     buffer: TradeBatchBuilder,
-    dead_letters: Vec<DeadLetter>,
+    side: SideRows,
     /// Offset range covered by the buffer.
     range: Option<(i64, i64)>,
     oldest: Option<Instant>,
@@ -68,7 +69,7 @@ impl Batcher {
             writer,
             committer,
             supervisor,
-            dead_letters: Vec::new(),
+            side: SideRows::default(),
             range: None,
             oldest: None,
             counters: BatcherCounters::default(),
@@ -94,7 +95,7 @@ impl Batcher {
     fn flush_future(&mut self) -> Option<ResponseActFuture<Self, ()>> {
         let (first_offset, next_offset) = self.range.take()?;
         self.oldest = None;
-        let dead_letters = std::mem::take(&mut self.dead_letters);
+        let side = std::mem::take(&mut self.side);
         let rows = self.buffer.len() as u64;
         let batch = if rows == 0 {
             Ok(None)
@@ -126,7 +127,7 @@ impl Batcher {
                     data_files,
                     rows,
                     file_bytes,
-                    dead_letters,
+                    side,
                 })
                 .await
                 .map_err(|e| format!("committer unreachable: {e}"))?;
@@ -189,7 +190,7 @@ impl Handler<TradeChunk> for Batcher {
         for trade in &chunk.trades {
             self.buffer.push(trade);
         }
-        self.dead_letters.extend(chunk.dead_letters);
+        self.side.extend(chunk.side);
         metrics::gauge!(m::BATCHER_BUFFERED_BYTES, "partition" => self.partition_label.clone())
             .set(self.buffer.estimated_bytes() as f64);
         if self.is_due() {

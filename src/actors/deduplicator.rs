@@ -1,49 +1,56 @@
-//! Drops records whose (exchange, symbol, trade id) the lane has already
-//! seen. Exact: a record is dropped only on an exact key match. Numeric ids
-//! (per-symbol increasing, like Binance's) go to [`OrderedIds`], which
-//! remembers all of them in little memory; other ids to the recent window.
+//! Drops records whose (exchange, symbol, trade id) was seen before, and
+//! only those: numeric per-symbol ids are checked exactly (run + bitmap),
+//! other ids against the pending ids of this lane and the process's exact
+//! recent window; a hit in the long-window Bloom filter alone is a probable
+//! duplicate, kept or dropped by policy and recorded either way (see
+//! [`crate::dedup`]).
 //!
-//! Both start empty in every lane incarnation: a lane rebuilt from the last
-//! committed offsets replays records it may have seen before the failure,
-//! and those must not be mistaken for duplicates.
+//! The lane's exact ids are loaded from the state store at the lane's start
+//! offset before the first chunk and staged with every commit; ids of an
+//! uncommitted epoch are pending, so a lane rebuilt from the last committed
+//! offsets never takes a replayed record for a duplicate.
+
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
+use tracing::error;
 
-use crate::dedup::{OrderedIds, RecentIds, numeric_id};
-use crate::messages::{ChunkSink, Flush, TradeChunk};
+use crate::actors::sequencer::note_state_load;
+use crate::dedup::{IdVerdict, LaneIds, ProbablePolicy};
+use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, TradeChunk};
 use crate::metrics as m;
+use crate::model::{ProbableDuplicate, now_us};
+use crate::state::{StateStore, lock};
 
 #[derive(Debug, Default)]
 pub struct DeduplicatorCounters {
     pub num_checked: u64,
     pub num_dropped: u64,
+    pub num_probable: u64,
 }
 
-impl DeduplicatorCounters {
-    fn record_chunk(&mut self, checked: usize, dropped: usize) {
-        self.num_checked += checked as u64;
-        self.num_dropped += dropped as u64;
-        if dropped > 0 {
-            metrics::counter!(m::DUPLICATES_DROPPED).increment(dropped as u64);
-        }
-    }
+pub struct DeduplicatorParams {
+    pub lane: LaneId,
+    pub topic: String,
+    pub ids: Arc<Mutex<LaneIds>>,
+    pub store: Arc<dyn StateStore>,
+    /// Where the lane starts: the exact ids are loaded at this offset.
+    pub start_offset: Option<i64>,
+    pub policy: ProbablePolicy,
+    pub downstream: ChunkSink,
+    pub failures: Recipient<LaneFailed>,
+    pub mailbox_capacity: usize,
 }
 
 pub struct Deduplicator {
-    window: RecentIds,
-    ordered: OrderedIds,
-    downstream: ChunkSink,
-    mailbox_capacity: usize,
+    params: DeduplicatorParams,
     pub counters: DeduplicatorCounters,
 }
 
 impl Deduplicator {
-    pub fn new(downstream: ChunkSink, window_capacity: usize, mailbox_capacity: usize) -> Self {
+    pub fn new(params: DeduplicatorParams) -> Self {
         Self {
-            window: RecentIds::new(window_capacity),
-            ordered: OrderedIds::default(),
-            downstream,
-            mailbox_capacity,
+            params,
             counters: DeduplicatorCounters::default(),
         }
     }
@@ -53,7 +60,39 @@ impl Actor for Deduplicator {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        ctx.set_mailbox_capacity(self.params.mailbox_capacity);
+        let Some(offset) = self.params.start_offset else {
+            return;
+        };
+        let store = self.params.store.clone();
+        let scope = lock(&self.params.ids).ordered.scope().to_string();
+        ctx.wait(
+            async move { store.load(&scope, offset).await }
+                .into_actor(self)
+                .map(move |loaded, act, ctx| {
+                    let restored = loaded.and_then(|entries| match entries {
+                        Some(entries) => lock(&act.params.ids)
+                            .ordered
+                            .restore(offset, &entries)
+                            .map(|()| true),
+                        None => Ok(false),
+                    });
+                    match restored {
+                        Ok(found) => {
+                            note_state_load("dedup", act.params.lane, offset, found, &*act.params.store)
+                        }
+                        Err(err) => {
+                            error!(lane = %act.params.lane, error = %err, "cannot load dedup state");
+                            act.params.failures.do_send(LaneFailed {
+                                lane: act.params.lane,
+                                stage: "deduplicator",
+                                error: err.to_string(),
+                            });
+                            ctx.stop();
+                        }
+                    }
+                }),
+        );
     }
 }
 
@@ -62,13 +101,41 @@ impl Handler<TradeChunk> for Deduplicator {
 
     fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
         let before = chunk.trades.len();
-        let (window, ordered) = (&mut self.window, &mut self.ordered);
-        chunk.trades.retain(|t| match numeric_id(&t.trade_id) {
-            Some(id) => ordered.insert(&t.exchange, &t.symbol, id),
-            None => window.insert(&t.exchange, &t.symbol, &t.trade_id),
-        });
-        self.counters.record_chunk(before, before - chunk.trades.len());
-        let next = self.downstream.chunks.clone();
+        let keep = self.params.policy == ProbablePolicy::Keep;
+        let mut probable = Vec::new();
+        {
+            let mut ids = lock(&self.params.ids);
+            chunk.trades.retain(|t| match ids.check(t, keep) {
+                IdVerdict::New => true,
+                IdVerdict::Duplicate => false,
+                IdVerdict::ProbableDuplicate => {
+                    probable.push(ProbableDuplicate {
+                        exchange: t.exchange.clone(),
+                        symbol: t.symbol.clone(),
+                        trade_id: t.trade_id.clone(),
+                        topic: self.params.topic.clone(),
+                        partition: t.partition,
+                        offset: t.offset,
+                        kept: keep,
+                        detected_at_us: now_us(),
+                    });
+                    keep
+                }
+            });
+        }
+        let dropped = before - chunk.trades.len() - if keep { 0 } else { probable.len() };
+        self.counters.num_checked += before as u64;
+        self.counters.num_dropped += dropped as u64;
+        if dropped > 0 {
+            metrics::counter!(m::DUPLICATES_DROPPED).increment(dropped as u64);
+        }
+        if !probable.is_empty() {
+            self.counters.num_probable += probable.len() as u64;
+            let policy = if keep { "keep" } else { "drop" };
+            metrics::counter!(m::PROBABLE_DUPLICATES, "policy" => policy).increment(probable.len() as u64);
+            chunk.side.probable_duplicates.extend(probable);
+        }
+        let next = self.params.downstream.chunks.clone();
         AtomicResponse::new(Box::pin(
             async move {
                 let _ = next.send(chunk).await;
@@ -82,7 +149,7 @@ impl Handler<Flush> for Deduplicator {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
-        let next = self.downstream.flush.clone();
+        let next = self.params.downstream.flush.clone();
         Box::pin(async move {
             let _ = next.send(flush).await;
         })

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::kafka::LoadOffsets;
 use crate::messages::{Committed, FilesWritten, LaneFailed, LaneId};
 use crate::metrics as m;
+use crate::state::{Checkpoint, Staged, StateStore};
 use crate::storage::commit::{CommitOutcome, Committer, PartitionRange};
 
 #[derive(Debug, Clone)]
@@ -39,6 +40,9 @@ pub struct IcebergCommitterCounters {
     pub num_failed_commits: u64,
     pub num_rows_committed: u64,
     pub num_dead_letters_committed: u64,
+    pub num_sequence_events_committed: u64,
+    pub num_probable_duplicates_committed: u64,
+    pub num_state_promotions_failed: u64,
     pub num_fenced: u64,
     pub num_stale_files_dropped: u64,
     pub last_commit_ms: Option<u64>,
@@ -50,6 +54,8 @@ impl IcebergCommitterCounters {
         self.num_commits += 1;
         self.num_rows_committed += outcome.rows;
         self.num_dead_letters_committed += outcome.dead_letters;
+        self.num_sequence_events_committed += outcome.sequence_events;
+        self.num_probable_duplicates_committed += outcome.probable_duplicates;
         self.num_fenced += outcome.fenced.len() as u64;
         self.last_commit_ms = Some(elapsed.as_millis() as u64);
         self.last_error = None;
@@ -76,9 +82,19 @@ struct Pending {
     file_bytes: u64,
 }
 
+/// Where lane stage state is staged and promoted with each commit.
+pub struct StateSink {
+    pub store: Arc<dyn StateStore>,
+    /// Names this process's staged state (its instance id).
+    pub writer: String,
+}
+
 pub struct IcebergCommitter {
     committer: Arc<Committer>,
     policy: CommitPolicy,
+    state: StateSink,
+    /// Stage state of each partition's current lane.
+    checkpoints: HashMap<i32, Vec<Arc<dyn Checkpoint>>>,
     supervisor: Option<Recipient<Committed>>,
     lane_failures: Option<Recipient<LaneFailed>>,
     /// Current lane incarnation of each partition this process owns.
@@ -97,10 +113,12 @@ pub struct IcebergCommitter {
 }
 
 impl IcebergCommitter {
-    pub fn new(committer: Arc<Committer>, policy: CommitPolicy) -> Self {
+    pub fn new(committer: Arc<Committer>, policy: CommitPolicy, state: StateSink) -> Self {
         Self {
             committer,
             policy,
+            state,
+            checkpoints: HashMap::new(),
             supervisor: None,
             lane_failures: None,
             lanes: HashMap::new(),
@@ -141,18 +159,61 @@ impl IcebergCommitter {
             .map(|p| (p.range.partition, p.lane, p.file_bytes))
             .collect();
         let ranges: Vec<PartitionRange> = pending.into_values().map(|p| p.range).collect();
+        // Each lane stage's state at the end of its range, staged before
+        // the commit and put in force after it.
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut checkpoints: Vec<(i32, i64, Arc<dyn Checkpoint>)> = Vec::new();
+        for range in &ranges {
+            for checkpoint in self.checkpoints.get(&range.partition).into_iter().flatten() {
+                staged.push(checkpoint.stage(range.next_offset));
+                checkpoints.push((range.partition, range.next_offset, checkpoint.clone()));
+            }
+        }
         let committer = self.committer.clone();
+        let store = self.state.store.clone();
+        let writer = self.state.writer.clone();
+        let staged_partitions: Vec<i32> = checkpoints.iter().map(|(p, ..)| *p).collect();
+        let checkpoints_after = checkpoints;
         let started = Instant::now();
         Box::pin(
             async move {
+                if let Err(err) = store.stage(&writer, &staged).await {
+                    let err = crate::storage::commit::CommitError::State(err.to_string());
+                    return (ranges, Err(err), false);
+                }
                 let result = committer.commit(&ranges).await;
-                (ranges, result)
+                let mut promoted = false;
+                if let Ok(outcome) = &result {
+                    let scopes: Vec<(String, i64)> = staged
+                        .iter()
+                        .zip(&staged_partitions)
+                        .filter(|(_, partition)| outcome.committed.contains_key(partition))
+                        .map(|(s, _)| (s.scope.clone(), s.offset))
+                        .collect();
+                    match store.promote(&writer, &scopes).await {
+                        Ok(()) => promoted = true,
+                        // The data is committed; the state stays staged and
+                        // goes again with the next epoch (or a load promotes it).
+                        Err(err) => {
+                            warn!(error = %err, "failed to put the committed epoch's stage state in force")
+                        }
+                    }
+                }
+                (ranges, result, promoted)
             }
             .into_actor(self)
-            .map(move |(ranges, result), act, _ctx| {
+            .map(move |(ranges, result, promoted), act, _ctx| {
                 act.last_commit = Instant::now();
                 match result {
                     Ok(outcome) => {
+                        if !promoted {
+                            act.counters.num_state_promotions_failed += 1;
+                        }
+                        for (partition, next, checkpoint) in &checkpoints_after {
+                            if outcome.committed.get(partition) == Some(next) {
+                                checkpoint.committed(*next, promoted);
+                            }
+                        }
                         act.apply_outcome(&outcome, &lanes, started.elapsed());
                         Ok(())
                     }
@@ -181,7 +242,7 @@ impl IcebergCommitter {
             range.next_offset = newer.range.next_offset;
             range.rows += newer.range.rows;
             range.files.extend(newer.range.files);
-            range.dead_letters.extend(newer.range.dead_letters);
+            range.side.extend(newer.range.side);
             self.pending_rows -= newer.range.rows;
             self.pending_bytes -= newer.file_bytes;
             return self.restore(partition, lane, file_bytes + newer.file_bytes, range);
@@ -308,6 +369,8 @@ impl Handler<ConnectSupervisor> for IcebergCommitter {
 #[rtype(result = "Result<Option<i64>, String>")]
 pub struct RegisterLane {
     pub lane: LaneId,
+    /// The lane's stage state, staged and promoted with its commits.
+    pub checkpoints: Vec<Arc<dyn Checkpoint>>,
 }
 
 impl Handler<RegisterLane> for IcebergCommitter {
@@ -316,6 +379,7 @@ impl Handler<RegisterLane> for IcebergCommitter {
     fn handle(&mut self, msg: RegisterLane, _: &mut Context<Self>) -> Self::Result {
         let partition = msg.lane.partition;
         self.lanes.insert(partition, msg.lane.incarnation);
+        self.checkpoints.insert(partition, msg.checkpoints);
         self.drop_pending(partition);
         let committer = self.committer.clone();
         Box::pin(
@@ -346,6 +410,7 @@ impl Handler<ReleasePartitions> for IcebergCommitter {
     fn handle(&mut self, msg: ReleasePartitions, _: &mut Context<Self>) {
         for partition in msg.partitions {
             self.lanes.remove(&partition);
+            self.checkpoints.remove(&partition);
             self.drop_pending(partition);
             self.committed.remove(&partition);
         }
@@ -405,7 +470,7 @@ impl Handler<FilesWritten> for IcebergCommitter {
                 p.range.next_offset = msg.next_offset;
                 p.range.rows += msg.rows;
                 p.range.files.extend(msg.data_files);
-                p.range.dead_letters.extend(msg.dead_letters);
+                p.range.side.extend(msg.side);
                 p.file_bytes += msg.file_bytes;
             }
             None => {
@@ -419,7 +484,7 @@ impl Handler<FilesWritten> for IcebergCommitter {
                             next_offset: msg.next_offset,
                             files: msg.data_files,
                             rows: msg.rows,
-                            dead_letters: msg.dead_letters,
+                            side: msg.side,
                         },
                         file_bytes: msg.file_bytes,
                     },
@@ -490,6 +555,11 @@ pub struct CommitterStatus {
     pub failed_commits: u64,
     pub rows_committed: u64,
     pub dead_letters_committed: u64,
+    pub sequence_events_committed: u64,
+    pub probable_duplicates_committed: u64,
+    /// Commits whose stage state could not be put in force at once (it
+    /// stays staged and goes with the next commit).
+    pub state_promotions_failed: u64,
     pub fenced: u64,
     pub pending_rows: u64,
     pub pending_bytes: u64,
@@ -509,6 +579,9 @@ impl Handler<GetCommitterStatus> for IcebergCommitter {
             failed_commits: c.num_failed_commits,
             rows_committed: c.num_rows_committed,
             dead_letters_committed: c.num_dead_letters_committed,
+            sequence_events_committed: c.num_sequence_events_committed,
+            probable_duplicates_committed: c.num_probable_duplicates_committed,
+            state_promotions_failed: c.num_state_promotions_failed,
             fenced: c.num_fenced,
             pending_rows: self.pending_rows,
             pending_bytes: self.pending_bytes,

@@ -22,7 +22,7 @@ use crate::decode::TradeDecoder;
 use crate::kafka::{self, KafkaConsumer, LaneQueue};
 use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, StopLane, TradeChunk};
 use crate::metrics as m;
-use crate::model::{DeadLetter, now_us};
+use crate::model::{DeadLetter, SideRows, now_us};
 
 pub struct PartitionConsumerParams {
     pub lane: LaneId,
@@ -159,7 +159,10 @@ impl PartitionConsumer {
             first_offset,
             next_offset,
             trades,
-            dead_letters,
+            side: SideRows {
+                dead_letters,
+                ..SideRows::default()
+            },
         }))
     }
 

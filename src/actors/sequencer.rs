@@ -1,16 +1,26 @@
 //! Tracks per-(exchange, symbol) sequence numbers of a lane. Records pass
-//! through unchanged; gaps (once their reorder window closed) and resets are
-//! counted by exchange (metrics) and logged at debug level. Storing them in
-//! `k2.sequence_gaps` and serving them over HTTP comes with persistent
-//! sequence state.
+//! through unchanged; gaps (once their reorder window closed) and resets
+//! travel with the chunk to `k2.sequence_gaps` (committed with the records
+//! around them), are counted by exchange (metrics) and logged at debug
+//! level.
+//!
+//! The lane's sequence state is loaded from the state store at the lane's
+//! start offset before the first chunk, and staged with every commit (see
+//! [`crate::state`]), so a rebuilt or moved lane continues exactly.
+
+use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
-use tracing::debug;
+use tracing::{debug, error, info, warn};
 
-use crate::messages::{ChunkSink, Flush, TradeChunk};
+use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, TradeChunk};
 use crate::metrics as m;
-use crate::model::now_us;
-use crate::sequence::{RecordPosition, SequenceConfig, SequenceEvent, SequenceTracker, Verdict};
+use crate::model::{SequenceEventRow, now_us};
+use crate::sequence::{RecordPosition, SequenceEvent, SequenceTracker, Verdict};
+use crate::state::{EpochState, StateStore, lock};
+
+/// A lane's sequence state, shared with the committer.
+pub type SequenceState = Mutex<EpochState<SequenceTracker>>;
 
 #[derive(Debug, Default)]
 pub struct SequencerCounters {
@@ -85,22 +95,67 @@ impl SequencerCounters {
     }
 }
 
+pub struct SequencerParams {
+    pub lane: LaneId,
+    pub topic: String,
+    pub state: Arc<SequenceState>,
+    pub store: Arc<dyn StateStore>,
+    /// Where the lane starts: the state is loaded at this offset.
+    pub start_offset: Option<i64>,
+    pub downstream: ChunkSink,
+    pub failures: Recipient<LaneFailed>,
+    pub mailbox_capacity: usize,
+}
+
 pub struct Sequencer {
-    tracker: SequenceTracker,
+    params: SequencerParams,
     events: Vec<SequenceEvent>,
-    downstream: ChunkSink,
-    mailbox_capacity: usize,
+    /// Offset after the last chunk seen (for events reported at flush).
+    next_offset: Option<i64>,
     pub counters: SequencerCounters,
 }
 
 impl Sequencer {
-    pub fn new(config: SequenceConfig, downstream: ChunkSink, mailbox_capacity: usize) -> Self {
+    pub fn new(params: SequencerParams) -> Self {
         Self {
-            tracker: SequenceTracker::new(config),
+            params,
             events: Vec::new(),
-            downstream,
-            mailbox_capacity,
+            next_offset: None,
             counters: SequencerCounters::default(),
+        }
+    }
+
+    fn row(&self, event: &SequenceEvent, reported_offset: i64) -> SequenceEventRow {
+        let topic = self.params.topic.clone();
+        match event {
+            SequenceEvent::Gap(gap) => SequenceEventRow {
+                kind: "gap",
+                exchange: gap.exchange.clone(),
+                symbol: gap.symbol.clone(),
+                expected: Some(gap.expected),
+                received: gap.received,
+                missing: Some(gap.missing),
+                previous: None,
+                topic,
+                partition: gap.at.partition,
+                offset: gap.at.offset,
+                reported_offset,
+                detected_at_us: gap.at.detected_at_us,
+            },
+            SequenceEvent::Reset(reset) => SequenceEventRow {
+                kind: "reset",
+                exchange: reset.exchange.clone(),
+                symbol: reset.symbol.clone(),
+                expected: None,
+                received: reset.received,
+                missing: None,
+                previous: Some(reset.previous),
+                topic,
+                partition: reset.at.partition,
+                offset: reset.at.offset,
+                reported_offset,
+                detected_at_us: reset.at.detected_at_us,
+            },
         }
     }
 }
@@ -109,36 +164,100 @@ impl Actor for Sequencer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        ctx.set_mailbox_capacity(self.params.mailbox_capacity);
+        let Some(offset) = self.params.start_offset else {
+            return; // nothing committed yet: the state starts empty
+        };
+        let store = self.params.store.clone();
+        let scope = lock(&self.params.state).scope().to_string();
+        // No chunk is handled before the state is in place.
+        ctx.wait(
+            async move { store.load(&scope, offset).await }
+                .into_actor(self)
+                .map(move |loaded, act, ctx| {
+                    let restored = loaded.and_then(|entries| match entries {
+                        Some(entries) => lock(&act.params.state).restore(offset, &entries).map(|()| true),
+                        None => Ok(false),
+                    });
+                    match restored {
+                        Ok(found) => {
+                            note_state_load("sequencer", act.params.lane, offset, found, &*act.params.store)
+                        }
+                        Err(err) => {
+                            error!(lane = %act.params.lane, error = %err, "cannot load sequence state");
+                            act.params.failures.do_send(LaneFailed {
+                                lane: act.params.lane,
+                                stage: "sequencer",
+                                error: err.to_string(),
+                            });
+                            ctx.stop();
+                        }
+                    }
+                }),
+        );
+    }
+}
+
+/// Counts and logs how a stage's state load at lane start went.
+pub(crate) fn note_state_load(
+    stage: &'static str,
+    lane: LaneId,
+    offset: i64,
+    found: bool,
+    store: &dyn StateStore,
+) {
+    let outcome = if found { "found" } else { "none" };
+    metrics::counter!(m::STATE_LOADS, "stage" => stage, "outcome" => outcome).increment(1);
+    if found {
+        debug!(%lane, stage, offset, "stage state loaded");
+    } else if store.survives_restart() {
+        warn!(
+            %lane, stage, offset, store = %store.describe(),
+            "no saved state at the lane's start offset; starting empty (the first record of each symbol starts its tracking)"
+        );
+    } else {
+        info!(%lane, stage, offset, "no state in this process for the partition yet; starting empty");
     }
 }
 
 impl Handler<TradeChunk> for Sequencer {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
         let now = now_us();
+        let state = self.params.state.clone();
+        let mut state = lock(&state);
+        let mut rows = Vec::new();
         for trade in &chunk.trades {
             let at = RecordPosition {
                 partition: trade.partition,
                 offset: trade.offset,
                 detected_at_us: now,
             };
-            match self.tracker.observe(
+            let before = self.events.len();
+            let verdict = state.working.observe(
                 &trade.exchange,
                 &trade.symbol,
                 trade.sequence,
                 at,
                 &mut self.events,
-            ) {
+            );
+            state.record(trade.offset, &trade.exchange, &trade.symbol, (trade.sequence, at));
+            match verdict {
                 Verdict::InOrder | Verdict::Reset => {}
                 Verdict::LateFill => self.counters.num_late_fills += 1,
                 Verdict::Old => self.counters.num_old += 1,
             }
+            for event in &self.events[before..] {
+                rows.push(self.row(event, trade.offset));
+            }
         }
+        drop(state);
         self.counters.record_events(&self.events);
         self.events.clear();
-        let next = self.downstream.chunks.clone();
+        chunk.side.sequence_events.extend(rows);
+        self.next_offset = Some(chunk.next_offset);
+        let next = self.params.downstream.chunks.clone();
         AtomicResponse::new(Box::pin(
             async move {
                 let _ = next.send(chunk).await;
@@ -152,12 +271,36 @@ impl Handler<Flush> for Sequencer {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
-        // The lane is stopping: gaps still waiting for late records are final.
-        self.tracker.close_windows(&mut self.events);
-        self.counters.record_events(&self.events);
-        self.events.clear();
-        let next = self.downstream.flush.clone();
+        // The lane is stopping. A store that outlives the process keeps open
+        // gap windows for the next owner; otherwise they are final now, and
+        // reported on an empty chunk at the end of the lane's range.
+        let mut tail = None;
+        if !self.params.store.survives_restart()
+            && let Some(next_offset) = self.next_offset
+        {
+            lock(&self.params.state).working.close_windows(&mut self.events);
+            if !self.events.is_empty() {
+                let rows = self.events.iter().map(|e| self.row(e, next_offset - 1)).collect();
+                self.counters.record_events(&self.events);
+                self.events.clear();
+                tail = Some(TradeChunk {
+                    lane: self.params.lane,
+                    first_offset: next_offset,
+                    next_offset,
+                    trades: Vec::new(),
+                    side: crate::model::SideRows {
+                        sequence_events: rows,
+                        ..Default::default()
+                    },
+                });
+            }
+        }
+        let chunks = self.params.downstream.chunks.clone();
+        let next = self.params.downstream.flush.clone();
         Box::pin(async move {
+            if let Some(chunk) = tail {
+                let _ = chunks.send(chunk).await;
+            }
             let _ = next.send(flush).await;
         })
     }

@@ -23,7 +23,7 @@ use crate::config::StartFrom;
 use crate::kafka::{self, KafkaConsumer, LaneQueue, PartitionsAssigned, PartitionsRevoked, StrayRecord};
 use crate::messages::{Committed, Flush, LaneFailed, LaneId, StopLane};
 use crate::metrics as m;
-use crate::pipeline::{LaneHandle, LaneShared, spawn_lane};
+use crate::pipeline::{LaneHandle, LaneShared, LaneStates, spawn_lane};
 
 #[derive(Debug, Clone)]
 pub struct RestartPolicy {
@@ -121,13 +121,14 @@ impl Supervisor {
         }
     }
 
-    fn start_lane(&mut self, lane: &mut Lane, start_offset: Option<i64>) {
+    fn start_lane(&mut self, lane: &mut Lane, start_offset: Option<i64>, states: LaneStates) {
         let arbiter = &self.arbiters[lane.id.partition.unsigned_abs() as usize % self.arbiters.len()];
         lane.handle = Some(spawn_lane(
             &self.shared,
             lane.id,
             lane.queue.clone(),
             start_offset,
+            states,
             arbiter,
         ));
         lane.state = LaneState::Running;
@@ -184,10 +185,15 @@ impl Supervisor {
         let consumer = self.consumer.clone();
         let topic = self.shared.topic.clone();
         let start_from = self.start_from;
+        let states = LaneStates::new(&self.shared, partition);
+        let checkpoints = states.checkpoints();
         let fut = async move {
             tokio::time::sleep(backoff).await;
             let start = committer
-                .send(RegisterLane { lane: id })
+                .send(RegisterLane {
+                    lane: id,
+                    checkpoints,
+                })
                 .await
                 .map_err(|e| e.to_string())??;
             tokio::task::spawn_blocking(move || {
@@ -216,7 +222,7 @@ impl Supervisor {
             }
             match result {
                 Ok(start) => {
-                    act.start_lane(&mut lane, start);
+                    act.start_lane(&mut lane, start, states);
                     act.lanes.insert(partition, lane);
                 }
                 Err(err) => {
@@ -293,8 +299,12 @@ impl Handler<PartitionsAssigned> for Supervisor {
             // Register before the first file can arrive; the committer
             // answers with the table's offset, which the rebalance callback
             // already used to position the partition.
-            let registered = self.committer.send(RegisterLane { lane: id });
-            self.start_lane(&mut lane, start);
+            let states = LaneStates::new(&self.shared, partition);
+            let registered = self.committer.send(RegisterLane {
+                lane: id,
+                checkpoints: states.checkpoints(),
+            });
+            self.start_lane(&mut lane, start, states);
             self.lanes.insert(partition, lane);
             ctx.spawn(registered.into_actor(self).map(move |result, act, ctx| {
                 let failure = match result {

@@ -2,7 +2,7 @@ use actix::Message;
 use iceberg::spec::DataFile;
 
 use super::LaneId;
-use crate::model::DeadLetter;
+use crate::model::SideRows;
 
 /// A batcher wrote data files covering `[first_offset, next_offset)` of its
 /// partition; the committer makes them durable in the next commit.
@@ -15,5 +15,6 @@ pub struct FilesWritten {
     pub data_files: Vec<DataFile>,
     pub rows: u64,
     pub file_bytes: u64,
-    pub dead_letters: Vec<DeadLetter>,
+    /// Dead letters, sequence events and probable duplicates of the range.
+    pub side: SideRows,
 }

@@ -1,16 +1,19 @@
 //! The commit protocol: one Iceberg snapshot per table per epoch, carrying
 //! the offsets the data covers, fenced against concurrent writers.
 //!
-//! Order within an epoch: dead letters first (in `k2.dead_letters`, with
-//! their own offsets summary), then trades (in the trades table, whose
-//! offsets are the source of truth for restarts). A crash between the two
-//! replays the epoch: the trades are written again (their offsets were not
-//! recorded) and dead letters below the dead-letter table's recorded offset
-//! are skipped, so neither table holds anything twice.
+//! Order within an epoch: K2's side tables first (`k2.dead_letters`,
+//! `k2.sequence_gaps`, `k2.probable_duplicates`, each with its own offsets
+//! summary), then trades (in the trades table, whose offsets are the source
+//! of truth for restarts). A crash in between replays the epoch: the trades
+//! are written again (their offsets were not recorded) and side rows below a
+//! side table's recorded offset are skipped, so no table holds anything
+//! twice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
 use iceberg::spec::DataFile;
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
@@ -20,8 +23,8 @@ use tracing::{info, warn};
 use super::catalog::{FencedCatalog, is_fence_error};
 use super::offsets::{OffsetsError, TopicOffsets, summary_key};
 use super::tables::TableIdents;
-use super::writer::{TableWriter, dead_letter_batch};
-use crate::model::DeadLetter;
+use super::writer::{TableWriter, dead_letter_batch, probable_duplicates_batch, sequence_events_batch};
+use crate::model::SideRows;
 
 /// How many times one epoch is re-merged after losing a race to another writer.
 const MAX_FENCE_RETRIES: usize = 20;
@@ -34,7 +37,8 @@ pub struct PartitionRange {
     pub next_offset: i64,
     pub files: Vec<DataFile>,
     pub rows: u64,
-    pub dead_letters: Vec<DeadLetter>,
+    /// Dead letters, sequence events and probable duplicates of the range.
+    pub side: SideRows,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +49,8 @@ pub struct CommitOutcome {
     pub fenced: Vec<(i32, Option<i64>)>,
     pub rows: u64,
     pub dead_letters: u64,
+    pub sequence_events: u64,
+    pub probable_duplicates: u64,
     pub snapshot_id: Option<i64>,
 }
 
@@ -54,9 +60,11 @@ pub enum CommitError {
     Iceberg(#[from] iceberg::Error),
     #[error(transparent)]
     Offsets(#[from] OffsetsError),
+    #[error("state store: {0}")]
+    State(String),
     #[error("lost the commit race {0} times in a row")]
     TooManyConflicts(usize),
-    #[error("failed to build a dead-letter batch: {0}")]
+    #[error("failed to build a batch for one of K2's tables: {0}")]
     Arrow(#[from] arrow_schema::ArrowError),
 }
 
@@ -78,48 +86,85 @@ impl Committer {
     /// Commits one epoch. Ranges the table refuses are reported in
     /// `fenced`; their files are left out (orphans no reader sees).
     pub async fn commit(&self, ranges: &[PartitionRange]) -> Result<CommitOutcome, CommitError> {
-        let dead_letters = self.commit_dead_letters(ranges).await?;
+        let dead_letters = self
+            .commit_side(
+                &self.idents.dead_letters,
+                ranges,
+                |side| &side.dead_letters,
+                |row| row.offset,
+                dead_letter_batch,
+            )
+            .await?;
+        let sequence_events = self
+            .commit_side(
+                &self.idents.sequence_gaps,
+                ranges,
+                |side| &side.sequence_events,
+                |row| row.reported_offset,
+                sequence_events_batch,
+            )
+            .await?;
+        let probable_duplicates = self
+            .commit_side(
+                &self.idents.probable_duplicates,
+                ranges,
+                |side| &side.probable_duplicates,
+                |row| row.offset,
+                probable_duplicates_batch,
+            )
+            .await?;
         let mut outcome = self.commit_trades(ranges).await?;
         outcome.dead_letters = dead_letters;
+        outcome.sequence_events = sequence_events;
+        outcome.probable_duplicates = probable_duplicates;
         Ok(outcome)
     }
 
-    async fn commit_dead_letters(&self, ranges: &[PartitionRange]) -> Result<u64, CommitError> {
-        if ranges.iter().all(|r| r.dead_letters.is_empty()) {
+    /// Appends the ranges' rows of one side table, skipping rows at offsets
+    /// the table already records (a replayed epoch), with the offsets they
+    /// cover in its own summary.
+    async fn commit_side<R: Clone>(
+        &self,
+        ident: &TableIdent,
+        ranges: &[PartitionRange],
+        rows_of: impl Fn(&SideRows) -> &Vec<R>,
+        offset_of: impl Fn(&R) -> i64,
+        build_batch: impl Fn(&[R], &SchemaRef) -> Result<RecordBatch, arrow_schema::ArrowError>,
+    ) -> Result<u64, CommitError> {
+        if ranges.iter().all(|r| rows_of(&r.side).is_empty()) {
             return Ok(0);
         }
         for _ in 0..MAX_FENCE_RETRIES {
-            let table = self.catalog.load_table(&self.idents.dead_letters).await?;
+            let table = self.catalog.load_table(ident).await?;
             let mut offsets = TopicOffsets::from_table(&table, &self.topic)?;
             let mut rows = Vec::new();
             for range in ranges {
+                let range_rows = rows_of(&range.side);
+                if range_rows.is_empty() {
+                    continue;
+                }
                 let committed_below = offsets.next_offset(range.partition).unwrap_or(i64::MIN);
                 rows.extend(
-                    range
-                        .dead_letters
+                    range_rows
                         .iter()
-                        .filter(|d| d.offset >= committed_below)
+                        .filter(|r| offset_of(r) >= committed_below)
                         .cloned(),
                 );
-                if !range.dead_letters.is_empty() {
-                    offsets.set(
-                        range.partition,
-                        range.next_offset.max(committed_below),
-                        &self.writer_id,
-                    );
-                }
+                offsets.set(
+                    range.partition,
+                    range.next_offset.max(committed_below),
+                    &self.writer_id,
+                );
             }
             if rows.is_empty() {
                 return Ok(0);
             }
             let writer = TableWriter::new(&table, self.zstd_level, 64 << 20)?;
-            let files = writer
-                .write(dead_letter_batch(&rows, writer.arrow_schema())?)
-                .await?;
+            let files = writer.write(build_batch(&rows, writer.arrow_schema())?).await?;
             match self.append(&table, files, &offsets).await {
                 Ok(_) => return Ok(rows.len() as u64),
                 Err(err) if is_fence_error(&err) => {
-                    warn!(table = %self.idents.dead_letters, "dead-letter commit lost a race, re-merging");
+                    warn!(table = %ident, "commit to a side table lost a race, re-merging");
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -194,7 +239,12 @@ impl Committer {
     /// Drops all but the newest `retain` snapshots of K2's tables, so commit
     /// cost and metadata size stay flat. Data files are not deleted.
     pub async fn expire_snapshots(&self, retain: usize) -> Result<(), CommitError> {
-        for ident in [&self.idents.trades, &self.idents.dead_letters] {
+        for ident in [
+            &self.idents.trades,
+            &self.idents.dead_letters,
+            &self.idents.sequence_gaps,
+            &self.idents.probable_duplicates,
+        ] {
             expire(self.catalog.as_ref(), ident, retain).await?;
         }
         Ok(())

@@ -6,7 +6,7 @@ use arrow_array::types::Int64Type;
 use futures::TryStreamExt;
 use iceberg::table::Table;
 
-use crate::model::TradeKey;
+use crate::model::{SequenceEventRow, TradeKey};
 
 /// Trade keys read back from `market.trades`.
 #[derive(Debug, Default)]
@@ -98,4 +98,71 @@ pub async fn scan_dead_letters(table: &Table) -> iceberg::Result<Vec<DeadLetterR
         }
     }
     Ok(rows)
+}
+
+/// Scans the current snapshot of `k2.sequence_gaps` for rows matching `filter`.
+pub async fn scan_sequence_events(
+    table: &Table,
+    filter: iceberg::expr::Predicate,
+) -> iceberg::Result<Vec<SequenceEventRow>> {
+    use arrow_array::Array;
+    use arrow_array::types::{Int32Type, TimestampMicrosecondType};
+
+    if table.metadata().current_snapshot().is_none() {
+        return Ok(Vec::new());
+    }
+    let batches: Vec<arrow_array::RecordBatch> = table
+        .scan()
+        .with_filter(filter)
+        .select_all()
+        .build()?
+        .to_arrow()
+        .await?
+        .try_collect()
+        .await?;
+    let mut rows = Vec::new();
+    for batch in batches {
+        let text = |name: &str| column(&batch, name).map(|c| c.as_string::<i32>().clone());
+        let long = |name: &str| column(&batch, name).map(|c| c.as_primitive::<Int64Type>().clone());
+        let (kind, exchange, symbol, topic) =
+            (text("kind")?, text("exchange")?, text("symbol")?, text("topic")?);
+        let (expected, received, missing) = (long("expected")?, long("received")?, long("missing")?);
+        let (previous, offset, reported) = (long("previous")?, long("offset")?, long("reported_offset")?);
+        let partition = column(&batch, "partition")?.as_primitive::<Int32Type>().clone();
+        let detected = column(&batch, "detected_at")?
+            .as_primitive::<TimestampMicrosecondType>()
+            .clone();
+        let optional =
+            |array: &arrow_array::Int64Array, row: usize| (!array.is_null(row)).then(|| array.value(row));
+        for row in 0..batch.num_rows() {
+            rows.push(SequenceEventRow {
+                kind: if kind.value(row) == "reset" {
+                    "reset"
+                } else {
+                    "gap"
+                },
+                exchange: exchange.value(row).to_string(),
+                symbol: symbol.value(row).to_string(),
+                expected: optional(&expected, row),
+                received: received.value(row),
+                missing: optional(&missing, row),
+                previous: optional(&previous, row),
+                topic: topic.value(row).to_string(),
+                partition: partition.value(row),
+                offset: offset.value(row),
+                reported_offset: reported.value(row),
+                detected_at_us: detected.value(row),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn column<'a>(batch: &'a arrow_array::RecordBatch, name: &str) -> iceberg::Result<&'a arrow_array::ArrayRef> {
+    batch.column_by_name(name).ok_or_else(|| {
+        iceberg::Error::new(
+            iceberg::ErrorKind::DataInvalid,
+            format!("column `{name}` missing from the scan"),
+        )
+    })
 }

@@ -11,12 +11,16 @@ use crate::model::{DECIMAL_PRECISION, DECIMAL_SCALE};
 pub const K2_NAMESPACE: &str = "k2";
 pub const TRADES_TABLE: &str = "trades";
 pub const DEAD_LETTERS_TABLE: &str = "dead_letters";
+pub const SEQUENCE_GAPS_TABLE: &str = "sequence_gaps";
+pub const PROBABLE_DUPLICATES_TABLE: &str = "probable_duplicates";
 
 /// The tables one pipeline writes.
 #[derive(Debug, Clone)]
 pub struct TableIdents {
     pub trades: TableIdent,
     pub dead_letters: TableIdent,
+    pub sequence_gaps: TableIdent,
+    pub probable_duplicates: TableIdent,
 }
 
 impl TableIdents {
@@ -26,12 +30,15 @@ impl TableIdents {
                 NamespaceIdent::new(market_namespace.to_string()),
                 TRADES_TABLE.to_string(),
             ),
-            dead_letters: TableIdent::new(
-                NamespaceIdent::new(K2_NAMESPACE.to_string()),
-                DEAD_LETTERS_TABLE.to_string(),
-            ),
+            dead_letters: k2_table(DEAD_LETTERS_TABLE),
+            sequence_gaps: k2_table(SEQUENCE_GAPS_TABLE),
+            probable_duplicates: k2_table(PROBABLE_DUPLICATES_TABLE),
         }
     }
+}
+
+fn k2_table(name: &str) -> TableIdent {
+    TableIdent::new(NamespaceIdent::new(K2_NAMESPACE.to_string()), name.to_string())
 }
 
 fn decimal() -> Type {
@@ -100,12 +107,61 @@ pub fn dead_letters_schema() -> Schema {
         .expect("the dead-letter schema is statically valid")
 }
 
+fn long() -> Type {
+    Type::Primitive(PrimitiveType::Long)
+}
+
+/// `k2.sequence_gaps`: gaps and resets of per-(exchange, symbol) sequences.
+pub fn sequence_gaps_schema() -> Schema {
+    let fields = vec![
+        NestedField::required(1, "kind", string()),
+        NestedField::required(2, "exchange", string()),
+        NestedField::required(3, "symbol", string()),
+        NestedField::optional(4, "expected", long()),
+        NestedField::required(5, "received", long()),
+        NestedField::optional(6, "missing", long()),
+        NestedField::optional(7, "previous", long()),
+        NestedField::required(8, "topic", string()),
+        NestedField::required(9, "partition", Type::Primitive(PrimitiveType::Int)),
+        NestedField::required(10, "offset", long()),
+        NestedField::required(11, "reported_offset", long()),
+        NestedField::required(12, "detected_at", timestamptz()),
+    ];
+    Schema::builder()
+        .with_schema_id(0)
+        .with_fields(fields.into_iter().map(Arc::new))
+        .build()
+        .expect("the sequence-gaps schema is statically valid")
+}
+
+/// `k2.probable_duplicates`: trades the long-window Bloom filter has
+/// probably seen before, which no exact structure could confirm.
+pub fn probable_duplicates_schema() -> Schema {
+    let fields = vec![
+        NestedField::required(1, "exchange", string()),
+        NestedField::required(2, "symbol", string()),
+        NestedField::required(3, "trade_id", string()),
+        NestedField::required(4, "topic", string()),
+        NestedField::required(5, "partition", Type::Primitive(PrimitiveType::Int)),
+        NestedField::required(6, "offset", long()),
+        NestedField::required(7, "kept", Type::Primitive(PrimitiveType::Boolean)),
+        NestedField::required(8, "detected_at", timestamptz()),
+    ];
+    Schema::builder()
+        .with_schema_id(0)
+        .with_fields(fields.into_iter().map(Arc::new))
+        .build()
+        .expect("the probable-duplicates schema is statically valid")
+}
+
 /// Create the namespaces and tables that do not exist yet. Safe to run from
 /// several processes at once: a creation that loses the race is not an error.
 pub async fn ensure_tables(catalog: &dyn Catalog, idents: &TableIdents) -> iceberg::Result<()> {
     let wanted = [
         (&idents.trades, trades_schema(), Some(trades_partition_spec())),
         (&idents.dead_letters, dead_letters_schema(), None),
+        (&idents.sequence_gaps, sequence_gaps_schema(), None),
+        (&idents.probable_duplicates, probable_duplicates_schema(), None),
     ];
     for (ident, schema, spec) in wanted {
         let namespace = ident.namespace();

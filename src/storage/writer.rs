@@ -11,7 +11,9 @@ use arrow_array::builder::{
     Decimal128Builder, Int32Builder, Int64Builder, LargeBinaryBuilder, StringBuilder,
     TimestampMicrosecondBuilder,
 };
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::{
+    ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use arrow_schema::SchemaRef;
 use iceberg::arrow::{RecordBatchPartitionSplitter, schema_to_arrow_schema};
 use iceberg::spec::{DataFile, DataFileFormat};
@@ -26,7 +28,9 @@ use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::model::{DECIMAL_PRECISION, DECIMAL_SCALE, DeadLetter, Trade};
+use crate::model::{
+    DECIMAL_PRECISION, DECIMAL_SCALE, DeadLetter, ProbableDuplicate, SequenceEventRow, Trade,
+};
 
 const UTC: &str = "+00:00";
 
@@ -158,6 +162,52 @@ pub fn dead_letter_batch(
         Arc::new(raw.finish()),
         Arc::new(reason.finish()),
         Arc::new(at.finish()),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+fn timestamps(values: impl Iterator<Item = i64>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from_iter_values(values).with_timezone(UTC))
+}
+
+/// Builds a `k2.sequence_gaps` batch.
+pub fn sequence_events_batch(
+    rows: &[SequenceEventRow],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.kind))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.exchange))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.symbol))),
+        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.expected))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.received))),
+        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.missing))),
+        Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.previous))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.topic))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.reported_offset),
+        )),
+        timestamps(rows.iter().map(|r| r.detected_at_us)),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// Builds a `k2.probable_duplicates` batch.
+pub fn probable_duplicates_batch(
+    rows: &[ProbableDuplicate],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.exchange))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.symbol))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.trade_id))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.topic))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+        Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.kept)))),
+        timestamps(rows.iter().map(|r| r.detected_at_us)),
     ];
     RecordBatch::try_new(schema.clone(), columns)
 }

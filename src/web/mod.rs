@@ -3,14 +3,19 @@
 
 mod health;
 mod pipeline;
+mod sequence;
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use actix::Addr;
 use actix_web::{App, HttpServer, web};
+use iceberg::Catalog;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::actors::Supervisor;
+use crate::storage::tables::TableIdents;
 
 /// Largest request body the API accepts.
 const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -19,13 +24,16 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct AppState {
     pub supervisor: Addr<Supervisor>,
     pub metrics: PrometheusHandle,
+    pub catalog: Arc<dyn Catalog>,
+    pub tables: TableIdents,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health::health))
         .route("/ready", web::get().to(health::ready))
         .route("/metrics", web::get().to(health::metrics))
-        .route("/v1/pipeline", web::get().to(pipeline::get_pipeline));
+        .route("/v1/pipeline", web::get().to(pipeline::get_pipeline))
+        .route("/v1/sequence/gaps", web::get().to(sequence::get_gaps));
 }
 
 /// Binds the server (port 0 picks a free port) and returns it with the
@@ -37,6 +45,14 @@ pub fn serve(state: AppState, listen: &str) -> anyhow::Result<(actix_web::dev::S
         App::new()
             .app_data(web::Data::new(state.clone()))
             .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
+            .app_data(web::QueryConfig::default().error_handler(|err, _| {
+                let message = format!("bad query string: {err}");
+                actix_web::error::InternalError::from_response(
+                    err,
+                    actix_web::HttpResponse::BadRequest().json(serde_json::json!({ "error": message })),
+                )
+                .into()
+            }))
             .configure(routes)
     })
     .workers(1)

@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k2::config::K2Config;
@@ -153,4 +154,56 @@ pub fn assert_exactly_once(contents: &TableContents, expected: &HashSet<TradeKey
     let extra = distinct.difference(expected).count();
     assert_eq!(missing, 0, "{missing} produced trades are missing from the table");
     assert_eq!(extra, 0, "{extra} rows in the table were never produced");
+}
+
+/// Starts the `k2 run` binary with `config`, its stderr in `<dir>/<name>.log`.
+pub fn spawn_k2(config: &Path, dir: &Path, name: &str) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_k2"))
+        .args(["run", "--config"])
+        .arg(config)
+        .current_dir(dir)
+        .env_remove("K2_CONFIG")
+        .env("K2_LOG", "warn,k2=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("k2 binary starts")
+}
+
+/// Trades committed so far, or 0 while no process has created the catalog
+/// and tables yet.
+pub async fn committed_trades(config: &K2Config, dir: &Path) -> u64 {
+    if !dir.join("catalog.db").exists() {
+        return 0;
+    }
+    let Ok(catalog) = open_catalog(&config.catalog, dir).await else {
+        return 0;
+    };
+    let idents = TableIdents::new(&config.catalog.namespace);
+    match catalog.load_table(&idents.trades).await {
+        Ok(table) => committed_record_count(&table),
+        Err(_) => 0,
+    }
+}
+
+/// What a process started by [`spawn_k2`] logged.
+pub fn process_log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+/// Sends SIGTERM (a clean stop: final commit) and waits for a zero exit.
+pub fn stop_k2(mut child: Child, dir: &Path, name: &str) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill(1) runs");
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "k2 run exited with {exit} after SIGTERM:\n{}",
+        process_log(dir, name)
+    );
 }
