@@ -160,5 +160,44 @@ fn dedup(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, sequencer, dedup);
+/// Resident bytes of this process (Linux `/proc/self/statm`).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Memory of the exact recent window per id, printed once: resident bytes
+/// added by committing 1M ids without order (keys like the canonical
+/// format's `ASX\x1fBHP\x1fBHP-000000123`), Bloom filters included.
+fn recent_window_memory(_: &mut Criterion) {
+    const IDS: u64 = 1_000_000;
+    let config = DedupConfig {
+        recent_max_entries: 2 * IDS,
+        ..DedupConfig::default()
+    };
+    let before = rss_bytes();
+    let windows = Arc::new(UnorderedWindows::new(&config));
+    let ids = Mutex::new(LaneIds::new("mem:0:dedup".into(), windows.clone()));
+    for i in 0..IDS {
+        let t = trade("BHP", format!("BHP-{i:09}"), i as i64);
+        ids.lock().unwrap().check(&t, true);
+        if i % 10_000 == 9_999 {
+            ids.committed(i as i64 + 1, true);
+        }
+    }
+    let after = rss_bytes();
+    println!(
+        "recent window: {} ids, {:.0} resident bytes per id (Bloom: {} bytes)",
+        windows.recent_len(),
+        (after - before) as f64 / IDS as f64,
+        windows.long_window().memory_bytes()
+    );
+}
+
+criterion_group!(benches, sequencer, dedup, recent_window_memory);
 criterion_main!(benches);

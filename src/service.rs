@@ -39,6 +39,10 @@ pub struct Verdict {
     pub dead_lettered: u64,
     pub duplicates: u64,
     pub lost: u64,
+    /// Rows of `k2.sequence_gaps` (gaps and resets).
+    pub sequence_events: u64,
+    /// Rows of `k2.probable_duplicates`.
+    pub probable_duplicates: u64,
 }
 
 pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
@@ -249,6 +253,8 @@ async fn verdict(
     let keys = scan_trade_keys(&trades).await?;
     let committed: HashSet<String> = keys.keys.iter().map(|(e, s, t)| format!("{e},{s},{t}")).collect();
     let dead_letters = catalog.load_table(&tables.dead_letters).await?;
+    let sequence_events = catalog.load_table(&tables.sequence_gaps).await?;
+    let probable_duplicates = catalog.load_table(&tables.probable_duplicates).await?;
     Ok(Verdict {
         produced: report.produced,
         produced_valid: produced.len() as u64,
@@ -257,6 +263,8 @@ async fn verdict(
         dead_lettered: committed_record_count(&dead_letters),
         duplicates: (keys.keys.len() - committed.len()) as u64,
         lost: produced.iter().filter(|id| !committed.contains(**id)).count() as u64,
+        sequence_events: committed_record_count(&sequence_events),
+        probable_duplicates: committed_record_count(&probable_duplicates),
     })
 }
 
@@ -271,6 +279,8 @@ pub fn print_verdict(v: &Verdict) {
     println!("  dead-lettered              {:>8}", v.dead_lettered);
     println!("  duplicates                 {:>8}", v.duplicates);
     println!("  lost                       {:>8}", v.lost);
+    println!("  sequence gaps and resets   {:>8}", v.sequence_events);
+    println!("  probable duplicates        {:>8}", v.probable_duplicates);
     println!();
 }
 
