@@ -21,6 +21,9 @@ use crate::loadgen::{GeneratorParams, Spread, preload};
 use crate::pipeline::{self, PipelineParams};
 use crate::storage::reader::committed_record_count;
 
+/// Consecutive trades of a symbol that go to one partition in the preload.
+const BLOCK: u64 = 1_000;
+
 #[derive(Debug, Clone)]
 pub struct BenchParams {
     pub messages: u64,
@@ -72,8 +75,13 @@ pub async fn run(params: BenchParams, data_dir: &Path) -> anyhow::Result<BenchRe
                     malformed_ratio: 0.0,
                     ..Default::default()
                 },
-                // Even, so every partition stays under the mock broker's retention.
-                Spread::Even { partitions },
+                // Evenly over the partitions, so every one stays under the mock broker's
+                // retention, in runs of 1,000 trades per symbol, so a lane sees each symbol
+                // mostly in order (one sequence gap per run), as a keyed feed would.
+                Spread::Blocks {
+                    partitions,
+                    block: BLOCK,
+                },
             )
         })
         .await??

@@ -8,8 +8,8 @@
 //!   seen plus a compressed bitmap of the ids seen outside it. Memory grows
 //!   with symbols and holes, not with messages. Per lane, persisted with the
 //!   lane's state at every commit epoch ([`crate::state`]).
-//! - Any other id: an exact recent window ([`UnorderedWindows`], a TTL cache,
-//!   default 1 h) and, for the long window (default 24 h), Bloom filters by
+//! - Any other id: an exact recent window ([`UnorderedWindows`]: an LRU
+//!   cache of keys in commit order, expired after a TTL, default 1 h) and, for the long window (default 24 h), Bloom filters by
 //!   event hour ([`crate::bloom`]). A Bloom hit the exact window cannot
 //!   confirm is a *probable* duplicate: kept and recorded (or dropped and
 //!   recorded, by policy), never silently dropped. Both windows hold
@@ -19,7 +19,9 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
 
 use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
@@ -72,25 +74,56 @@ pub enum IdVerdict {
     ProbableDuplicate,
 }
 
+/// The exact recent window: committed keys for `ttl`, at most `capacity`
+/// of them. Keys enter once, in commit order, and lookups do not reorder
+/// them, so the cache's least recently used end holds the oldest keys and
+/// expiry is eviction from that end.
+struct RecentWindow {
+    keys: LruCache<Box<str>, Instant>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl RecentWindow {
+    fn contains(&self, key: &str, now: Instant) -> bool {
+        self.keys
+            .peek(key)
+            .is_some_and(|inserted| now.saturating_duration_since(*inserted) < self.ttl)
+    }
+
+    fn insert(&mut self, key: Box<str>, now: Instant) {
+        self.keys.put(key, now);
+        while self.keys.len() > self.capacity
+            || self
+                .keys
+                .peek_lru()
+                .is_some_and(|(_, inserted)| now.saturating_duration_since(*inserted) >= self.ttl)
+        {
+            self.keys.pop_lru();
+        }
+    }
+}
+
 /// Committed ids without order, shared by a process's lanes.
 pub struct UnorderedWindows {
-    recent: moka::sync::Cache<Box<str>, ()>,
+    recent: Mutex<RecentWindow>,
     long: LongWindow,
 }
 
 impl UnorderedWindows {
     pub fn new(config: &DedupConfig) -> Self {
         Self {
-            recent: moka::sync::Cache::builder()
-                .max_capacity(config.recent_max_entries)
-                .time_to_live(Duration::from_secs(config.recent_window_s))
-                .build(),
+            recent: Mutex::new(RecentWindow {
+                keys: LruCache::unbounded(),
+                ttl: Duration::from_secs(config.recent_window_s),
+                capacity: usize::try_from(config.recent_max_entries).unwrap_or(usize::MAX),
+            }),
             long: LongWindow::new(&config.long_window),
         }
     }
 
     fn verdict(&self, key: &str, event_time_us: i64) -> IdVerdict {
-        if self.recent.contains_key(key) {
+        if lock(&self.recent).contains(key, Instant::now()) {
             IdVerdict::Duplicate
         } else if self.long.contains(key.as_bytes(), event_time_us) {
             IdVerdict::ProbableDuplicate
@@ -99,14 +132,19 @@ impl UnorderedWindows {
         }
     }
 
-    fn commit(&self, key: Box<str>, event_time_us: i64) {
-        self.long.insert(key.as_bytes(), event_time_us);
-        self.recent.insert(key, ());
+    /// Moves committed keys into both windows, under one lock.
+    fn commit(&self, keys: impl Iterator<Item = (Box<str>, i64)>) {
+        let now = Instant::now();
+        let mut recent = lock(&self.recent);
+        for (key, event_time_us) in keys {
+            self.long.insert(key.as_bytes(), event_time_us);
+            recent.insert(key, now);
+        }
     }
 
-    /// Ids in the recent window (approximate while evictions are pending).
-    pub fn recent_len(&self) -> u64 {
-        self.recent.entry_count()
+    /// Ids in the recent window.
+    pub fn recent_len(&self) -> usize {
+        lock(&self.recent).keys.len()
     }
 
     pub fn long_window(&self) -> &LongWindow {
@@ -175,15 +213,20 @@ impl LaneIds {
         if promoted {
             self.ordered.promoted(next_offset);
         }
-        while self
+        let committed = self
             .pending_log
-            .front()
-            .is_some_and(|(offset, ..)| *offset < next_offset)
-        {
-            let (_, key, event_time_us) = self.pending_log.pop_front().expect("checked above");
-            self.pending.remove(&key);
-            self.windows.commit(key, event_time_us);
-        }
+            .iter()
+            .take_while(|(offset, ..)| *offset < next_offset)
+            .count();
+        let pending = &mut self.pending;
+        self.windows.commit(
+            self.pending_log
+                .drain(..committed)
+                .map(|(_, key, event_time_us)| {
+                    pending.remove(&key);
+                    (key, event_time_us)
+                }),
+        );
     }
 }
 
@@ -438,13 +481,36 @@ mod tests {
         assert_eq!(ids.check(&t, true), IdVerdict::New);
         ids.committed(1, true);
         assert_eq!(ids.check(&t, true), IdVerdict::Duplicate, "in the recent window");
-        windows.recent.invalidate_all();
-        windows.recent.run_pending_tasks();
+        lock(&windows.recent).keys.clear();
         assert_eq!(ids.check(&t, false), IdVerdict::ProbableDuplicate);
         assert_eq!(ids.pending_unordered(), 0, "dropped by policy: not remembered");
         assert_eq!(ids.check(&t, true), IdVerdict::ProbableDuplicate);
         assert_eq!(ids.pending_unordered(), 1, "kept: a second copy is a duplicate");
         assert_eq!(ids.check(&t, true), IdVerdict::Duplicate);
+    }
+
+    #[test]
+    fn the_recent_window_forgets_keys_after_their_ttl_or_beyond_its_capacity() {
+        let mut window = RecentWindow {
+            keys: LruCache::unbounded(),
+            ttl: Duration::from_secs(10),
+            capacity: 2,
+        };
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        window.insert("a".into(), at(0));
+        assert!(window.contains("a", at(9)));
+        assert!(!window.contains("a", at(10)), "expired");
+        window.insert("b".into(), at(5));
+        window.insert("c".into(), at(6));
+        assert_eq!(window.keys.len(), 2, "over capacity: the oldest went");
+        assert!(!window.contains("a", at(6)) && window.contains("b", at(6)));
+        window.insert("d".into(), at(15));
+        assert!(
+            !window.contains("b", at(15)),
+            "expired keys are evicted on insert"
+        );
+        assert_eq!(window.keys.len(), 2);
     }
 
     #[test]

@@ -804,6 +804,10 @@ pub enum Spread {
     /// budget (the mock broker keeps ~5 MiB) holds the most messages. A symbol's trades then span
     /// partitions.
     Even { partitions: i32 },
+    /// Each symbol's trades in runs of `block` consecutive trades per partition, the runs moving
+    /// round the partitions: partitions fill evenly, and a lane sees a symbol in order except for
+    /// one jump per run (a gap event per `block` trades, where `Even` makes nearly every trade one).
+    Blocks { partitions: i32, block: u64 },
 }
 
 /// Produce exactly `count` messages as fast as possible, wait until all are acknowledged, and return
@@ -816,11 +820,16 @@ pub fn preload(
     generator: GeneratorParams,
     spread: Spread,
 ) -> anyhow::Result<PreloadReport> {
-    if let Spread::Even { partitions } = spread
+    if let Spread::Even { partitions } | Spread::Blocks { partitions, .. } = spread
         && partitions < 1
     {
         bail!("preload needs at least one partition, got {partitions}");
     }
+    if let Spread::Blocks { block: 0, .. } = spread {
+        bail!("preload needs blocks of at least one trade");
+    }
+    // Blocks: trades seen so far per key, and where the key's first run went.
+    let mut per_key: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
     generator
         .validate()
         .context("invalid load generator parameters")?;
@@ -841,6 +850,13 @@ pub fn preload(
         let partition = match spread {
             Spread::ByKey => None,
             Spread::Even { partitions } => Some((i % partitions as u64) as i32),
+            Spread::Blocks { partitions, block } => {
+                let next_start = per_key.len() as u64;
+                let (seen, start) = per_key.entry(message.key.clone()).or_insert((0, next_start));
+                let partition = (*start + *seen / block) % partitions as u64;
+                *seen += 1;
+                Some(partition as i32)
+            }
         };
         send_with_retry(&producer, topic, partition, &message, tag, &never)?;
         report.bytes += message.payload.len() as u64;

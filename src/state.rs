@@ -236,8 +236,8 @@ elseif meta[1] ~= current then
   return 0
 end
 local kv = redis.call('HGETALL', KEYS[3])
-for i = 1, #kv, 2 do
-  redis.call('HSET', KEYS[1], kv[i], kv[i + 1])
+for i = 1, #kv, 2000 do
+  redis.call('HSET', KEYS[1], unpack(kv, i, math.min(i + 1999, #kv)))
 end
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3], KEYS[4])

@@ -17,7 +17,7 @@ use serde::Serialize;
 /// Fill a long-window Bloom tier with `--keys` distinct trade keys spread over `--window-hours` event
 /// hours, then check `--absent` keys never inserted and report the false-positive rate.
 #[derive(Parser)]
-#[command(name = "bloom_billion", about, long_about = None)]
+#[command(name = "bloom_billion")]
 struct Args {
     /// Distinct keys inserted; also the window's capacity.
     #[arg(long, default_value_t = 1_000_000_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut outside_window = 0u64;
     for n in 0..args.keys {
-        let hour = (u128::from(n) * u128::from(hours) / u128::from(args.keys)) as u64;
+        let hour = hour_of(n, args.keys, hours);
         if window.insert(key(&mut buf, n), event_time(hour, n)) == Insert::OutsideWindow {
             outside_window += 1;
         }
@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     let mut false_negatives = 0u64;
     for i in 0..present_checked {
         let n = i * stride;
-        let hour = (u128::from(n) * u128::from(hours) / u128::from(args.keys)) as u64;
+        let hour = hour_of(n, args.keys, hours);
         false_negatives += u64::from(!window.contains(key(&mut buf, n), event_time(hour, n)));
         if i % PROGRESS_STEP == 0 {
             bar.set_position(i);
@@ -112,13 +112,15 @@ fn main() -> anyhow::Result<()> {
     let present_time = started.elapsed();
     bar.finish_and_clear();
 
-    // Keys never inserted (ids after the inserted ones), spread over the same hours.
+    // Keys never inserted (ids after the inserted ones), spread over the same hours in the same
+    // event-time order, so both checks touch the generations alike.
     let bar = progress(args.absent, "check absent keys");
     let started = Instant::now();
     let mut false_positives = 0u64;
     for i in 0..args.absent {
         let n = args.keys + i;
-        false_positives += u64::from(window.contains(key(&mut buf, n), event_time(i % hours, n)));
+        let hour = hour_of(i, args.absent, hours);
+        false_positives += u64::from(window.contains(key(&mut buf, n), event_time(hour, n)));
         if i % PROGRESS_STEP == 0 {
             bar.set_position(i);
         }
@@ -160,6 +162,12 @@ fn key(buf: &mut Vec<u8>, n: u64) -> &[u8] {
     // Writing into a Vec cannot fail.
     let _ = write!(buf, "BINANCE\x1fBTCUSDT\x1f{n}");
     buf
+}
+
+/// The event hour of the `i`th of `count` keys spread evenly, in order, over `hours` hours.
+fn hour_of(i: u64, count: u64, hours: u64) -> u64 {
+    // Below `hours`, which came from a u32.
+    (u128::from(i) * u128::from(hours) / u128::from(count)) as u64
 }
 
 /// A time inside event hour `hour` of the window, varying with `n`.
