@@ -30,7 +30,8 @@
 //! One far-future event time would move the window forward and drop every generation. Guarding against
 //! that is the job of the caller's validation: K2's decoder rejects trades whose event time is further
 //! than `decode.max_event_time_skew_ms` from the wall clock, so the window can run ahead of real time by
-//! that skew at most.
+//! that skew at most, and drops that much of its past when it does. Keep the skew well below
+//! `window_hours`: with a skew of 24 h and a 24 h window, one trade stamped a day ahead empties it.
 //!
 //! # Sizing
 //!
@@ -44,10 +45,10 @@
 //!
 //! # Concurrency
 //!
-//! One [`LongWindow`] is shared by the dedup actors of all lanes through an `Arc`. Inserts and lookups
+//! One [`LongWindow`] per process is shared by the dedup stages of all its lanes. Inserts and lookups
 //! set and test bits of fastbloom's `AtomicBloomFilter` under a read lock on the ring of generations;
 //! the write lock is taken once an hour, to install a new generation and drop the expired ones. Zeroing
-//! a new generation (75 MB at the default sizing) and freeing an old one happen outside the write lock,
+//! a new generation (75 MB for 10⁹ keys a day) and freeing an old one happen outside the write lock,
 //! and a mutex lets only one thread allocate at a time, so that all lanes reaching a new hour together
 //! do not each allocate a generation.
 
