@@ -37,8 +37,8 @@ fn trade(symbol: &str, trade_id: String, offset: i64) -> Trade {
         price: 1,
         quantity: 1,
         side: Side::Buy,
-        event_time_us: 1_800_000_000_000_000,
-        ingest_time_us: 1_800_000_000_000_000,
+        event_time_us: k2::model::now_us(),
+        ingest_time_us: k2::model::now_us(),
         partition: 0,
         offset,
     }

@@ -104,6 +104,10 @@ impl RecentWindow {
     }
 }
 
+/// How far ahead of the clock an event time may be for its id to enter the
+/// Bloom filters.
+const MAX_BLOOM_LEAD_US: i64 = 3_600_000_000;
+
 /// Committed ids without order, shared by a process's lanes.
 pub struct UnorderedWindows {
     recent: Mutex<RecentWindow>,
@@ -132,12 +136,18 @@ impl UnorderedWindows {
         }
     }
 
-    /// Moves committed keys into both windows, under one lock.
+    /// Moves committed keys into both windows, under one lock. A key whose
+    /// event time is more than an hour ahead of the clock stays out of the
+    /// Bloom filters: its hour would move their window on and drop the
+    /// hours it should still cover (the decoder accepts a day of skew).
     fn commit(&self, keys: impl Iterator<Item = (Box<str>, i64)>) {
         let now = Instant::now();
+        let latest_hour_us = crate::model::now_us() + MAX_BLOOM_LEAD_US;
         let mut recent = lock(&self.recent);
         for (key, event_time_us) in keys {
-            self.long.insert(key.as_bytes(), event_time_us);
+            if event_time_us <= latest_hour_us {
+                self.long.insert(key.as_bytes(), event_time_us);
+            }
             recent.insert(key, now);
         }
     }
@@ -394,8 +404,8 @@ mod tests {
             price: 1,
             quantity: 1,
             side: crate::model::Side::Buy,
-            event_time_us: 1_800_000_000_000_000,
-            ingest_time_us: 1_800_000_000_000_000,
+            event_time_us: crate::model::now_us(),
+            ingest_time_us: crate::model::now_us(),
             partition: 0,
             offset,
         }
@@ -511,6 +521,27 @@ mod tests {
             "expired keys are evicted on insert"
         );
         assert_eq!(window.keys.len(), 2);
+    }
+
+    #[test]
+    fn a_trade_stamped_far_ahead_does_not_move_the_bloom_window() {
+        let windows = windows();
+        let mut ids = lane(&windows);
+        let now = crate::model::now_us();
+        let mut today = trade("ASX", "BHP", "BHP-1", 0);
+        today.event_time_us = now;
+        let mut tomorrow = trade("ASX", "BHP", "BHP-2", 1);
+        tomorrow.event_time_us = now + 86_400_000_000;
+        ids.check(&today, true);
+        ids.check(&tomorrow, true);
+        ids.committed(2, true);
+        assert_eq!(windows.long_window().generations(), 1, "only today's hour");
+        lock(&windows.recent).keys.clear();
+        assert_eq!(
+            ids.check(&today, true),
+            IdVerdict::ProbableDuplicate,
+            "today's hour kept"
+        );
     }
 
     #[test]
