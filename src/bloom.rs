@@ -194,30 +194,33 @@ impl LongWindow {
         }
     }
 
+    /// Inserts into the hour's generation if it exists; None if the hour has
+    /// no generation yet.
+    fn insert_existing(&self, hour: i64, hash: u64) -> Option<Insert> {
+        match self.read().lookup(hour, self.window_hours) {
+            Lookup::Live(filter) => {
+                filter.insert_hash(hash);
+                Some(Insert::Inserted)
+            }
+            Lookup::Expired => Some(Insert::OutsideWindow),
+            Lookup::Missing => None,
+        }
+    }
+
     /// Records the key in the generation of its event hour, allocating the generation (and moving the
     /// window forward, dropping the generations that leave it) if this is the hour's first key.
     pub fn insert(&self, key: &[u8], event_time_us: i64) -> Insert {
         let hash = self.hasher.hash_one(key);
         let hour = event_hour(event_time_us);
-        match self.read().lookup(hour, self.window_hours) {
-            Lookup::Live(filter) => {
-                filter.insert_hash(hash);
-                return Insert::Inserted;
-            }
-            Lookup::Expired => return Insert::OutsideWindow,
-            Lookup::Missing => {}
+        if let Some(done) = self.insert_existing(hour, hash) {
+            return done;
         }
 
         // The hour's first key. Only threads holding `allocating` change the ring, so after this check
         // the hour stays missing until this thread installs it.
         let _allocating = self.allocating.lock().unwrap_or_else(PoisonError::into_inner);
-        match self.read().lookup(hour, self.window_hours) {
-            Lookup::Live(filter) => {
-                filter.insert_hash(hash);
-                return Insert::Inserted;
-            }
-            Lookup::Expired => return Insert::OutsideWindow,
-            Lookup::Missing => {}
+        if let Some(done) = self.insert_existing(hour, hash) {
+            return done;
         }
         // Zeroed before taking the write lock: lanes keep inserting into the other hours meanwhile.
         let generation = Generation {

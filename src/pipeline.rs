@@ -84,10 +84,14 @@ impl LaneStates {
         let scope = |stage| state::scope(&shared.state_prefix, &shared.topic, partition, stage);
         let config = shared.sequence.clone();
         Self {
-            sequence: Arc::new(Mutex::new(EpochState::new(scope("sequencer"), move || {
-                SequenceTracker::new(config.clone())
-            }))),
-            ids: Arc::new(Mutex::new(LaneIds::new(scope("dedup"), shared.windows.clone()))),
+            sequence: Arc::new(Mutex::new(EpochState::new(
+                scope(state::SEQUENCER_STAGE),
+                move || SequenceTracker::new(config.clone()),
+            ))),
+            ids: Arc::new(Mutex::new(LaneIds::new(
+                scope(state::DEDUP_STAGE),
+                shared.windows.clone(),
+            ))),
         }
     }
 

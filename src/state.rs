@@ -129,6 +129,10 @@ pub async fn open_store(config: &StateConfig) -> Result<Arc<dyn StateStore>, Sta
     }
 }
 
+/// Stage names in state scopes (and in `k2_state_loads_total`).
+pub const SEQUENCER_STAGE: &str = "sequencer";
+pub const DEDUP_STAGE: &str = "dedup";
+
 /// The scope name of one stage of one partition.
 pub fn scope(prefix: &str, topic: &str, partition: i32, stage: &str) -> String {
     format!("{prefix}:{topic}:{partition}:{stage}")
@@ -254,7 +258,8 @@ const HSET_FIELDS_PER_COMMAND: usize = 1_000;
 pub struct RedisStore {
     url: String,
     connection: redis::aio::ConnectionManager,
-    promote: redis::Script,
+    /// SHA1 of [`PROMOTE_LUA`], for `EVALSHA`.
+    promote_sha: String,
 }
 
 struct Keys {
@@ -296,7 +301,7 @@ impl RedisStore {
         let store = Self {
             url: url.to_string(),
             connection,
-            promote: redis::Script::new(PROMOTE_LUA),
+            promote_sha: redis::Script::new(PROMOTE_LUA).get_hash().to_string(),
         };
         store.ping().await?;
         Ok(store)
@@ -309,22 +314,34 @@ impl RedisStore {
         }
     }
 
-    async fn promote_one(&self, scope: &str, writer: &str, offset: i64) -> Result<bool, StateError> {
-        let keys = Keys::new(scope, writer);
+    /// Promotes `writer`'s staged state of each scope at its offset, in one
+    /// round trip; says for each whether it came into force.
+    async fn promote_scopes(&self, writer: &str, scopes: &[(String, i64)]) -> Result<Vec<bool>, StateError> {
+        if scopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // EVALSHA needs the script loaded; load it first in the same pipeline.
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT").arg("LOAD").arg(PROMOTE_LUA).ignore();
+        for (scope, offset) in scopes {
+            let keys = Keys::new(scope, writer);
+            pipe.cmd("EVALSHA")
+                .arg(&self.promote_sha)
+                .arg(5)
+                .arg(&keys.state)
+                .arg(&keys.offset)
+                .arg(&keys.staged)
+                .arg(&keys.meta)
+                .arg(&keys.writers)
+                .arg(offset.to_string())
+                .arg(writer);
+        }
         let mut connection = self.connection.clone();
-        let promoted: i64 = self
-            .promote
-            .key(&keys.state)
-            .key(&keys.offset)
-            .key(&keys.staged)
-            .key(&keys.meta)
-            .key(&keys.writers)
-            .arg(offset.to_string())
-            .arg(writer)
-            .invoke_async(&mut connection)
+        let promoted: Vec<i64> = pipe
+            .query_async(&mut connection)
             .await
             .map_err(|e| self.error(e))?;
-        Ok(promoted == 1)
+        Ok(promoted.into_iter().map(|p| p == 1).collect())
     }
 }
 
@@ -376,31 +393,7 @@ impl StateStore for RedisStore {
     }
 
     async fn promote(&self, writer: &str, scopes: &[(String, i64)]) -> Result<(), StateError> {
-        if scopes.is_empty() {
-            return Ok(());
-        }
-        // One round trip: every scope's promotion in one pipeline. EVALSHA
-        // needs the script loaded; load it first in the same pipeline.
-        let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT").arg("LOAD").arg(PROMOTE_LUA).ignore();
-        for (scope, offset) in scopes {
-            let keys = Keys::new(scope, writer);
-            pipe.cmd("EVALSHA")
-                .arg(self.promote.get_hash())
-                .arg(5)
-                .arg(&keys.state)
-                .arg(&keys.offset)
-                .arg(&keys.staged)
-                .arg(&keys.meta)
-                .arg(&keys.writers)
-                .arg(offset.to_string())
-                .arg(writer)
-                .ignore();
-        }
-        let mut connection = self.connection.clone();
-        pipe.query_async::<()>(&mut connection)
-            .await
-            .map_err(|e| self.error(e))
+        self.promote_scopes(writer, scopes).await.map(drop)
     }
 
     async fn load(&self, scope: &str, offset: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StateError> {
@@ -420,8 +413,9 @@ impl StateStore for RedisStore {
                 .await
                 .map_err(|e| self.error(e))?;
             let mut promoted = false;
+            let this_scope = [(scope.to_string(), offset)];
             for writer in writers {
-                if self.promote_one(scope, &writer, offset).await? {
+                if self.promote_scopes(&writer, &this_scope).await? == [true] {
                     promoted = true;
                     break;
                 }

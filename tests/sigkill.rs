@@ -5,49 +5,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::{
     TOPIC, assert_exactly_once, committed_trades, process_log, read_ids, read_tables, spawn_k2, stop_k2,
-    wait_for,
+    wait_for, write_run_config,
 };
 use k2::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
 
 const TOTAL: u64 = 60_000;
-
-fn write_config(dir: &Path, bootstrap: &str) -> std::path::PathBuf {
-    let path = dir.join("k2.toml");
-    let text = format!(
-        r#"
-[kafka]
-brokers = "{bootstrap}"
-topic = "{TOPIC}"
-group_id = "k2-sigkill"
-session_timeout_ms = 6000
-
-[lanes]
-arbiters = 2
-
-[batcher]
-max_rows = 5000
-max_age_ms = 100
-
-[commit]
-interval_ms = 200
-
-[catalog]
-uri = "sqlite:{dir}/catalog.db"
-warehouse = "{dir}/warehouse"
-
-[http]
-listen = "127.0.0.1:0"
-"#,
-        dir = dir.display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 #[actix_rt::test]
 async fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
@@ -72,7 +38,7 @@ async fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
         futures::future::pending(),
     ));
 
-    let config_path = write_config(dir.path(), broker.bootstrap_servers());
+    let config_path = write_run_config(dir.path(), broker.bootstrap_servers(), "k2-sigkill", "");
     let config = k2::config::K2Config::load(Some(&config_path)).expect("test config loads");
 
     let mut first = spawn_k2(&config_path, dir.path(), "first");

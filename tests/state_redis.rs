@@ -13,7 +13,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TOPIC, committed_trades, process_log, read_tables, spawn_k2, stop_k2, wait_for};
+use common::{
+    TOPIC, committed_trades, process_log, read_tables, spawn_k2, stop_k2, wait_for, write_run_config,
+};
 use iceberg::expr::Predicate;
 use k2::state::{RedisStore, Staged, StateStore};
 use k2::storage::catalog::open_catalog;
@@ -119,16 +121,10 @@ async fn an_unreachable_redis_stops_k2_at_start_up_with_a_clear_error() {
     );
 }
 
+/// A `k2 run` config with Redis state and a short reorder window.
 fn write_config(dir: &Path, bootstrap: &str, redis_url: &str, prefix: &str) -> std::path::PathBuf {
-    let path = dir.join("k2.toml");
-    let text = format!(
+    let state = format!(
         r#"
-[kafka]
-brokers = "{bootstrap}"
-topic = "{TOPIC}"
-group_id = "k2-state"
-session_timeout_ms = 6000
-
 [sequence]
 reorder_window = 4
 
@@ -136,27 +132,9 @@ reorder_window = 4
 backend = "redis"
 redis_url = "{redis_url}"
 key_prefix = "{prefix}"
-
-[lanes]
-arbiters = 2
-
-[batcher]
-max_age_ms = 100
-
-[commit]
-interval_ms = 200
-
-[catalog]
-uri = "sqlite:{dir}/catalog.db"
-warehouse = "{dir}/warehouse"
-
-[http]
-listen = "127.0.0.1:0"
-"#,
-        dir = dir.display()
+"#
     );
-    std::fs::write(&path, text).unwrap();
-    path
+    write_run_config(dir, bootstrap, "k2-state", &state)
 }
 
 /// Canonical trades of ASX `symbol` whose trade id is the sequence number

@@ -12,15 +12,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use actix::prelude::*;
-use tracing::error;
-
-use crate::actors::sequencer::note_state_load;
+use crate::actors::stage_state::{StateLoad, load_before_first_chunk};
 use crate::dedup::{IdVerdict, LaneIds, ProbablePolicy};
 use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, TradeChunk};
 use crate::metrics as m;
 use crate::model::{ProbableDuplicate, now_us};
 use crate::state::{StateStore, lock};
+use actix::prelude::*;
 
 #[derive(Debug, Default)]
 pub struct DeduplicatorCounters {
@@ -64,35 +62,18 @@ impl Actor for Deduplicator {
         let Some(offset) = self.params.start_offset else {
             return;
         };
-        let store = self.params.store.clone();
-        let scope = lock(&self.params.ids).ordered.scope().to_string();
-        ctx.wait(
-            async move { store.load(&scope, offset).await }
-                .into_actor(self)
-                .map(move |loaded, act, ctx| {
-                    let restored = loaded.and_then(|entries| match entries {
-                        Some(entries) => lock(&act.params.ids)
-                            .ordered
-                            .restore(offset, &entries)
-                            .map(|()| true),
-                        None => Ok(false),
-                    });
-                    match restored {
-                        Ok(found) => {
-                            note_state_load("dedup", act.params.lane, offset, found, &*act.params.store)
-                        }
-                        Err(err) => {
-                            error!(lane = %act.params.lane, error = %err, "cannot load dedup state");
-                            act.params.failures.do_send(LaneFailed {
-                                lane: act.params.lane,
-                                stage: "deduplicator",
-                                error: err.to_string(),
-                            });
-                            ctx.stop();
-                        }
-                    }
-                }),
-        );
+        let load = StateLoad {
+            lane: self.params.lane,
+            stage: "deduplicator",
+            label: crate::state::DEDUP_STAGE,
+            store: self.params.store.clone(),
+            scope: lock(&self.params.ids).ordered.scope().to_string(),
+            offset,
+            failures: self.params.failures.clone(),
+        };
+        load_before_first_chunk(ctx, load, move |act: &mut Self, entries| {
+            lock(&act.params.ids).ordered.restore(offset, entries)
+        });
     }
 }
 

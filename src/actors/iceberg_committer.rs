@@ -173,7 +173,6 @@ impl IcebergCommitter {
         let store = self.state.store.clone();
         let writer = self.state.writer.clone();
         let staged_partitions: Vec<i32> = checkpoints.iter().map(|(p, ..)| *p).collect();
-        let checkpoints_after = checkpoints;
         let started = Instant::now();
         Box::pin(
             async move {
@@ -209,7 +208,7 @@ impl IcebergCommitter {
                         if !promoted {
                             act.counters.num_state_promotions_failed += 1;
                         }
-                        for (partition, next, checkpoint) in &checkpoints_after {
+                        for (partition, next, checkpoint) in &checkpoints {
                             if outcome.committed.get(partition) == Some(next) {
                                 checkpoint.committed(*next, promoted);
                             }

@@ -7,6 +7,7 @@ pub mod iceberg_committer;
 pub mod load_shedder;
 pub mod partition_consumer;
 pub mod sequencer;
+mod stage_state;
 pub mod supervisor;
 
 pub use batcher::Batcher;

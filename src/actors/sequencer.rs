@@ -11,8 +11,9 @@
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
-use tracing::{debug, error, info, warn};
+use tracing::debug;
 
+use crate::actors::stage_state::{StateLoad, load_before_first_chunk};
 use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, TradeChunk};
 use crate::metrics as m;
 use crate::model::{SequenceEventRow, now_us};
@@ -168,55 +169,19 @@ impl Actor for Sequencer {
         let Some(offset) = self.params.start_offset else {
             return; // nothing committed yet: the state starts empty
         };
-        let store = self.params.store.clone();
-        let scope = lock(&self.params.state).scope().to_string();
+        let load = StateLoad {
+            lane: self.params.lane,
+            stage: "sequencer",
+            label: crate::state::SEQUENCER_STAGE,
+            store: self.params.store.clone(),
+            scope: lock(&self.params.state).scope().to_string(),
+            offset,
+            failures: self.params.failures.clone(),
+        };
         // No chunk is handled before the state is in place.
-        ctx.wait(
-            async move { store.load(&scope, offset).await }
-                .into_actor(self)
-                .map(move |loaded, act, ctx| {
-                    let restored = loaded.and_then(|entries| match entries {
-                        Some(entries) => lock(&act.params.state).restore(offset, &entries).map(|()| true),
-                        None => Ok(false),
-                    });
-                    match restored {
-                        Ok(found) => {
-                            note_state_load("sequencer", act.params.lane, offset, found, &*act.params.store)
-                        }
-                        Err(err) => {
-                            error!(lane = %act.params.lane, error = %err, "cannot load sequence state");
-                            act.params.failures.do_send(LaneFailed {
-                                lane: act.params.lane,
-                                stage: "sequencer",
-                                error: err.to_string(),
-                            });
-                            ctx.stop();
-                        }
-                    }
-                }),
-        );
-    }
-}
-
-/// Counts and logs how a stage's state load at lane start went.
-pub(crate) fn note_state_load(
-    stage: &'static str,
-    lane: LaneId,
-    offset: i64,
-    found: bool,
-    store: &dyn StateStore,
-) {
-    let outcome = if found { "found" } else { "none" };
-    metrics::counter!(m::STATE_LOADS, "stage" => stage, "outcome" => outcome).increment(1);
-    if found {
-        debug!(%lane, stage, offset, "stage state loaded");
-    } else if store.survives_restart() {
-        warn!(
-            %lane, stage, offset, store = %store.describe(),
-            "no saved state at the lane's start offset; starting empty (the first record of each symbol starts its tracking)"
-        );
-    } else {
-        info!(%lane, stage, offset, "no state in this process for the partition yet; starting empty");
+        load_before_first_chunk(ctx, load, move |act: &mut Self, entries| {
+            lock(&act.params.state).restore(offset, entries)
+        });
     }
 }
 

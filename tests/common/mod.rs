@@ -156,6 +156,41 @@ pub fn assert_exactly_once(contents: &TableContents, expected: &HashSet<TradeKey
     assert_eq!(extra, 0, "{extra} rows in the table were never produced");
 }
 
+/// Writes `<dir>/k2.toml` for `k2 run`: the broker, a SQLite catalog under
+/// `dir`, fast commits, HTTP on a free port, then `extra` (more sections).
+pub fn write_run_config(dir: &Path, bootstrap: &str, group: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("k2.toml");
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{bootstrap}"
+topic = "{TOPIC}"
+group_id = "{group}"
+session_timeout_ms = 6000
+
+[lanes]
+arbiters = 2
+
+[batcher]
+max_rows = 5000
+max_age_ms = 100
+
+[commit]
+interval_ms = 200
+
+[catalog]
+uri = "sqlite:{dir}/catalog.db"
+warehouse = "{dir}/warehouse"
+
+[http]
+listen = "127.0.0.1:0"
+{extra}"#,
+        dir = dir.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// Starts the `k2 run` binary with `config`, its stderr in `<dir>/<name>.log`.
 pub fn spawn_k2(config: &Path, dir: &Path, name: &str) -> Child {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
