@@ -21,9 +21,12 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::breaker::BreakerConfig;
 use crate::decode::TradeFormat;
 use crate::dedup::DedupConfig;
+use crate::degradation::DegradationConfig;
 use crate::sequence::SequenceConfig;
+use crate::shedding::SheddingConfig;
 use crate::state::{StateBackend, StateConfig};
 
 /// Prefix of the environment variables that override config keys.
@@ -83,6 +86,12 @@ pub struct K2Config {
     pub commit: CommitConfig,
     /// The Iceberg catalog and warehouse.
     pub catalog: CatalogConfig,
+    /// The circuit breaker around catalog and storage calls.
+    pub breaker: BreakerConfig,
+    /// Degradation levels: the signals' thresholds, the cooldown.
+    pub degradation: DegradationConfig,
+    /// Symbol tiers, which decide what each level sheds.
+    pub shedding: SheddingConfig,
     /// The control-plane HTTP server.
     pub http: HttpConfig,
     /// The built-in load generator.
@@ -236,6 +245,9 @@ pub struct CommitConfig {
     pub expire_every_commits: u64,
     /// Wait before retrying a failed or conflicting commit.
     pub retry_backoff_ms: u64,
+    /// After this many failed commits in a row (or while the catalog or storage circuit breaker is
+    /// not closed), the partitions pause consumption until a commit succeeds again.
+    pub pause_after_failures: u64,
 }
 
 /// The Iceberg catalog and warehouse.
@@ -261,6 +273,9 @@ pub struct CatalogConfig {
 pub struct HttpConfig {
     /// Socket address to listen on, `ip:port`; port 0 picks a free port.
     pub listen: String,
+    /// Key that mutating endpoints (`PUT`/`DELETE /v1/degradation`) require in
+    /// the `X-API-Key` header. Unset: mutations are refused.
+    pub api_key: Option<String>,
 }
 
 /// The built-in trade generator that feeds the embedded broker.
@@ -339,6 +354,7 @@ impl Default for CommitConfig {
             retain_snapshots: 100,
             expire_every_commits: 50,
             retry_backoff_ms: 500,
+            pause_after_failures: 2,
         }
     }
 }
@@ -358,6 +374,7 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:8080".to_string(),
+            api_key: None,
         }
     }
 }
@@ -448,6 +465,15 @@ impl K2Config {
         self.batcher.validate()?;
         self.commit.validate()?;
         self.catalog.validate()?;
+        self.breaker
+            .validate()
+            .map_err(|reason| invalid("breaker", &reason))?;
+        self.degradation
+            .validate()
+            .map_err(|reason| invalid("degradation", &reason))?;
+        self.shedding
+            .validate()
+            .map_err(|reason| invalid("shedding", &reason))?;
         self.http.validate()?;
         self.loadgen.validate()
     }
@@ -566,7 +592,19 @@ impl CatalogConfig {
 }
 
 impl HttpConfig {
+    /// The API key mutations need; an empty value (e.g. an unset variable
+    /// in docker-compose) counts as none.
+    pub fn mutation_key(&self) -> Option<&str> {
+        self.api_key.as_deref().map(str::trim).filter(|k| !k.is_empty())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.mutation_key().is_some_and(|k| k.len() < 16) {
+            return Err(invalid(
+                "http.api_key",
+                "must be at least 16 characters (or unset, which refuses mutations)",
+            ));
+        }
         match self.listen.trim().parse::<SocketAddr>() {
             Ok(_) => Ok(()),
             Err(_) => Err(invalid(
@@ -964,7 +1002,7 @@ mod tests {
         let defaults = Value::serialize(K2Config::default()).expect("defaults serialize");
         leaf_paths("", &defaults, &mut in_schema);
         // An unset Option cannot be written in TOML; the file shows it commented out.
-        in_schema.retain(|key| key != "kafka.group_instance_id");
+        in_schema.retain(|key| key != "kafka.group_instance_id" && key != "http.api_key");
         in_file.sort();
         in_schema.sort();
         assert_eq!(in_file, in_schema);
@@ -1019,7 +1057,7 @@ mod tests {
             format!(
                 "config key `commit.intervall_ms` in {}: unknown key, expected one of \
                  `interval_ms`, `max_rows`, `max_bytes`, `max_pending_bytes`, `retain_snapshots`, \
-                 `expire_every_commits`, `retry_backoff_ms`",
+                 `expire_every_commits`, `retry_backoff_ms`, `pause_after_failures`",
                 path.display()
             )
         );

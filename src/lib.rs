@@ -3,12 +3,16 @@
 //! See `docs/ARCHITECTURE.md` for the actor graph built in [`pipeline`].
 
 pub mod actors;
+pub mod backfill;
 pub mod bench;
 pub mod bloom;
+pub mod breaker;
 pub mod config;
 pub mod decode;
 pub mod dedup;
+pub mod degradation;
 pub mod embedded;
+pub mod faults;
 pub mod kafka;
 pub mod loadgen;
 pub mod messages;
@@ -18,6 +22,7 @@ pub mod per_symbol;
 pub mod pipeline;
 pub mod sequence;
 pub mod service;
+pub mod shedding;
 pub mod state;
 pub mod storage;
 pub mod web;

@@ -1,11 +1,12 @@
 //! The `k2` binary: run the pipeline, run the embedded demo, run a broker,
-//! generate load, benchmark.
+//! generate load, benchmark, backfill what load shedding deferred.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use k2::backfill::BackfillOptions;
 use k2::config::K2Config;
 use k2::embedded::EmbeddedBroker;
 use k2::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
@@ -81,6 +82,18 @@ enum Command {
         malformed_ratio: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
+    },
+    /// Ingest what load shedding left out of the trades table: read the offsets recorded in
+    /// k2.shed_ledger back from Kafka and commit the trades the table does not hold yet, then
+    /// close each entry in the ledger. Safe to rerun and to run beside `k2 run`.
+    Backfill {
+        /// Config file (TOML) of the pipeline whose shedding to backfill.
+        #[arg(long, short, env = "K2_CONFIG", default_value = "config/k2.toml")]
+        config: PathBuf,
+        /// List the open entries and count what they hold (and what Kafka no longer holds of
+        /// them); change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// End-to-end benchmark on the embedded broker: pipeline vs. raw consume.
     /// Build with --release for meaningful numbers.
@@ -235,6 +248,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.failed,
                 report.elapsed.as_secs_f64()
             );
+        }
+        Command::Backfill {
+            config: path,
+            dry_run,
+        } => {
+            let config = load_config(Some(&path))?;
+            if config.kafka.is_embedded() {
+                anyhow::bail!(
+                    "{}: kafka.brokers is \"embedded\", and an embedded broker lives only inside the K2 \
+                     process that started it: no other process can read the shed records back from it. \
+                     Set kafka.brokers (or K2_KAFKA__BROKERS) to the bootstrap servers that hold topic {}",
+                    path.display(),
+                    config.kafka.topic
+                );
+            }
+            let options = BackfillOptions {
+                dry_run,
+                progress: true,
+            };
+            let report =
+                k2::backfill::backfill(&config, &config.kafka.brokers, &std::env::current_dir()?, options)
+                    .await?;
+            k2::backfill::print_report(&report);
         }
         Command::Bench {
             messages,

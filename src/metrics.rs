@@ -27,6 +27,13 @@ pub const RETENTION_LOST_RECORDS: &str = "k2_kafka_retention_lost_records_total"
 pub const LANE_RESTARTS: &str = "k2_lane_restarts_total";
 pub const LANES_ACTIVE: &str = "k2_lanes_active";
 pub const CONSUMER_LAG: &str = "k2_consumer_lag_records";
+pub const LANES_FAILED: &str = "k2_lanes_failed";
+pub const PARTITIONS_PAUSED: &str = "k2_partitions_paused";
+pub const DEGRADATION_LEVEL: &str = "k2_degradation_level";
+pub const DEGRADATION_TRANSITIONS: &str = "k2_degradation_transitions_total";
+pub const DEGRADATION_SIGNAL: &str = "k2_degradation_signal";
+pub const CIRCUIT_BREAKER_STATE: &str = "k2_circuit_breaker_state";
+pub const BACKFILL_RECORDS: &str = "k2_backfill_records_total";
 
 /// Installs the global Prometheus recorder once and returns its handle.
 /// Later calls (several pipelines in one test process) share it.
@@ -88,7 +95,46 @@ fn describe() {
         Unit::Count,
         "Records dropped as exact duplicates"
     );
-    describe_counter!(RECORDS_SHED, Unit::Count, "Records shed by the load shedder");
+    describe_counter!(
+        RECORDS_SHED,
+        Unit::Count,
+        "Records left out by the load shedder, by priority and level; every one is in k2.shed_ledger"
+    );
+    describe_gauge!(
+        LANES_FAILED,
+        Unit::Count,
+        "Lanes marked failed after too many restarts (the process is not ready)"
+    );
+    describe_gauge!(
+        PARTITIONS_PAUSED,
+        Unit::Count,
+        "Partitions whose consumption is paused because commits are failing"
+    );
+    describe_gauge!(
+        DEGRADATION_LEVEL,
+        Unit::Count,
+        "Degradation level in force: 0 NORMAL, 1 SOFT, 2 GRACEFUL, 3 AGGRESSIVE, 4 CIRCUIT_BREAK"
+    );
+    describe_counter!(
+        DEGRADATION_TRANSITIONS,
+        Unit::Count,
+        "Degradation level changes, by from and to"
+    );
+    describe_gauge!(
+        DEGRADATION_SIGNAL,
+        Unit::Count,
+        "Latest value of each degradation signal, by signal"
+    );
+    describe_gauge!(
+        CIRCUIT_BREAKER_STATE,
+        Unit::Count,
+        "Circuit breaker state by breaker (catalog, storage): 0 closed, 1 half open, 2 open"
+    );
+    describe_counter!(
+        BACKFILL_RECORDS,
+        Unit::Count,
+        "Records handled by k2 backfill, by outcome (committed, present, dead_letter, expired)"
+    );
     describe_counter!(
         DATA_FILES_WRITTEN,
         Unit::Count,

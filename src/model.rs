@@ -121,6 +121,8 @@ pub struct SideRows {
     pub dead_letters: Vec<DeadLetter>,
     pub sequence_events: Vec<SequenceEventRow>,
     pub probable_duplicates: Vec<ProbableDuplicate>,
+    /// What the load shedder left out, for `k2.shed_ledger`.
+    pub shed: Vec<crate::shedding::ShedEntry>,
 }
 
 impl SideRows {
@@ -128,9 +130,13 @@ impl SideRows {
         self.dead_letters.extend(other.dead_letters);
         self.sequence_events.extend(other.sequence_events);
         self.probable_duplicates.extend(other.probable_duplicates);
+        self.shed.extend(other.shed);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.dead_letters.is_empty() && self.sequence_events.is_empty() && self.probable_duplicates.is_empty()
+        self.dead_letters.is_empty()
+            && self.sequence_events.is_empty()
+            && self.probable_duplicates.is_empty()
+            && self.shed.is_empty()
     }
 }

@@ -21,20 +21,27 @@ use iceberg::Catalog;
 use crate::actors::batcher::BatcherParams;
 use crate::actors::deduplicator::DeduplicatorParams;
 use crate::actors::iceberg_committer::{
-    CommitNow, CommitPolicy, ConnectSupervisor, StateSink, StopCommitter,
+    CommitHealth, CommitNow, CommitPolicy, ConnectSupervisor, StateSink, StopCommitter,
 };
+use crate::actors::load_shedder::LoadShedderParams;
 use crate::actors::partition_consumer::{LaneStatus, PartitionConsumerParams};
 use crate::actors::sequencer::{SequenceState, SequencerParams};
-use crate::actors::supervisor::{DrainLanes, GetPipelineStatus, PipelineStatus, RestartPolicy, StopLanes};
+use crate::actors::supervisor::{
+    DrainLanes, GetPipelineStatus, Health, PipelineStatus, RestartPolicy, StopLanes, SupervisorParams,
+};
 use crate::actors::{
     Batcher, Deduplicator, IcebergCommitter, LoadShedder, PartitionConsumer, Sequencer, Supervisor,
 };
+use crate::breaker::CircuitBreaker;
 use crate::config::K2Config;
 use crate::decode::{DecoderConfig, TradeDecoder};
 use crate::dedup::{LaneIds, ProbablePolicy, UnorderedWindows};
+use crate::degradation::DegradationLevel;
+use crate::faults::Faults;
 use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, LaneQueue};
 use crate::messages::{ChunkSink, FilesWritten, LaneFailed, LaneId};
 use crate::sequence::SequenceTracker;
+use crate::shedding::TierTable;
 use crate::state::{self, Checkpoint, EpochState, StateStore, open_store};
 use crate::storage::catalog::open_catalog;
 use crate::storage::commit::Committer;
@@ -69,6 +76,11 @@ pub struct LaneShared {
     pub state_prefix: String,
     pub windows: Arc<UnorderedWindows>,
     pub probable_policy: ProbablePolicy,
+    pub tiers: Arc<TierTable>,
+    pub soft_batch_growth: u32,
+    /// Around data-file writes.
+    pub storage_breaker: Arc<CircuitBreaker>,
+    pub faults: Arc<Faults>,
 }
 
 /// A lane's stage state, made with the lane and registered with the
@@ -105,6 +117,8 @@ impl LaneStates {
 pub struct LaneHandle {
     pub consumer: Addr<PartitionConsumer>,
     pub batcher: Addr<Batcher>,
+    /// With the batcher, the stages that act on level changes.
+    pub shedder: Addr<LoadShedder>,
     pub status: Arc<LaneStatus>,
 }
 
@@ -115,15 +129,23 @@ pub fn spawn_lane(
     queue: Arc<LaneQueue>,
     start_offset: Option<i64>,
     states: LaneStates,
+    level: DegradationLevel,
     arbiter: &ArbiterHandle,
 ) -> LaneHandle {
     let mailbox = shared.mailbox_capacity;
+    let status = Arc::new(LaneStatus::default());
+    status.position.store(-1, std::sync::atomic::Ordering::Relaxed);
     let batcher_params = BatcherParams {
         lane,
         max_rows: shared.batcher.max_rows,
         max_bytes: shared.batcher.max_bytes,
         max_age: Duration::from_millis(shared.batcher.max_age_ms),
         mailbox_capacity: mailbox,
+        soft_growth: shared.soft_batch_growth,
+        level,
+        storage: shared.storage_breaker.clone(),
+        status: status.clone(),
+        faults: shared.faults.clone(),
     };
     let (writer, committer, failures) = (
         shared.writer.clone(),
@@ -134,8 +156,17 @@ pub fn spawn_lane(
         Batcher::new(batcher_params, writer, committer, failures)
     });
     let shedder = LoadShedder::start_in_arbiter(arbiter, {
-        let next = sink(&batcher);
-        move |_| LoadShedder::new(next, mailbox)
+        let params = LoadShedderParams {
+            lane,
+            topic: shared.topic.clone(),
+            tiers: shared.tiers.clone(),
+            level,
+            downstream: sink(&batcher),
+            mailbox_capacity: mailbox,
+            failures: shared.failures.clone(),
+            faults: shared.faults.clone(),
+        };
+        move |_| LoadShedder::new(params)
     });
     let deduplicator = Deduplicator::start_in_arbiter(arbiter, {
         let params = DeduplicatorParams {
@@ -148,6 +179,7 @@ pub fn spawn_lane(
             downstream: sink(&shedder),
             failures: shared.failures.clone(),
             mailbox_capacity: mailbox,
+            faults: shared.faults.clone(),
         };
         move |_| Deduplicator::new(params)
     });
@@ -161,11 +193,10 @@ pub fn spawn_lane(
             downstream: sink(&deduplicator),
             failures: shared.failures.clone(),
             mailbox_capacity: mailbox,
+            faults: shared.faults.clone(),
         };
         move |_| Sequencer::new(params)
     });
-    let status = Arc::new(LaneStatus::default());
-    status.position.store(-1, std::sync::atomic::Ordering::Relaxed);
     let params = PartitionConsumerParams {
         lane,
         topic: shared.topic.clone(),
@@ -182,6 +213,7 @@ pub fn spawn_lane(
     LaneHandle {
         consumer,
         batcher,
+        shedder,
         status,
     }
 }
@@ -202,6 +234,8 @@ pub struct Pipeline {
     pub committer: Addr<IcebergCommitter>,
     pub catalog: Arc<dyn Catalog>,
     pub tables: TableIdents,
+    /// Switches for injected faults (tests, drills).
+    pub faults: Arc<Faults>,
     group: GroupDriver,
     arbiters: Vec<Arbiter>,
 }
@@ -232,6 +266,12 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     )
     .context("failed to prepare the trades writer")?;
 
+    let faults = Arc::new(Faults::default());
+    let health = Health {
+        catalog: Arc::new(CircuitBreaker::new("catalog", &config.breaker)),
+        storage: Arc::new(CircuitBreaker::new("storage", &config.breaker)),
+        commits: Arc::new(CommitHealth::default()),
+    };
     let committer = IcebergCommitter::new(
         Arc::new(Committer {
             catalog: catalog.clone(),
@@ -253,6 +293,9 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             store: store.clone(),
             writer: params.instance.clone(),
         },
+        health.catalog.clone(),
+        health.commits.clone(),
+        faults.clone(),
     )
     .start();
     let windows = Arc::new(UnorderedWindows::new(&config.dedup));
@@ -274,6 +317,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
         let config = config.clone();
         let instance = params.instance.clone();
+        let faults = faults.clone();
         move |ctx| {
             let shared = LaneShared {
                 topic: config.kafka.topic.clone(),
@@ -290,20 +334,27 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 state_prefix: format!("{}:{}", config.state.key_prefix, config.kafka.group_id),
                 windows,
                 probable_policy: config.dedup.probable_duplicates,
+                tiers: Arc::new(TierTable::new(&config.shedding)),
+                soft_batch_growth: config.degradation.soft_batch_growth,
+                storage_breaker: health.storage.clone(),
+                faults,
             };
-            Supervisor::new(
+            Supervisor::new(SupervisorParams {
                 shared,
                 consumer,
                 committer,
-                config.kafka.start_from,
-                RestartPolicy {
+                start_from: config.kafka.start_from,
+                restart: RestartPolicy {
                     max_restarts: config.lanes.max_restarts,
                     window: Duration::from_millis(config.lanes.restart_window_ms),
                     base_backoff: Duration::from_millis(100),
                 },
-                handles,
+                arbiters: handles,
                 instance,
-            )
+                degradation: config.degradation.clone(),
+                pause_after_failures: config.commit.pause_after_failures,
+                health,
+            })
         }
     });
     committer
@@ -328,6 +379,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         committer,
         catalog,
         tables,
+        faults,
         group,
         arbiters,
     })

@@ -15,7 +15,8 @@ use crate::config::K2Config;
 use crate::embedded::EmbeddedBroker;
 use crate::loadgen::{GeneratorParams, LoadgenParams, LoadgenReport, run_loadgen};
 use crate::pipeline::{self, Pipeline, PipelineParams};
-use crate::storage::reader::{committed_record_count, scan_trade_keys};
+use crate::shedding::LedgerAction;
+use crate::storage::reader::{committed_record_count, scan_shed_ledger, scan_trade_keys};
 use crate::web::{self, AppState};
 
 pub struct ServiceOptions {
@@ -37,6 +38,9 @@ pub struct Verdict {
     pub committed_rows: u64,
     pub distinct_trades: u64,
     pub dead_lettered: u64,
+    /// Records shed by load shedding and recorded in `k2.shed_ledger`, not
+    /// yet backfilled: deferred, not lost.
+    pub shed_ledgered: u64,
     pub duplicates: u64,
     pub lost: u64,
     /// Rows of `k2.sequence_gaps` (gaps and resets).
@@ -77,13 +81,14 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
             metrics: handle,
             catalog: pipeline.catalog.clone(),
             tables: pipeline.tables.clone(),
+            api_key: config.http.mutation_key().map(str::to_string),
         },
         &config.http.listen,
     )?;
     let server_handle = server.handle();
     actix_rt::spawn(server);
     info!(%addr, "HTTP control plane listening");
-    eprintln!("k2: HTTP on http://{addr} (/health /ready /metrics /v1/pipeline)");
+    eprintln!("k2: HTTP on http://{addr} (/health /ready /metrics /v1/pipeline /v1/degradation)");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let ids_file = options.base_dir.join("data").join("produced-trade-ids.csv");
@@ -255,14 +260,30 @@ async fn verdict(
     let dead_letters = catalog.load_table(&tables.dead_letters).await?;
     let sequence_events = catalog.load_table(&tables.sequence_gaps).await?;
     let probable_duplicates = catalog.load_table(&tables.probable_duplicates).await?;
+    let ledger = scan_shed_ledger(&catalog.load_table(&tables.shed_ledger).await?).await?;
+    let closed: HashSet<&str> = ledger
+        .iter()
+        .filter(|e| e.action == LedgerAction::Backfilled)
+        .map(|e| e.entry_id.as_str())
+        .collect();
+    let mut open = HashSet::new();
+    let shed_ledgered: u64 = ledger
+        .iter()
+        .filter(|e| e.action == LedgerAction::Shed && !closed.contains(e.entry_id.as_str()))
+        .filter(|e| open.insert(e.entry_id.as_str()))
+        .map(|e| e.records)
+        .sum();
+    let missing = produced.iter().filter(|id| !committed.contains(**id)).count() as u64;
     Ok(Verdict {
         produced: report.produced,
         produced_valid: produced.len() as u64,
         committed_rows: keys.keys.len() as u64,
         distinct_trades: committed.len() as u64,
         dead_lettered: committed_record_count(&dead_letters),
+        shed_ledgered,
         duplicates: (keys.keys.len() - committed.len()) as u64,
-        lost: produced.iter().filter(|id| !committed.contains(**id)).count() as u64,
+        // A shed trade is missing from the table on purpose, and ledgered.
+        lost: missing.saturating_sub(shed_ledgered),
         sequence_events: committed_record_count(&sequence_events),
         probable_duplicates: committed_record_count(&probable_duplicates),
     })
@@ -277,6 +298,7 @@ pub fn print_verdict(v: &Verdict) {
     println!("  committed rows             {:>8}", v.committed_rows);
     println!("  distinct trades committed  {:>8}", v.distinct_trades);
     println!("  dead-lettered              {:>8}", v.dead_lettered);
+    println!("  shed (ledgered)            {:>8}", v.shed_ledgered);
     println!("  duplicates                 {:>8}", v.duplicates);
     println!("  lost                       {:>8}", v.lost);
     println!("  sequence gaps and resets   {:>8}", v.sequence_events);

@@ -8,8 +8,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{TOPIC, assert_exactly_once, committed_rows, read_ids, read_tables, wait_for};
-use k2::loadgen::{GeneratorParams, LoadgenParams, Spread, preload, run_loadgen};
+use common::{TOPIC, assert_exactly_once, committed_rows, read_ids, read_tables, spawn_loadgen, wait_for};
+use k2::loadgen::{GeneratorParams, Spread, preload};
 
 fn generator(malformed_ratio: f64, seed: u64) -> GeneratorParams {
     GeneratorParams {
@@ -72,26 +72,6 @@ async fn malformed_records_are_dead_lettered_and_valid_trades_land_exactly_once(
         "recorded offsets must cover every produced message"
     );
     assert_eq!(contents.offsets.iter().count(), 16);
-}
-
-/// Produces `total` trades at `rate` in the background, recording their ids.
-fn spawn_loadgen(
-    bootstrap: &str,
-    ids: &std::path::Path,
-    total: u64,
-    rate: u64,
-) -> actix_rt::task::JoinHandle<anyhow::Result<k2::loadgen::LoadgenReport>> {
-    let params = LoadgenParams {
-        brokers: bootstrap.to_string(),
-        topic: TOPIC.to_string(),
-        rate,
-        duration: None,
-        total: Some(total),
-        ids_file: Some(ids.to_path_buf()),
-        generator: generator(0.0, 11),
-        progress: false,
-    };
-    actix_rt::spawn(run_loadgen(params, futures::future::pending()))
 }
 
 #[actix_rt::test]

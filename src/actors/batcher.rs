@@ -5,12 +5,17 @@
 //! duplicates) to the committer, and waits until the
 //! committer accepts them (backpressure when commits fall behind).
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tracing::error;
+use tracing::{error, warn};
 
-use crate::messages::{FilesWritten, Flush, LaneFailed, LaneId, StopLane, TradeChunk};
+use crate::actors::partition_consumer::LaneStatus;
+use crate::breaker::{BreakerError, CircuitBreaker};
+use crate::degradation::DegradationLevel;
+use crate::messages::{FilesWritten, Flush, LaneFailed, LaneId, LevelChanged, StopLane, TradeChunk};
 use crate::metrics as m;
 use crate::model::SideRows;
 use crate::storage::writer::{TableWriter, TradeBatchBuilder};
@@ -22,7 +27,19 @@ pub struct BatcherParams {
     pub max_bytes: u64,
     pub max_age: Duration,
     pub mailbox_capacity: usize,
+    /// SOFT and above multiply the three targets by this.
+    pub soft_growth: u32,
+    /// The level in force when the lane starts.
+    pub level: DegradationLevel,
+    /// Storage calls go through it; a failed write is retried while the
+    /// lane holds (it backs up, and its partition pauses if commits fail too).
+    pub storage: Arc<CircuitBreaker>,
+    pub status: Arc<LaneStatus>,
+    pub faults: Arc<crate::faults::Faults>,
 }
+
+/// Wait between attempts to write a buffer whose write failed.
+const WRITE_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Default)]
 pub struct BatcherCounters {
@@ -43,6 +60,7 @@ impl BatcherCounters {
 
 pub struct Batcher {
     params: BatcherParams,
+    _panic: crate::actors::PanicReport,
     writer: TableWriter,
     committer: Recipient<FilesWritten>,
     supervisor: Recipient<LaneFailed>,
@@ -51,6 +69,8 @@ pub struct Batcher {
     /// Offset range covered by the buffer.
     range: Option<(i64, i64)>,
     oldest: Option<Instant>,
+    /// Targets grow at SOFT and above (fewer, larger files and commits).
+    growth: u32,
     partition_label: String,
     pub counters: BatcherCounters,
 }
@@ -62,7 +82,13 @@ impl Batcher {
         committer: Recipient<FilesWritten>,
         supervisor: Recipient<LaneFailed>,
     ) -> Self {
+        let growth = growth_at(params.level, params.soft_growth);
         Self {
+            _panic: crate::actors::PanicReport {
+                lane: params.lane,
+                stage: "batcher",
+                supervisor: supervisor.clone(),
+            },
             buffer: TradeBatchBuilder::with_capacity(params.max_rows.min(65_536)),
             partition_label: params.lane.partition.to_string(),
             params,
@@ -72,14 +98,27 @@ impl Batcher {
             side: SideRows::default(),
             range: None,
             oldest: None,
+            growth,
             counters: BatcherCounters::default(),
         }
     }
 
     fn is_due(&self) -> bool {
-        self.buffer.len() >= self.params.max_rows
-            || self.buffer.estimated_bytes() >= self.params.max_bytes
-            || self.oldest.is_some_and(|t| t.elapsed() >= self.params.max_age)
+        let g = self.growth;
+        self.buffer.len() >= self.params.max_rows * g as usize
+            || self.buffer.estimated_bytes() >= self.params.max_bytes * g as u64
+            || self.is_old()
+    }
+
+    fn is_old(&self) -> bool {
+        self.oldest
+            .is_some_and(|t| t.elapsed() >= self.params.max_age * self.growth)
+    }
+
+    fn publish_buffered(&self, bytes: u64) {
+        self.params.status.buffered_bytes.store(bytes, Relaxed);
+        metrics::gauge!(m::BATCHER_BUFFERED_BYTES, "partition" => self.partition_label.clone())
+            .set(bytes as f64);
     }
 
     /// Writes the buffer out and hands it to the committer, holding the
@@ -105,16 +144,14 @@ impl Batcher {
                 .map(Some)
                 .map_err(|err| format!("failed to build a record batch: {err}"))
         };
-        metrics::gauge!(m::BATCHER_BUFFERED_BYTES, "partition" => self.partition_label.clone()).set(0.0);
+        self.publish_buffered(0);
         let writer = self.writer.clone();
         let committer = self.committer.clone();
+        let storage = self.params.storage.clone();
         let lane = self.params.lane;
         let fut = async move {
             let data_files = match batch? {
-                Some(batch) => writer
-                    .write(batch)
-                    .await
-                    .map_err(|e| format!("failed to write data files: {e}"))?,
+                Some(batch) => write_until_stored(&writer, &storage, batch, lane).await,
                 None => Vec::new(),
             };
             let file_bytes = data_files.iter().map(|f| f.file_size_in_bytes()).sum();
@@ -152,6 +189,45 @@ impl Batcher {
     }
 }
 
+fn growth_at(level: DegradationLevel, soft_growth: u32) -> u32 {
+    if level >= DegradationLevel::Soft {
+        soft_growth.max(1)
+    } else {
+        1
+    }
+}
+
+/// Writes `batch`, retrying through the storage breaker until it is stored.
+/// The lane holds meanwhile: nothing is dropped, and the records stay
+/// uncommitted (the lane is rebuilt from Kafka if it is stopped).
+async fn write_until_stored(
+    writer: &TableWriter,
+    storage: &CircuitBreaker,
+    batch: arrow_array::RecordBatch,
+    lane: LaneId,
+) -> Vec<iceberg::spec::DataFile> {
+    let mut attempt = 0u32;
+    loop {
+        match storage.call(writer.write(batch.clone())).await {
+            Ok(files) => return files,
+            Err(err) => {
+                attempt += 1;
+                if attempt == 1 || attempt.is_power_of_two() {
+                    match &err {
+                        BreakerError::Open(open) => {
+                            warn!(%lane, attempt, error = %open, "holding the buffer")
+                        }
+                        BreakerError::Failed(err) => {
+                            warn!(%lane, attempt, error = %err, "failed to write data files; retrying")
+                        }
+                    }
+                }
+                tokio::time::sleep(WRITE_RETRY).await;
+            }
+        }
+    }
+}
+
 impl Actor for Batcher {
     type Context = Context<Self>;
 
@@ -159,7 +235,7 @@ impl Actor for Batcher {
         ctx.set_mailbox_capacity(self.params.mailbox_capacity);
         let tick = (self.params.max_age / 4).max(Duration::from_millis(10));
         ctx.run_interval(tick, |act, ctx| {
-            if act.oldest.is_some_and(|t| t.elapsed() >= act.params.max_age) {
+            if act.is_old() {
                 act.flush(ctx);
             }
         });
@@ -170,6 +246,7 @@ impl Handler<TradeChunk> for Batcher {
     type Result = ();
 
     fn handle(&mut self, chunk: TradeChunk, ctx: &mut Context<Self>) {
+        self.params.faults.check_panic("batcher", chunk.lane.partition);
         let first = match self.range {
             Some((first, next)) => {
                 if chunk.first_offset != next {
@@ -191,8 +268,7 @@ impl Handler<TradeChunk> for Batcher {
             self.buffer.push(trade);
         }
         self.side.extend(chunk.side);
-        metrics::gauge!(m::BATCHER_BUFFERED_BYTES, "partition" => self.partition_label.clone())
-            .set(self.buffer.estimated_bytes() as f64);
+        self.publish_buffered(self.buffer.estimated_bytes());
         if self.is_due() {
             self.flush(ctx);
         }
@@ -214,7 +290,15 @@ impl Handler<StopLane> for Batcher {
     type Result = ();
 
     fn handle(&mut self, _: StopLane, ctx: &mut Context<Self>) {
-        metrics::gauge!(m::BATCHER_BUFFERED_BYTES, "partition" => self.partition_label.clone()).set(0.0);
+        self.publish_buffered(0);
         ctx.stop();
+    }
+}
+
+impl Handler<LevelChanged> for Batcher {
+    type Result = ();
+
+    fn handle(&mut self, msg: LevelChanged, _: &mut Context<Self>) {
+        self.growth = growth_at(msg.level, self.params.soft_growth);
     }
 }

@@ -38,16 +38,23 @@ pub struct DeduplicatorParams {
     pub downstream: ChunkSink,
     pub failures: Recipient<LaneFailed>,
     pub mailbox_capacity: usize,
+    pub faults: Arc<crate::faults::Faults>,
 }
 
 pub struct Deduplicator {
     params: DeduplicatorParams,
+    _panic: crate::actors::PanicReport,
     pub counters: DeduplicatorCounters,
 }
 
 impl Deduplicator {
     pub fn new(params: DeduplicatorParams) -> Self {
         Self {
+            _panic: crate::actors::PanicReport {
+                lane: params.lane,
+                stage: "deduplicator",
+                supervisor: params.failures.clone(),
+            },
             params,
             counters: DeduplicatorCounters::default(),
         }
@@ -81,6 +88,9 @@ impl Handler<TradeChunk> for Deduplicator {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
+        self.params
+            .faults
+            .check_panic("deduplicator", chunk.lane.partition);
         let before = chunk.trades.len();
         let keep = self.params.policy == ProbablePolicy::Keep;
         let mut probable = Vec::new();

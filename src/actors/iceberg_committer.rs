@@ -11,17 +11,49 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+use crate::breaker::{BreakerError, CircuitBreaker};
+use crate::degradation::DegradationLevel;
 use crate::kafka::LoadOffsets;
-use crate::messages::{Committed, FilesWritten, LaneFailed, LaneId};
+use crate::messages::{Committed, FilesWritten, LaneFailed, LaneId, LevelChanged};
 use crate::metrics as m;
 use crate::state::{Checkpoint, Staged, StateStore};
-use crate::storage::commit::{CommitOutcome, Committer, PartitionRange};
+use crate::storage::commit::{CommitError, CommitOutcome, Committer, PartitionRange};
+
+/// Commit health the supervisor samples every tick (no message round trip:
+/// the committer is busy exactly when commits are slow).
+#[derive(Debug, Default)]
+pub struct CommitHealth {
+    /// Commits failed in a row.
+    pub consecutive_failures: AtomicU64,
+    /// Duration of the last successful commit.
+    pub last_duration_ms: AtomicU64,
+    /// Unix milliseconds when the oldest uncommitted files arrived; 0: none.
+    pub oldest_pending_ms: AtomicI64,
+    pub pending_bytes: AtomicU64,
+}
+
+impl CommitHealth {
+    /// How long commits take, as the level sees it: the last commit's
+    /// duration, or the age of the oldest uncommitted files if that is
+    /// larger (a commit that hangs or keeps failing counts).
+    pub fn latency_ms(&self, now_ms: i64) -> u64 {
+        let oldest = self.oldest_pending_ms.load(Relaxed);
+        let waiting = if oldest > 0 {
+            (now_ms - oldest).max(0) as u64
+        } else {
+            0
+        };
+        self.last_duration_ms.load(Relaxed).max(waiting)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct CommitPolicy {
@@ -93,6 +125,12 @@ pub struct IcebergCommitter {
     committer: Arc<Committer>,
     policy: CommitPolicy,
     state: StateSink,
+    /// Catalog calls (commits, snapshot expiry) go through it.
+    breaker: Arc<CircuitBreaker>,
+    health: Arc<CommitHealth>,
+    faults: Arc<crate::faults::Faults>,
+    /// SOFT and above skip snapshot expiry (non-essential work).
+    level: DegradationLevel,
     /// Stage state of each partition's current lane.
     checkpoints: HashMap<i32, Vec<Arc<dyn Checkpoint>>>,
     supervisor: Option<Recipient<Committed>>,
@@ -113,11 +151,22 @@ pub struct IcebergCommitter {
 }
 
 impl IcebergCommitter {
-    pub fn new(committer: Arc<Committer>, policy: CommitPolicy, state: StateSink) -> Self {
+    pub fn new(
+        committer: Arc<Committer>,
+        policy: CommitPolicy,
+        state: StateSink,
+        breaker: Arc<CircuitBreaker>,
+        health: Arc<CommitHealth>,
+        faults: Arc<crate::faults::Faults>,
+    ) -> Self {
         Self {
+            faults,
             committer,
             policy,
             state,
+            breaker,
+            health,
+            level: DegradationLevel::Normal,
             checkpoints: HashMap::new(),
             supervisor: None,
             lane_failures: None,
@@ -138,7 +187,10 @@ impl IcebergCommitter {
         if let Some(p) = self.pending.remove(&partition) {
             self.pending_rows -= p.range.rows;
             self.pending_bytes -= p.file_bytes;
-            metrics::gauge!(m::COMMIT_PENDING_BYTES).set(self.pending_bytes as f64);
+            if self.pending.is_empty() {
+                self.health.oldest_pending_ms.store(0, Relaxed);
+            }
+            self.publish_pending();
         }
     }
 
@@ -170,6 +222,8 @@ impl IcebergCommitter {
             }
         }
         let committer = self.committer.clone();
+        let breaker = self.breaker.clone();
+        let faults = self.faults.clone();
         let store = self.state.store.clone();
         let writer = self.state.writer.clone();
         let staged_partitions: Vec<i32> = checkpoints.iter().map(|(p, ..)| *p).collect();
@@ -180,7 +234,20 @@ impl IcebergCommitter {
                     let err = crate::storage::commit::CommitError::State(err.to_string());
                     return (ranges, Err(err), false);
                 }
-                let result = committer.commit(&ranges).await;
+                let commit = async {
+                    if faults.catalog_down() {
+                        return Err(CommitError::Iceberg(iceberg::Error::new(
+                            iceberg::ErrorKind::Unexpected,
+                            "injected fault: the catalog is down",
+                        )));
+                    }
+                    committer.commit(&ranges).await
+                };
+                let result = match breaker.call(commit).await {
+                    Ok(outcome) => Ok(outcome),
+                    Err(BreakerError::Open(open)) => Err(CommitError::Unavailable(open)),
+                    Err(BreakerError::Failed(err)) => Err(err),
+                };
                 let mut promoted = false;
                 if let Ok(outcome) = &result {
                     let scopes: Vec<(String, i64)> = staged
@@ -220,11 +287,13 @@ impl IcebergCommitter {
                         let error = err.to_string();
                         warn!(error = %error, "commit failed, keeping files for the next attempt");
                         act.counters.record_failure(&error);
+                        act.health.consecutive_failures.fetch_add(1, Relaxed);
                         act.retry_after = Some(Instant::now() + act.policy.retry_backoff);
                         // Put everything back in front of what arrived meanwhile.
                         for ((partition, lane, file_bytes), range) in lanes.into_iter().zip(ranges) {
                             act.restore(partition, lane, file_bytes, range);
                         }
+                        act.publish_pending();
                         Err(error)
                     }
                 }
@@ -261,8 +330,18 @@ impl IcebergCommitter {
     fn apply_outcome(&mut self, outcome: &CommitOutcome, lanes: &[(i32, LaneId, u64)], elapsed: Duration) {
         self.retry_after = None;
         self.counters.record_commit(outcome, elapsed);
+        self.health.consecutive_failures.store(0, Relaxed);
+        self.health
+            .last_duration_ms
+            .store(elapsed.as_millis() as u64, Relaxed);
         // The committed ranges left `pending` when the commit started; what
         // is there now arrived during the commit.
+        let arrived = if self.pending.is_empty() {
+            0
+        } else {
+            chrono::Utc::now().timestamp_millis()
+        };
+        self.health.oldest_pending_ms.store(arrived, Relaxed);
         self.recount_pending();
         for (&partition, &next) in &outcome.committed {
             self.committed.insert(partition, next);
@@ -303,11 +382,24 @@ impl IcebergCommitter {
     fn recount_pending(&mut self) {
         self.pending_rows = self.pending.values().map(|p| p.range.rows).sum();
         self.pending_bytes = self.pending.values().map(|p| p.file_bytes).sum();
+        self.publish_pending();
+    }
+
+    fn publish_pending(&self) {
         metrics::gauge!(m::COMMIT_PENDING_BYTES).set(self.pending_bytes as f64);
+        self.health.pending_bytes.store(self.pending_bytes, Relaxed);
+        // Reset only when a commit succeeded (`apply_outcome`) or files were
+        // dropped: files taken into a running commit are still uncommitted.
+        if !self.pending.is_empty() && self.health.oldest_pending_ms.load(Relaxed) == 0 {
+            self.health
+                .oldest_pending_ms
+                .store(chrono::Utc::now().timestamp_millis(), Relaxed);
+        }
     }
 
     fn maybe_expire(&mut self, ctx: &mut Context<Self>) {
-        if self.policy.expire_every_commits == 0
+        if self.level >= DegradationLevel::Soft
+            || self.policy.expire_every_commits == 0
             || !self
                 .counters
                 .num_commits
@@ -316,10 +408,11 @@ impl IcebergCommitter {
             return;
         }
         let committer = self.committer.clone();
+        let breaker = self.breaker.clone();
         let retain = self.policy.retain_snapshots;
         ctx.wait(
             async move {
-                if let Err(err) = committer.expire_snapshots(retain).await {
+                if let Err(err) = breaker.call(committer.expire_snapshots(retain)).await {
                     warn!(error = %err, "snapshot expiry failed; will try again later");
                 }
             }
@@ -492,7 +585,7 @@ impl Handler<FilesWritten> for IcebergCommitter {
         }
         self.pending_rows += msg.rows;
         self.pending_bytes += msg.file_bytes;
-        metrics::gauge!(m::COMMIT_PENDING_BYTES).set(self.pending_bytes as f64);
+        self.publish_pending();
         if self.commit_due() {
             ctx.notify(CommitNow);
         }
@@ -526,6 +619,14 @@ impl Handler<CommitNow> for IcebergCommitter {
             }
             result
         })))
+    }
+}
+
+impl Handler<LevelChanged> for IcebergCommitter {
+    type Result = ();
+
+    fn handle(&mut self, msg: LevelChanged, _: &mut Context<Self>) {
+        self.level = msg.level;
     }
 }
 

@@ -1,47 +1,137 @@
-//! The lane's load-shedding stage. It sits where shedding by priority acts
-//! (after dedup, before the batcher) and counts what passes per chunk. The
-//! pipeline runs at the NORMAL degradation level, at which nothing is shed:
-//! every record is forwarded.
+//! The lane's load-shedding stage (after dedup, before the batcher).
+//!
+//! At the level in force (the supervisor's [`LevelChanged`] broadcast) it
+//! leaves out the trades whose priority that level sheds. Shedding defers,
+//! it does not lose: every shed record's offset goes into a [`ShedEntry`]
+//! (per priority, offsets as ranges) that travels with the chunk and is
+//! committed to `k2.shed_ledger` in the same epoch as the trades around it.
+//! The chunk's offset range stays whole, so the partition's committed offset
+//! moves past shed records exactly as past written ones.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::messages::{ChunkSink, Flush, TradeChunk};
+use crate::degradation::DegradationLevel;
+use crate::messages::{ChunkSink, Flush, LevelChanged, TradeChunk};
+use crate::metrics as m;
+use crate::model::{Trade, now_us};
+use crate::shedding::{LedgerAction, OffsetRanges, Priority, ShedEntry, TierTable};
 
 #[derive(Debug, Default)]
 pub struct LoadShedderCounters {
     pub num_passed: u64,
+    pub num_shed: u64,
+}
+
+pub struct LoadShedderParams {
+    pub lane: crate::messages::LaneId,
+    pub topic: String,
+    pub tiers: Arc<TierTable>,
+    /// The level in force when the lane starts.
+    pub level: DegradationLevel,
+    pub downstream: ChunkSink,
+    pub mailbox_capacity: usize,
+    pub failures: actix::Recipient<crate::messages::LaneFailed>,
+    pub faults: Arc<crate::faults::Faults>,
 }
 
 pub struct LoadShedder {
-    downstream: ChunkSink,
-    mailbox_capacity: usize,
+    params: LoadShedderParams,
+    _panic: crate::actors::PanicReport,
+    level: DegradationLevel,
     pub counters: LoadShedderCounters,
 }
 
 impl LoadShedder {
-    pub fn new(downstream: ChunkSink, mailbox_capacity: usize) -> Self {
+    pub fn new(params: LoadShedderParams) -> Self {
         Self {
-            downstream,
-            mailbox_capacity,
+            _panic: crate::actors::PanicReport {
+                lane: params.lane,
+                stage: "load_shedder",
+                supervisor: params.failures.clone(),
+            },
+            level: params.level,
+            params,
             counters: LoadShedderCounters::default(),
         }
     }
+}
+
+/// Splits `trades` into what `level` keeps and one ledger entry per shed
+/// priority.
+pub fn shed(
+    trades: Vec<Trade>,
+    level: DegradationLevel,
+    tiers: &TierTable,
+    topic: &str,
+) -> (Vec<Trade>, Vec<ShedEntry>) {
+    if level < DegradationLevel::Graceful {
+        return (trades, Vec::new());
+    }
+    let mut kept = Vec::with_capacity(trades.len());
+    let mut shed: BTreeMap<Priority, (i32, OffsetRanges)> = BTreeMap::new();
+    for trade in trades {
+        let priority = tiers.trade_priority(&trade.exchange, &trade.symbol);
+        if priority.is_shed_at(level) {
+            shed.entry(priority)
+                .or_insert_with(|| (trade.partition, OffsetRanges::default()))
+                .1
+                .push(trade.offset);
+        } else {
+            kept.push(trade);
+        }
+    }
+    let now = now_us();
+    let entries = shed
+        .into_iter()
+        .map(|(priority, (partition, offsets))| ShedEntry {
+            entry_id: ShedEntry::entry_id(topic, partition, offsets.first().unwrap_or_default(), priority),
+            action: LedgerAction::Shed,
+            topic: topic.to_string(),
+            partition,
+            records: offsets.count(),
+            offsets,
+            priority,
+            level,
+            detail: None,
+            recorded_at_us: now,
+        })
+        .collect();
+    (kept, entries)
 }
 
 impl Actor for LoadShedder {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.mailbox_capacity);
+        ctx.set_mailbox_capacity(self.params.mailbox_capacity);
     }
 }
 
 impl Handler<TradeChunk> for LoadShedder {
     type Result = AtomicResponse<Self, ()>;
 
-    fn handle(&mut self, chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
-        self.counters.num_passed += chunk.trades.len() as u64;
-        let next = self.downstream.chunks.clone();
+    fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
+        self.params
+            .faults
+            .check_panic("load_shedder", chunk.lane.partition);
+        let trades = std::mem::take(&mut chunk.trades);
+        let (kept, entries) = shed(trades, self.level, &self.params.tiers, &self.params.topic);
+        for entry in &entries {
+            self.counters.num_shed += entry.records;
+            metrics::counter!(
+                m::RECORDS_SHED,
+                "priority" => entry.priority.as_str(),
+                "level" => entry.level.as_str()
+            )
+            .increment(entry.records);
+        }
+        self.counters.num_passed += kept.len() as u64;
+        chunk.trades = kept;
+        chunk.side.shed.extend(entries);
+        let next = self.params.downstream.chunks.clone();
         AtomicResponse::new(Box::pin(
             async move {
                 let _ = next.send(chunk).await;
@@ -51,13 +141,92 @@ impl Handler<TradeChunk> for LoadShedder {
     }
 }
 
+impl Handler<LevelChanged> for LoadShedder {
+    type Result = ();
+
+    fn handle(&mut self, msg: LevelChanged, _: &mut Context<Self>) {
+        self.level = msg.level;
+    }
+}
+
 impl Handler<Flush> for LoadShedder {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
-        let next = self.downstream.flush.clone();
+        let next = self.params.downstream.flush.clone();
         Box::pin(async move {
             let _ = next.send(flush).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Side;
+    use crate::shedding::SheddingConfig;
+
+    fn trade(exchange: &str, symbol: &str, offset: i64) -> Trade {
+        Trade {
+            exchange: exchange.into(),
+            symbol: symbol.into(),
+            sequence: offset,
+            trade_id: format!("{symbol}-{offset}"),
+            price: 1,
+            quantity: 1,
+            side: Side::Buy,
+            event_time_us: 0,
+            ingest_time_us: 0,
+            partition: 3,
+            offset,
+        }
+    }
+
+    fn chunk() -> Vec<Trade> {
+        vec![
+            trade("ASX", "BHP", 10),         // CRITICAL
+            trade("ASX", "QBE", 11),         // HIGH
+            trade("COINBASE", "X", 12),      // NORMAL
+            trade("COINBASE", "X", 13),      // NORMAL
+            trade("ASX", "QBE", 14),         // HIGH
+            trade("BINANCE", "SUIUSDT", 16), // NORMAL (15 was a dead letter)
+        ]
+    }
+
+    #[test]
+    fn aggressive_sheds_normal_priority_into_one_ranged_entry() {
+        let tiers = TierTable::new(&SheddingConfig::default());
+        let (kept, entries) = shed(chunk(), DegradationLevel::Aggressive, &tiers, "t");
+        let kept: Vec<i64> = kept.iter().map(|t| t.offset).collect();
+        assert_eq!(kept, vec![10, 11, 14]);
+        assert_eq!(entries.len(), 1);
+        let entry = &entries[0];
+        assert_eq!(entry.entry_id, "t/3/12/NORMAL");
+        assert_eq!(entry.offsets.to_string(), "12-13,16");
+        assert_eq!(entry.records, 3);
+        assert_eq!(
+            (entry.priority, entry.level),
+            (Priority::Normal, DegradationLevel::Aggressive)
+        );
+    }
+
+    #[test]
+    fn circuit_break_keeps_only_critical_and_soft_keeps_everything() {
+        let tiers = TierTable::new(&SheddingConfig::default());
+        let (kept, entries) = shed(chunk(), DegradationLevel::CircuitBreak, &tiers, "t");
+        assert_eq!(kept.iter().map(|t| t.offset).collect::<Vec<_>>(), vec![10]);
+        let by_priority: Vec<(Priority, String)> = entries
+            .iter()
+            .map(|e| (e.priority, e.offsets.to_string()))
+            .collect();
+        assert_eq!(
+            by_priority,
+            vec![
+                (Priority::Normal, "12-13,16".to_string()),
+                (Priority::High, "11,14".to_string()),
+            ]
+        );
+        let (kept, entries) = shed(chunk(), DegradationLevel::Soft, &tiers, "t");
+        assert_eq!((kept.len(), entries.len()), (6, 0));
     }
 }

@@ -45,6 +45,8 @@ pub struct LaneStatus {
     pub consumed: std::sync::atomic::AtomicU64,
     pub dead_letters: std::sync::atomic::AtomicU64,
     pub lost_records: std::sync::atomic::AtomicU64,
+    /// Estimated bytes of rows the lane's batcher holds.
+    pub buffered_bytes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]

@@ -106,10 +106,12 @@ pub struct SequencerParams {
     pub downstream: ChunkSink,
     pub failures: Recipient<LaneFailed>,
     pub mailbox_capacity: usize,
+    pub faults: Arc<crate::faults::Faults>,
 }
 
 pub struct Sequencer {
     params: SequencerParams,
+    _panic: crate::actors::PanicReport,
     events: Vec<SequenceEvent>,
     /// Offset after the last chunk seen (for events reported at flush).
     next_offset: Option<i64>,
@@ -119,6 +121,11 @@ pub struct Sequencer {
 impl Sequencer {
     pub fn new(params: SequencerParams) -> Self {
         Self {
+            _panic: crate::actors::PanicReport {
+                lane: params.lane,
+                stage: "sequencer",
+                supervisor: params.failures.clone(),
+            },
             params,
             events: Vec::new(),
             next_offset: None,
@@ -189,6 +196,7 @@ impl Handler<TradeChunk> for Sequencer {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
+        self.params.faults.check_panic("sequencer", chunk.lane.partition);
         let now = now_us();
         let state = self.params.state.clone();
         let mut state = lock(&state);

@@ -1,12 +1,22 @@
-//! Owns the lanes: starts one per assigned partition, stops them when their
+//! Owns the lanes and the degradation level.
+//!
+//! Lanes: starts one per assigned partition, stops them when their
 //! partitions leave, rebuilds a failed lane from the last committed offsets
 //! (with backoff, at most `max_restarts` in `restart_window`, after which the
 //! lane is marked failed while the others keep running), relays what the
 //! committer made durable to the Kafka group, and reports the pipeline's
 //! state for `/v1/pipeline`.
+//!
+//! Level: every `degradation.tick_ms` it samples the signals (lag, memory,
+//! batcher bytes, commit latency and failures, the circuit breakers), moves
+//! the level with hysteresis ([`Degradation`]) and broadcasts every change
+//! as [`LevelChanged`] to the committer and every lane's shedder and
+//! batcher. While commits fail it pauses the partitions' consumption
+//! (librdkafka pause/resume), so memory stays flat and lag grows instead.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -16,12 +26,16 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use crate::actors::iceberg_committer::{
-    CommitterStatus, GetCommitterStatus, IcebergCommitter, RegisterLane, ReleasePartitions,
+    CommitHealth, CommitterStatus, GetCommitterStatus, IcebergCommitter, RegisterLane, ReleasePartitions,
 };
 use crate::actors::partition_consumer::LaneStatus;
+use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::config::StartFrom;
+use crate::degradation::{
+    Degradation, DegradationConfig, DegradationLevel, Mode, NEVER, Signal, Signals, Transition,
+};
 use crate::kafka::{self, KafkaConsumer, LaneQueue, PartitionsAssigned, PartitionsRevoked, StrayRecord};
-use crate::messages::{Committed, Flush, LaneFailed, LaneId, StopLane};
+use crate::messages::{Committed, Flush, LaneFailed, LaneId, LevelChanged, StopLane};
 use crate::metrics as m;
 use crate::pipeline::{LaneHandle, LaneShared, LaneStates, spawn_lane};
 
@@ -75,7 +89,36 @@ impl Lane {
     }
 }
 
+/// What the supervisor watches besides the lanes.
+pub struct Health {
+    pub catalog: Arc<CircuitBreaker>,
+    pub storage: Arc<CircuitBreaker>,
+    pub commits: Arc<CommitHealth>,
+}
+
+pub struct SupervisorParams {
+    pub shared: LaneShared,
+    pub consumer: Arc<KafkaConsumer>,
+    pub committer: Addr<IcebergCommitter>,
+    pub start_from: StartFrom,
+    pub restart: RestartPolicy,
+    pub arbiters: Vec<ArbiterHandle>,
+    pub instance: String,
+    pub degradation: DegradationConfig,
+    pub pause_after_failures: u64,
+    pub health: Health,
+}
+
 pub struct Supervisor {
+    degradation: Degradation,
+    tick: Duration,
+    memory_budget: u64,
+    health: Health,
+    pause_after_failures: u64,
+    /// Partitions whose consumption this supervisor paused.
+    paused: BTreeSet<i32>,
+    watermark_query_in_flight: bool,
+    last_watermark_query: Instant,
     shared: LaneShared,
     consumer: Arc<KafkaConsumer>,
     committer: Addr<IcebergCommitter>,
@@ -89,26 +132,203 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(
-        shared: LaneShared,
-        consumer: Arc<KafkaConsumer>,
-        committer: Addr<IcebergCommitter>,
-        start_from: StartFrom,
-        restart: RestartPolicy,
-        arbiters: Vec<ArbiterHandle>,
-        instance: String,
-    ) -> Self {
+    pub fn new(params: SupervisorParams) -> Self {
+        metrics::gauge!(m::DEGRADATION_LEVEL).set(0.0);
         Self {
-            shared,
-            consumer,
-            committer,
-            start_from,
-            restart,
-            arbiters,
+            tick: Duration::from_millis(params.degradation.tick_ms),
+            memory_budget: params.degradation.memory_budget_bytes,
+            degradation: Degradation::new(params.degradation),
+            health: params.health,
+            pause_after_failures: params.pause_after_failures,
+            paused: BTreeSet::new(),
+            watermark_query_in_flight: false,
+            last_watermark_query: Instant::now(),
+            shared: params.shared,
+            consumer: params.consumer,
+            committer: params.committer,
+            start_from: params.start_from,
+            restart: params.restart,
+            arbiters: params.arbiters,
             lanes: BTreeMap::new(),
             next_incarnation: 1,
-            instance,
+            instance: params.instance,
             counters: SupervisorCounters::default(),
+        }
+    }
+
+    /// Samples every signal.
+    fn sample(&self) -> Signals {
+        let (mut total_lag, mut max_lag, mut batcher_bytes) = (0i64, 0i64, 0u64);
+        for lane in self.lanes.values() {
+            let position = lane
+                .handle
+                .as_ref()
+                .map(|h| h.status.position.load(Relaxed))
+                .filter(|p| *p >= 0);
+            if let (Some(high), Some(from)) = (lane.high_watermark, lane.committed.or(position)) {
+                let lag = (high - from).max(0);
+                total_lag += lag;
+                max_lag = max_lag.max(lag);
+            }
+            if let Some(handle) = &lane.handle {
+                batcher_bytes += handle.status.buffered_bytes.load(Relaxed);
+            }
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let commits = &self.health.commits;
+        let breaker = self
+            .health
+            .catalog
+            .state()
+            .max_by_severity(self.health.storage.state());
+        Signals {
+            total_lag_records: total_lag as f64,
+            partition_lag_records: max_lag as f64,
+            memory_ratio: resident_bytes().map_or(0.0, |rss| rss as f64 / self.memory_budget as f64),
+            batcher_bytes: batcher_bytes as f64,
+            commit_latency_ms: commits.latency_ms(now_ms) as f64,
+            commit_failures: commits.consecutive_failures.load(Relaxed) as f64,
+            circuit_breaker: breaker.as_f64(),
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.refresh_watermarks();
+        self.query_paused_watermarks(ctx);
+        let signals = self.sample();
+        for signal in Signal::ALL {
+            metrics::gauge!(m::DEGRADATION_SIGNAL, "signal" => signal.as_str()).set(signals.get(signal));
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if let Some(transition) = self.degradation.observe(signals, Instant::now(), now_ms) {
+            self.announce(transition);
+        }
+        self.pause_or_resume();
+    }
+
+    /// Logs, counts and broadcasts a level change.
+    fn announce(&mut self, t: Transition) {
+        if t.to > t.from {
+            warn!(from = %t.from, to = %t.to, cause = %t.cause, "degradation level raised");
+        } else {
+            info!(from = %t.from, to = %t.to, cause = %t.cause, "degradation level lowered");
+        }
+        metrics::counter!(m::DEGRADATION_TRANSITIONS, "from" => t.from.as_str(), "to" => t.to.as_str())
+            .increment(1);
+        metrics::gauge!(m::DEGRADATION_LEVEL).set(t.to.index() as f64);
+        let msg = LevelChanged { level: t.to };
+        self.committer.do_send(msg);
+        for handle in self.lanes.values().filter_map(|l| l.handle.as_ref()) {
+            handle.shedder.do_send(msg);
+            handle.batcher.do_send(msg);
+        }
+    }
+
+    /// Pauses every lane's partition while commits (or the breakers) are
+    /// failing; resumes them once a commit succeeds.
+    fn pause_or_resume(&mut self) {
+        let failing = self.health.commits.consecutive_failures.load(Relaxed) >= self.pause_after_failures
+            || self.health.catalog.state() != BreakerState::Closed
+            || self.health.storage.state() != BreakerState::Closed;
+        let topic = &self.shared.topic;
+        if failing {
+            let to_pause: Vec<i32> = self
+                .lanes
+                .iter()
+                .filter(|(p, l)| l.handle.is_some() && !self.paused.contains(*p))
+                .map(|(p, _)| *p)
+                .collect();
+            if to_pause.is_empty() {
+                return;
+            }
+            let mut tpl = TopicPartitionList::new();
+            for &partition in &to_pause {
+                tpl.add_partition(topic, partition);
+            }
+            match self.consumer.pause(&tpl) {
+                Ok(()) => {
+                    warn!(partitions = ?to_pause, "commits are failing; pausing consumption until one succeeds");
+                    self.paused.extend(to_pause);
+                }
+                Err(err) => warn!(error = %err, "failed to pause partitions"),
+            }
+        } else if !self.paused.is_empty() {
+            let resume: Vec<i32> = std::mem::take(&mut self.paused).into_iter().collect();
+            self.resume(&resume);
+            info!(partitions = ?resume, "commits succeed again; resumed consumption");
+        }
+        metrics::gauge!(m::PARTITIONS_PAUSED).set(self.paused.len() as f64);
+    }
+
+    /// librdkafka's cached high watermark moves only with fetch responses,
+    /// and a paused partition is not fetched: ask the broker (off the actor
+    /// thread, at most once a second) so the lag of paused partitions keeps
+    /// growing where the level can see it.
+    fn query_paused_watermarks(&mut self, ctx: &mut Context<Self>) {
+        if self.paused.is_empty()
+            || self.watermark_query_in_flight
+            || self.last_watermark_query.elapsed() < Duration::from_secs(1)
+        {
+            return;
+        }
+        self.watermark_query_in_flight = true;
+        self.last_watermark_query = Instant::now();
+        let consumer = self.consumer.clone();
+        let topic = self.shared.topic.clone();
+        let partitions: Vec<i32> = self.paused.iter().copied().collect();
+        let query = tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .filter_map(|p| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&topic, p, Duration::from_secs(2))
+                        .ok()?;
+                    Some((p, high))
+                })
+                .collect::<Vec<_>>()
+        });
+        ctx.spawn(query.into_actor(self).map(|result, act, _| {
+            act.watermark_query_in_flight = false;
+            for (partition, high) in result.unwrap_or_default() {
+                if let Some(lane) = act.lanes.get_mut(&partition) {
+                    lane.high_watermark = Some(lane.high_watermark.map_or(high, |h| h.max(high)));
+                }
+            }
+        }));
+    }
+
+    fn resume(&self, partitions: &[i32]) {
+        let mut tpl = TopicPartitionList::new();
+        for &partition in partitions {
+            tpl.add_partition(&self.shared.topic, partition);
+        }
+        if let Err(err) = self.consumer.resume(&tpl) {
+            warn!(error = %err, "failed to resume partitions");
+        }
+    }
+
+    fn degradation_view(&self) -> DegradationView {
+        let d = &self.degradation;
+        let config = d.config();
+        let finite = |values: &[f64; 4]| values.map(|v| (v < NEVER).then_some(v));
+        DegradationView {
+            level: d.level(),
+            auto_level: d.auto_level(),
+            mode: d.mode().clone(),
+            signals: Signal::ALL
+                .iter()
+                .map(|s| SignalView {
+                    name: s.as_str(),
+                    value: d.last_signals().get(*s),
+                    escalate: finite(&config.thresholds(*s).escalate),
+                    recover: finite(&config.thresholds(*s).recover),
+                })
+                .collect(),
+            cooldown_s: config.cooldown_s,
+            catalog_breaker: self.health.catalog.state(),
+            storage_breaker: self.health.storage.state(),
+            paused_partitions: self.paused.iter().copied().collect(),
+            transitions: d.history().cloned().collect(),
         }
     }
 
@@ -129,6 +349,7 @@ impl Supervisor {
             lane.queue.clone(),
             start_offset,
             states,
+            self.degradation.level(),
             arbiter,
         ));
         lane.state = LaneState::Running;
@@ -140,6 +361,12 @@ impl Supervisor {
     fn publish_lane_count(&self) {
         let running = self.lanes.values().filter(|l| l.handle.is_some()).count();
         metrics::gauge!(m::LANES_ACTIVE).set(running as f64);
+        let failed = self
+            .lanes
+            .values()
+            .filter(|l| l.state == LaneState::Failed)
+            .count();
+        metrics::gauge!(m::LANES_FAILED).set(failed as f64);
     }
 
     /// Rebuilds `partition`'s lane from the table's committed offset.
@@ -257,6 +484,9 @@ impl Supervisor {
             else {
                 continue;
             };
+            // A paused partition's cache stands still; `query_paused_watermarks`
+            // may have seen further.
+            let high = lane.high_watermark.map_or(high, |h| h.max(high));
             lane.high_watermark = Some(high);
             if let Some(committed) = lane.committed {
                 metrics::gauge!(m::CONSUMER_LAG, "partition" => partition.to_string())
@@ -270,7 +500,7 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(Duration::from_secs(1), |act, _| act.refresh_watermarks());
+        ctx.run_interval(self.tick, |act, ctx| act.tick(ctx));
     }
 }
 
@@ -283,6 +513,11 @@ impl Handler<PartitionsAssigned> for Supervisor {
             let partition = queue.partition;
             if let Some(mut old) = self.lanes.remove(&partition) {
                 old.stop();
+            }
+            // A new assignment starts unpaused; the next tick pauses it
+            // again if commits still fail.
+            if self.paused.remove(&partition) {
+                self.resume(&[partition]);
             }
             let id = self.new_lane_id(partition);
             let mut lane = Lane {
@@ -334,6 +569,7 @@ impl Handler<PartitionsRevoked> for Supervisor {
             if let Some(mut lane) = self.lanes.remove(partition) {
                 lane.stop();
             }
+            self.paused.remove(partition);
         }
         self.publish_lane_count();
         let release = self.committer.send(ReleasePartitions {
@@ -426,6 +662,8 @@ pub struct LaneView {
     pub committed_offset: Option<i64>,
     pub high_watermark: Option<i64>,
     pub lag: Option<i64>,
+    /// Consumption paused because commits are failing.
+    pub paused: bool,
     pub consumed: u64,
     pub dead_letters: u64,
     pub lost_records: u64,
@@ -468,6 +706,7 @@ impl Handler<GetPipelineStatus> for Supervisor {
                     lag: l
                         .high_watermark
                         .map(|h| (h - l.committed.or(position).unwrap_or(0)).max(0)),
+                    paused: self.paused.contains(&l.id.partition),
                     consumed: status.map_or(0, |s| s.consumed.load(Relaxed)),
                     dead_letters: status.map_or(0, |s| s.dead_letters.load(Relaxed)),
                     lost_records: status.map_or(0, |s| s.lost_records.load(Relaxed)),
@@ -494,6 +733,94 @@ impl Handler<GetPipelineStatus> for Supervisor {
                 committer,
             })
         })
+    }
+}
+
+/// Resident memory of this process (Linux `/proc/self/status`, `VmRSS`).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `GET /v1/degradation`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DegradationView {
+    pub level: DegradationLevel,
+    /// The level the signals call for (differs from `level` while forced).
+    pub auto_level: DegradationLevel,
+    pub mode: Mode,
+    pub signals: Vec<SignalView>,
+    pub cooldown_s: u64,
+    pub catalog_breaker: BreakerState,
+    pub storage_breaker: BreakerState,
+    pub paused_partitions: Vec<i32>,
+    /// Oldest first, at most 50.
+    pub transitions: Vec<Transition>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SignalView {
+    pub name: &'static str,
+    pub value: f64,
+    /// SOFT, GRACEFUL, AGGRESSIVE, CIRCUIT_BREAK; null: this signal never
+    /// drives that level.
+    pub escalate: [Option<f64>; 4],
+    pub recover: [Option<f64>; 4],
+}
+
+#[derive(Message)]
+#[rtype(result = "DegradationView")]
+pub struct GetDegradation;
+
+impl Handler<GetDegradation> for Supervisor {
+    type Result = MessageResult<GetDegradation>;
+
+    fn handle(&mut self, _: GetDegradation, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.degradation_view())
+    }
+}
+
+/// Force a level (operator override) until cleared or `ttl` passes.
+#[derive(Message)]
+#[rtype(result = "DegradationView")]
+pub struct ForceLevel {
+    pub level: DegradationLevel,
+    pub reason: String,
+    pub ttl: Option<Duration>,
+}
+
+impl Handler<ForceLevel> for Supervisor {
+    type Result = MessageResult<ForceLevel>;
+
+    fn handle(&mut self, msg: ForceLevel, _: &mut Context<Self>) -> Self::Result {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        info!(level = %msg.level, reason = %msg.reason, ttl = ?msg.ttl, "degradation level forced");
+        if let Some(t) = self
+            .degradation
+            .force(msg.level, msg.reason, msg.ttl, Instant::now(), now_ms)
+        {
+            self.announce(t);
+        }
+        MessageResult(self.degradation_view())
+    }
+}
+
+/// Return to the automatic level.
+#[derive(Message)]
+#[rtype(result = "DegradationView")]
+pub struct ClearForce;
+
+impl Handler<ClearForce> for Supervisor {
+    type Result = MessageResult<ClearForce>;
+
+    fn handle(&mut self, _: ClearForce, _: &mut Context<Self>) -> Self::Result {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if let Some(t) = self.degradation.clear_force(now_ms) {
+            self.announce(t);
+        }
+        MessageResult(self.degradation_view())
     }
 }
 

@@ -2,12 +2,12 @@
 //! the offsets the data covers, fenced against concurrent writers.
 //!
 //! Order within an epoch: K2's side tables first (`k2.dead_letters`,
-//! `k2.sequence_gaps`, `k2.probable_duplicates`, each with its own offsets
-//! summary), then trades (in the trades table, whose offsets are the source
+//! `k2.sequence_gaps`, `k2.probable_duplicates`, `k2.shed_ledger`, each with
+//! its own offsets summary), then trades (in the trades table, whose offsets are the source
 //! of truth for restarts). A crash in between replays the epoch: the trades
 //! are written again (their offsets were not recorded) and side rows below a
 //! side table's recorded offset are skipped, so no table holds anything
-//! twice.
+//! twice (the shed ledger writes them again: see `Replayed::Keep`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,7 +23,9 @@ use tracing::{info, warn};
 use super::catalog::{FencedCatalog, is_fence_error};
 use super::offsets::{OffsetsError, TopicOffsets, summary_key};
 use super::tables::TableIdents;
-use super::writer::{TableWriter, dead_letter_batch, probable_duplicates_batch, sequence_events_batch};
+use super::writer::{
+    TableWriter, dead_letter_batch, probable_duplicates_batch, sequence_events_batch, shed_ledger_batch,
+};
 use crate::model::SideRows;
 
 /// How many times one epoch is re-merged after losing a race to another writer.
@@ -51,6 +53,7 @@ pub struct CommitOutcome {
     pub dead_letters: u64,
     pub sequence_events: u64,
     pub probable_duplicates: u64,
+    pub shed_entries: u64,
     pub snapshot_id: Option<i64>,
 }
 
@@ -62,10 +65,25 @@ pub enum CommitError {
     Offsets(#[from] OffsetsError),
     #[error("state store: {0}")]
     State(String),
+    #[error(transparent)]
+    Unavailable(crate::breaker::BreakerOpen),
     #[error("lost the commit race {0} times in a row")]
     TooManyConflicts(usize),
     #[error("failed to build a batch for one of K2's tables: {0}")]
     Arrow(#[from] arrow_schema::ArrowError),
+}
+
+/// What a side table does with rows of a replayed epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replayed {
+    /// The table holds them already: skip them (the replay produces the same rows).
+    Skip,
+    /// Write them again. For the shed ledger: a replay may shed differently
+    /// (the level changed), and a shed record missing from the ledger would
+    /// be lost. Rows of the same shedding carry the same `entry_id`, which
+    /// readers deduplicate on; a row whose records were committed after all
+    /// is harmless (backfill skips trades the table holds).
+    Keep,
 }
 
 pub struct Committer {
@@ -92,6 +110,7 @@ impl Committer {
                 ranges,
                 |side| &side.dead_letters,
                 |row| row.offset,
+                Replayed::Skip,
                 dead_letter_batch,
             )
             .await?;
@@ -101,6 +120,7 @@ impl Committer {
                 ranges,
                 |side| &side.sequence_events,
                 |row| row.reported_offset,
+                Replayed::Skip,
                 sequence_events_batch,
             )
             .await?;
@@ -110,25 +130,38 @@ impl Committer {
                 ranges,
                 |side| &side.probable_duplicates,
                 |row| row.offset,
+                Replayed::Skip,
                 probable_duplicates_batch,
+            )
+            .await?;
+        let shed = self
+            .commit_side(
+                &self.idents.shed_ledger,
+                ranges,
+                |side| &side.shed,
+                |row| row.first_offset(),
+                Replayed::Keep,
+                shed_ledger_batch,
             )
             .await?;
         let mut outcome = self.commit_trades(ranges).await?;
         outcome.dead_letters = dead_letters;
         outcome.sequence_events = sequence_events;
         outcome.probable_duplicates = probable_duplicates;
+        outcome.shed_entries = shed;
         Ok(outcome)
     }
 
-    /// Appends the ranges' rows of one side table, skipping rows at offsets
-    /// the table already records (a replayed epoch), with the offsets they
-    /// cover in its own summary.
+    /// Appends the ranges' rows of one side table, with the offsets they
+    /// cover in its own summary. Rows at offsets the table already records
+    /// (a replayed epoch) are skipped or kept as `replayed` says.
     async fn commit_side<R: Clone>(
         &self,
         ident: &TableIdent,
         ranges: &[PartitionRange],
         rows_of: impl Fn(&SideRows) -> &Vec<R>,
         offset_of: impl Fn(&R) -> i64,
+        replayed: Replayed,
         build_batch: impl Fn(&[R], &SchemaRef) -> Result<RecordBatch, arrow_schema::ArrowError>,
     ) -> Result<u64, CommitError> {
         if ranges.iter().all(|r| rows_of(&r.side).is_empty()) {
@@ -147,7 +180,7 @@ impl Committer {
                 rows.extend(
                     range_rows
                         .iter()
-                        .filter(|r| offset_of(r) >= committed_below)
+                        .filter(|r| replayed == Replayed::Keep || offset_of(r) >= committed_below)
                         .cloned(),
                 );
                 offsets.set(
@@ -244,10 +277,69 @@ impl Committer {
             &self.idents.dead_letters,
             &self.idents.sequence_gaps,
             &self.idents.probable_duplicates,
+            &self.idents.shed_ledger,
         ] {
             expire(self.catalog.as_ref(), ident, retain).await?;
         }
         Ok(())
+    }
+
+    /// Appends `files` to `base` in a snapshot whose summary carries every
+    /// `k2.offsets.*` key of `base`'s snapshot forward unchanged, plus
+    /// `properties`. For writers that add rows without consuming Kafka
+    /// (`k2 backfill`): the offsets say where the pipeline resumes, and such
+    /// a commit must not move them. One attempt, fenced like every commit:
+    /// refused ([`is_fence_error`]) if the table moved past `base`.
+    pub async fn append_keeping_offsets(
+        &self,
+        base: &Table,
+        files: Vec<DataFile>,
+        properties: &HashMap<String, String>,
+    ) -> iceberg::Result<Table> {
+        let mut summary = properties.clone();
+        if let Some(snapshot) = base.metadata().current_snapshot() {
+            summary.extend(
+                snapshot
+                    .summary()
+                    .additional_properties
+                    .iter()
+                    .filter(|(key, _)| key.starts_with(super::offsets::OFFSETS_KEY_PREFIX))
+                    .map(|(key, value)| (key.clone(), value.clone())),
+            );
+        }
+        let tx = Transaction::new(base);
+        let tx = tx
+            .fast_append()
+            .add_data_files(files)
+            .with_check_duplicate(false)
+            .set_snapshot_properties(summary)
+            .apply(tx)?;
+        tx.commit(&FencedCatalog::new(self.catalog.as_ref(), base)).await
+    }
+
+    /// [`Committer::append_keeping_offsets`] onto the newest snapshot of
+    /// `ident`: when another writer commits first, reloads the table, takes
+    /// its offsets as they now stand and appends again.
+    pub async fn append_keeping_offsets_retrying(
+        &self,
+        ident: &TableIdent,
+        files: Vec<DataFile>,
+        properties: &HashMap<String, String>,
+    ) -> Result<Table, CommitError> {
+        for _ in 0..MAX_FENCE_RETRIES {
+            let base = self.catalog.load_table(ident).await?;
+            match self
+                .append_keeping_offsets(&base, files.clone(), properties)
+                .await
+            {
+                Ok(table) => return Ok(table),
+                Err(err) if is_fence_error(&err) => {
+                    warn!(table = %ident, "append lost a race to another writer, retrying on the new snapshot");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(CommitError::TooManyConflicts(MAX_FENCE_RETRIES))
     }
 }
 

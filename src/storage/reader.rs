@@ -1,12 +1,15 @@
 //! Reading K2's tables back: for verdicts, tests and tools that check what a
 //! table holds.
 
+use std::collections::HashSet;
+
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use futures::TryStreamExt;
 use iceberg::table::Table;
 
 use crate::model::{SequenceEventRow, TradeKey};
+use crate::shedding::{LedgerAction, ShedEntry};
 
 /// Trade keys read back from `market.trades`.
 #[derive(Debug, Default)]
@@ -152,6 +155,122 @@ pub async fn scan_sequence_events(
                 offset: offset.value(row),
                 reported_offset: reported.value(row),
                 detected_at_us: detected.value(row),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Which of `wanted` the trades table's rows matching `filter` hold.
+/// Streams the scan, so memory follows `wanted`, not the table.
+pub async fn find_trade_keys(
+    table: &Table,
+    filter: iceberg::expr::Predicate,
+    wanted: &HashSet<TradeKey>,
+) -> iceberg::Result<HashSet<TradeKey>> {
+    let mut found = HashSet::new();
+    if wanted.is_empty() || table.metadata().current_snapshot().is_none() {
+        return Ok(found);
+    }
+    // Most rows are not wanted: their trade id alone says so, without
+    // building an owned key for each.
+    let wanted_ids: HashSet<&str> = wanted.iter().map(|(_, _, id)| id.as_str()).collect();
+    let mut stream = table
+        .scan()
+        .with_filter(filter)
+        .select(["exchange", "symbol", "trade_id"])
+        .build()?
+        .to_arrow()
+        .await?;
+    while let Some(batch) = stream.try_next().await? {
+        let exchange = column(&batch, "exchange")?.as_string::<i32>();
+        let symbol = column(&batch, "symbol")?.as_string::<i32>();
+        let trade_id = column(&batch, "trade_id")?.as_string::<i32>();
+        for row in 0..batch.num_rows() {
+            if !wanted_ids.contains(trade_id.value(row)) {
+                continue;
+            }
+            let key = (
+                exchange.value(row).to_string(),
+                symbol.value(row).to_string(),
+                trade_id.value(row).to_string(),
+            );
+            if wanted.contains(&key) {
+                found.insert(key);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Scans every row of `k2.shed_ledger` (both actions, repeated entry ids
+/// included: see `backfill::open_entries` for what is still to do).
+pub async fn scan_shed_ledger(table: &Table) -> iceberg::Result<Vec<ShedEntry>> {
+    use arrow_array::Array;
+    use arrow_array::types::{Int32Type, TimestampMicrosecondType};
+
+    if table.metadata().current_snapshot().is_none() {
+        return Ok(Vec::new());
+    }
+    let mut stream = table
+        .scan()
+        .select([
+            "entry_id",
+            "action",
+            "topic",
+            "partition",
+            "offsets",
+            "records",
+            "priority",
+            "level",
+            "detail",
+            "recorded_at",
+        ])
+        .build()?
+        .to_arrow()
+        .await?;
+    let mut rows = Vec::new();
+    while let Some(batch) = stream.try_next().await? {
+        let text = |name: &str| column(&batch, name).map(|c| c.as_string::<i32>().clone());
+        let (entry_id, action, topic) = (text("entry_id")?, text("action")?, text("topic")?);
+        let (offsets, priority, level, detail) = (
+            text("offsets")?,
+            text("priority")?,
+            text("level")?,
+            text("detail")?,
+        );
+        let partition = column(&batch, "partition")?.as_primitive::<Int32Type>().clone();
+        let records = column(&batch, "records")?.as_primitive::<Int64Type>().clone();
+        let recorded_at = column(&batch, "recorded_at")?
+            .as_primitive::<TimestampMicrosecondType>()
+            .clone();
+        for row in 0..batch.num_rows() {
+            let id = entry_id.value(row);
+            let invalid = |column: &str, reason: String| {
+                iceberg::Error::new(
+                    iceberg::ErrorKind::DataInvalid,
+                    format!("k2.shed_ledger entry `{id}`: column `{column}`: {reason}"),
+                )
+            };
+            let records = records.value(row);
+            rows.push(ShedEntry {
+                entry_id: id.to_string(),
+                action: action
+                    .value(row)
+                    .parse::<LedgerAction>()
+                    .map_err(|e| invalid("action", e))?,
+                topic: topic.value(row).to_string(),
+                partition: partition.value(row),
+                offsets: offsets.value(row).parse().map_err(|e| invalid("offsets", e))?,
+                records: u64::try_from(records)
+                    .map_err(|_| invalid("records", format!("negative count {records}")))?,
+                priority: priority.value(row).parse().map_err(|e| invalid("priority", e))?,
+                level: level
+                    .value(row)
+                    .parse()
+                    .map_err(|e: crate::degradation::UnknownLevel| invalid("level", e.to_string()))?,
+                detail: (!detail.is_null(row)).then(|| detail.value(row).to_string()),
+                recorded_at_us: recorded_at.value(row),
             });
         }
     }

@@ -13,6 +13,7 @@ pub const TRADES_TABLE: &str = "trades";
 pub const DEAD_LETTERS_TABLE: &str = "dead_letters";
 pub const SEQUENCE_GAPS_TABLE: &str = "sequence_gaps";
 pub const PROBABLE_DUPLICATES_TABLE: &str = "probable_duplicates";
+pub const SHED_LEDGER_TABLE: &str = "shed_ledger";
 
 /// The tables one pipeline writes.
 #[derive(Debug, Clone)]
@@ -21,6 +22,7 @@ pub struct TableIdents {
     pub dead_letters: TableIdent,
     pub sequence_gaps: TableIdent,
     pub probable_duplicates: TableIdent,
+    pub shed_ledger: TableIdent,
 }
 
 impl TableIdents {
@@ -33,6 +35,7 @@ impl TableIdents {
             dead_letters: k2_table(DEAD_LETTERS_TABLE),
             sequence_gaps: k2_table(SEQUENCE_GAPS_TABLE),
             probable_duplicates: k2_table(PROBABLE_DUPLICATES_TABLE),
+            shed_ledger: k2_table(SHED_LEDGER_TABLE),
         }
     }
 }
@@ -154,6 +157,31 @@ pub fn probable_duplicates_schema() -> Schema {
         .expect("the probable-duplicates schema is statically valid")
 }
 
+/// `k2.shed_ledger`: what load shedding left out of the trades table (one
+/// row per partition, priority and chunk, offsets as ranges) and the
+/// backfills that restored it (`action = "backfilled"`, same `entry_id`).
+pub fn shed_ledger_schema() -> Schema {
+    let fields = vec![
+        NestedField::required(1, "entry_id", string()),
+        NestedField::required(2, "action", string()),
+        NestedField::required(3, "topic", string()),
+        NestedField::required(4, "partition", Type::Primitive(PrimitiveType::Int)),
+        NestedField::required(5, "first_offset", long()),
+        NestedField::required(6, "last_offset", long()),
+        NestedField::required(7, "offsets", string()),
+        NestedField::required(8, "records", long()),
+        NestedField::required(9, "priority", string()),
+        NestedField::required(10, "level", string()),
+        NestedField::optional(11, "detail", string()),
+        NestedField::required(12, "recorded_at", timestamptz()),
+    ];
+    Schema::builder()
+        .with_schema_id(0)
+        .with_fields(fields.into_iter().map(Arc::new))
+        .build()
+        .expect("the shed-ledger schema is statically valid")
+}
+
 /// Create the namespaces and tables that do not exist yet. Safe to run from
 /// several processes at once: a creation that loses the race is not an error.
 pub async fn ensure_tables(catalog: &dyn Catalog, idents: &TableIdents) -> iceberg::Result<()> {
@@ -162,6 +190,7 @@ pub async fn ensure_tables(catalog: &dyn Catalog, idents: &TableIdents) -> icebe
         (&idents.dead_letters, dead_letters_schema(), None),
         (&idents.sequence_gaps, sequence_gaps_schema(), None),
         (&idents.probable_duplicates, probable_duplicates_schema(), None),
+        (&idents.shed_ledger, shed_ledger_schema(), None),
     ];
     for (ident, schema, spec) in wanted {
         let namespace = ident.namespace();

@@ -31,6 +31,7 @@ use parquet::file::properties::WriterProperties;
 use crate::model::{
     DECIMAL_PRECISION, DECIMAL_SCALE, DeadLetter, ProbableDuplicate, SequenceEventRow, Trade,
 };
+use crate::shedding::ShedEntry;
 
 const UTC: &str = "+00:00";
 
@@ -208,6 +209,42 @@ pub fn probable_duplicates_batch(
         Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
         Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.kept)))),
         timestamps(rows.iter().map(|r| r.detected_at_us)),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// Builds a `k2.shed_ledger` batch.
+pub fn shed_ledger_batch(
+    rows: &[ShedEntry],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.entry_id))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.action.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.topic))),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.offsets.first().unwrap_or_default()),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.offsets.last().unwrap_or_default()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.offsets.to_string()),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rows.iter().map(|r| r.records as i64),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.priority.as_str()),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| r.level.as_str()),
+        )),
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.detail.as_deref()))),
+        timestamps(rows.iter().map(|r| r.recorded_at_us)),
     ];
     RecordBatch::try_new(schema.clone(), columns)
 }

@@ -1,6 +1,7 @@
 //! The HTTP control plane (actix-web): health, readiness, Prometheus metrics
 //! and the pipeline view. Routes are wired here; one file per resource.
 
+mod degradation;
 mod health;
 mod pipeline;
 mod sequence;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub catalog: Arc<dyn Catalog>,
     pub tables: TableIdents,
+    /// Required by mutating endpoints (`X-API-Key`); None refuses them.
+    pub api_key: Option<String>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -33,7 +36,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/ready", web::get().to(health::ready))
         .route("/metrics", web::get().to(health::metrics))
         .route("/v1/pipeline", web::get().to(pipeline::get_pipeline))
-        .route("/v1/sequence/gaps", web::get().to(sequence::get_gaps));
+        .route("/v1/sequence/gaps", web::get().to(sequence::get_gaps))
+        .route("/v1/degradation", web::get().to(degradation::get_degradation))
+        .route("/v1/degradation", web::put().to(degradation::put_degradation))
+        .route(
+            "/v1/degradation",
+            web::delete().to(degradation::delete_degradation),
+        );
 }
 
 /// Binds the server (port 0 picks a free port) and returns it with the

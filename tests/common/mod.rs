@@ -242,3 +242,50 @@ pub fn stop_k2(mut child: Child, dir: &Path, name: &str) {
         process_log(dir, name)
     );
 }
+
+/// Produces `total` trades at `rate` in the background, recording their ids.
+pub fn spawn_loadgen(
+    bootstrap: &str,
+    ids: &std::path::Path,
+    total: u64,
+    rate: u64,
+) -> actix_rt::task::JoinHandle<anyhow::Result<k2::loadgen::LoadgenReport>> {
+    let params = k2::loadgen::LoadgenParams {
+        brokers: bootstrap.to_string(),
+        topic: TOPIC.to_string(),
+        rate,
+        duration: None,
+        total: Some(total),
+        ids_file: Some(ids.to_path_buf()),
+        generator: k2::loadgen::GeneratorParams {
+            seed: 11,
+            ..k2::loadgen::GeneratorParams::default()
+        },
+        progress: false,
+    };
+    actix_rt::spawn(k2::loadgen::run_loadgen(params, futures::future::pending()))
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("HTTP server reachable");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).expect("request sent");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response read");
+    let status = response[9..12].parse().expect("status code");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

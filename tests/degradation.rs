@@ -1,0 +1,393 @@
+//! Degradation and supervision, black box: levels forced over HTTP during
+//! ingestion shed by priority into `k2.shed_ledger` exactly and backfill
+//! restores it; a catalog outage pauses consumption and loses nothing; a
+//! panicking stage rebuilds its lane, and a lane that keeps failing is
+//! marked failed while the others run on.
+//!
+//! The shedding counters are read from the process's metrics, so the tests
+//! that shed live in this file alone (one test binary, one recorder).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use common::{assert_exactly_once, http, read_ids, read_tables, spawn_loadgen, wait_for};
+use k2::backfill::{BackfillOptions, backfill};
+use k2::pipeline::Pipeline;
+use k2::shedding::{LedgerAction, ShedEntry};
+use k2::storage::catalog::open_catalog;
+use k2::storage::reader::scan_shed_ledger;
+use k2::storage::tables::TableIdents;
+use k2::web::{self, AppState};
+
+const KEY: &str = "test-key-0123456789abcdef";
+
+/// Serves the control plane of `pipeline` on a free port.
+fn serve(pipeline: &Pipeline, api_key: Option<&str>) -> String {
+    let (server, addr) = web::serve(
+        AppState {
+            supervisor: pipeline.supervisor.clone(),
+            metrics: k2::metrics::install(),
+            catalog: pipeline.catalog.clone(),
+            tables: pipeline.tables.clone(),
+            api_key: api_key.map(str::to_string),
+        },
+        "127.0.0.1:0",
+    )
+    .expect("HTTP server binds");
+    actix_rt::spawn(server);
+    addr.to_string()
+}
+
+async fn request(addr: &str, method: &str, body: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    let (addr, method, body) = (addr.to_string(), method.to_string(), body.to_string());
+    let key = key.map(str::to_string);
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        let headers: Vec<(&str, &str)> = key.iter().map(|k| ("X-API-Key", k.as_str())).collect();
+        let mut headers = headers;
+        headers.push(("Content-Type", "application/json"));
+        http(&addr, &method, "/v1/degradation", &headers, &body)
+    })
+    .await
+    .unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, json)
+}
+
+/// `k2_shed_records_total` by priority, from the metrics text.
+fn shed_metric_by_priority() -> BTreeMap<String, u64> {
+    let text = k2::metrics::install().render();
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| l.starts_with("k2_shed_records_total{")) {
+        let labels = &line[line.find('{').unwrap() + 1..line.find('}').unwrap()];
+        let priority = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("priority=\""))
+            .map(|p| p.trim_end_matches('"').to_string())
+            .unwrap();
+        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        *out.entry(priority).or_default() += value as u64;
+    }
+    out
+}
+
+/// The ledger's "shed" entries, one per entry id.
+async fn shed_entries(config: &k2::config::K2Config, dir: &std::path::Path) -> Vec<ShedEntry> {
+    let catalog = open_catalog(&config.catalog, dir).await.unwrap();
+    let idents = TableIdents::new(&config.catalog.namespace);
+    let table = catalog.load_table(&idents.shed_ledger).await.unwrap();
+    let mut seen = HashSet::new();
+    scan_shed_ledger(&table)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == LedgerAction::Shed && seen.insert(e.entry_id.clone()))
+        .collect()
+}
+
+#[actix_rt::test]
+async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_restores_every_trade() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(8);
+    let ids = dir.path().join("ids.csv");
+    let config = common::config(dir.path(), "k2-degrade");
+    let pipeline = common::start(&config, &broker, dir.path(), "degrade").await;
+    let addr = serve(&pipeline, Some(KEY));
+
+    // Mutations are guarded, and bad requests say what is wrong.
+    let force = r#"{"level": "AGGRESSIVE", "reason": "drill", "ttl_s": 300}"#;
+    let (status, body) = request(&addr, "PUT", force, None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = request(&addr, "PUT", force, Some("wrong-key-0123456789")).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = request(&addr, "PUT", r#"{"level": "PANIC", "reason": "x"}"#, Some(KEY)).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("`PANIC`"), "{body}");
+    let (status, body) = request(&addr, "PUT", r#"{"level": "SOFT"}"#, Some(KEY)).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("reason"), "{body}");
+    let (status, body) = request(&addr, "DELETE", "", Some("wrong-key-0123456789")).await;
+    assert_eq!(status, 403, "{body}");
+
+    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 60_000, 10_000);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (status, body) = request(&addr, "PUT", force, Some(KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["level"], "AGGRESSIVE");
+    assert_eq!(body["mode"]["mode"], "forced");
+    assert_eq!(body["mode"]["reason"], "drill");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let circuit = r#"{"level": "CIRCUIT_BREAK", "reason": "drill 2"}"#;
+    let (status, body) = request(&addr, "PUT", circuit, Some(KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (status, body) = request(&addr, "DELETE", "", Some(KEY)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mode"]["mode"], "auto");
+    let (status, body) = request(&addr, "GET", "", None).await;
+    assert_eq!(status, 200);
+    let transitions: Vec<(String, String)> = body["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["from"].as_str().unwrap().into(),
+                t["to"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        transitions.starts_with(&[
+            ("NORMAL".into(), "AGGRESSIVE".into()),
+            ("AGGRESSIVE".into(), "CIRCUIT_BREAK".into()),
+        ]),
+        "{transitions:?}"
+    );
+    assert_eq!(body["signals"].as_array().unwrap().len(), 7);
+
+    loadgen.await.unwrap().unwrap();
+    let produced = read_ids(&ids);
+    wait_for(Duration::from_secs(120), "every record accounted for", || async {
+        let status = pipeline.status().await.unwrap();
+        let high: i64 = status.lanes.iter().filter_map(|l| l.high_watermark).sum();
+        let committed: i64 = status.committer.committed_offsets.values().sum();
+        high > 0 && committed >= high
+    })
+    .await;
+    pipeline.shutdown().await.unwrap();
+
+    // What was shed, by priority, is exactly what the ledger holds.
+    let entries = shed_entries(&config, dir.path()).await;
+    let mut ledger: BTreeMap<String, u64> = BTreeMap::new();
+    for entry in &entries {
+        assert_eq!(entry.records, entry.offsets.count());
+        *ledger.entry(entry.priority.to_string()).or_default() += entry.records;
+    }
+    let metric = shed_metric_by_priority();
+    assert_eq!(ledger, metric, "ledger by priority != shed counters");
+    assert!(ledger.get("NORMAL").copied().unwrap_or(0) > 0, "{ledger:?}");
+    assert!(ledger.get("HIGH").copied().unwrap_or(0) > 0, "{ledger:?}");
+    assert!(!ledger.contains_key("CRITICAL"), "tier 1 is never shed");
+
+    // Shed records are not in the trades table; together with it they are
+    // every produced trade.
+    let contents = read_tables(&config, dir.path()).await;
+    let shed_positions: HashSet<(i32, i64)> = entries
+        .iter()
+        .flat_map(|e| e.offsets.iter().map(move |o| (e.partition, o)))
+        .collect();
+    let written: HashSet<(i32, i64)> = contents.trades.positions.iter().copied().collect();
+    assert!(
+        shed_positions.is_disjoint(&written),
+        "a shed record was also written"
+    );
+    assert_eq!(
+        (shed_positions.len() + written.len()) as u64,
+        produced.len() as u64,
+        "shed + written != produced"
+    );
+
+    // Backfill restores every trade exactly once; a second run changes nothing.
+    let report = backfill(
+        &config,
+        broker.bootstrap_servers(),
+        dir.path(),
+        BackfillOptions {
+            dry_run: false,
+            progress: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.entries_closed as usize, entries.len());
+    assert_eq!(report.records_committed as usize, shed_positions.len());
+    let contents = read_tables(&config, dir.path()).await;
+    assert_exactly_once(&contents, &produced);
+    let before = snapshot_ids(&config, dir.path()).await;
+    let again = backfill(
+        &config,
+        broker.bootstrap_servers(),
+        dir.path(),
+        BackfillOptions {
+            dry_run: false,
+            progress: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.entries_closed, again.records_committed), (0, 0));
+    assert_eq!(
+        snapshot_ids(&config, dir.path()).await,
+        before,
+        "a second backfill committed"
+    );
+}
+
+async fn snapshot_ids(config: &k2::config::K2Config, dir: &std::path::Path) -> Vec<Option<i64>> {
+    let catalog = open_catalog(&config.catalog, dir).await.unwrap();
+    let idents = TableIdents::new(&config.catalog.namespace);
+    let mut out = Vec::new();
+    for ident in [&idents.trades, &idents.shed_ledger] {
+        let table = catalog.load_table(ident).await.unwrap();
+        out.push(table.metadata().current_snapshot_id());
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn a_catalog_outage_pauses_consumption_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(4);
+    let ids = dir.path().join("ids.csv");
+    let mut config = common::config(dir.path(), "k2-outage");
+    config.breaker.open_ms = 500;
+    let pipeline = common::start(&config, &broker, dir.path(), "outage").await;
+    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 40_000, 8_000);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+
+    pipeline.faults.set_catalog_down(true);
+    let rows_at_outage = pipeline.status().await.unwrap().committer.rows_committed;
+    wait_for(Duration::from_secs(30), "partitions paused", || async {
+        let status = pipeline.status().await.unwrap();
+        !status.lanes.is_empty() && status.lanes.iter().all(|l| l.paused)
+    })
+    .await;
+    let view = pipeline
+        .supervisor
+        .send(k2::actors::supervisor::GetDegradation)
+        .await
+        .unwrap();
+    assert!(!view.paused_partitions.is_empty());
+    // Paused lanes stop moving while the producer keeps going: lag grows.
+    let positions = |s: &k2::actors::supervisor::PipelineStatus| -> Vec<Option<i64>> {
+        s.lanes.iter().map(|l| l.position).collect()
+    };
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let first = pipeline.status().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let second = pipeline.status().await.unwrap();
+    assert_eq!(
+        positions(&first),
+        positions(&second),
+        "paused lanes kept consuming"
+    );
+    let lag = |s: &k2::actors::supervisor::PipelineStatus| s.lanes.iter().filter_map(|l| l.lag).sum::<i64>();
+    assert!(lag(&second) > lag(&first), "lag must grow during the outage");
+    assert_eq!(
+        second.committer.rows_committed, rows_at_outage,
+        "nothing commits while down"
+    );
+    let view = pipeline
+        .supervisor
+        .send(k2::actors::supervisor::GetDegradation)
+        .await
+        .unwrap();
+    assert_eq!(view.catalog_breaker, k2::breaker::BreakerState::Open);
+    assert!(
+        view.level >= k2::degradation::DegradationLevel::Soft,
+        "{:?}",
+        view.level
+    );
+
+    pipeline.faults.set_catalog_down(false);
+    loadgen.await.unwrap().unwrap();
+    let produced = read_ids(&ids);
+    let expected = produced.len() as u64;
+    wait_for(
+        Duration::from_secs(120),
+        "every trade committed after the outage",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            status.committer.rows_committed >= expected && status.lanes.iter().all(|l| !l.paused)
+        },
+    )
+    .await;
+    pipeline.shutdown().await.unwrap();
+    assert_exactly_once(&read_tables(&config, dir.path()).await, &produced);
+}
+
+#[actix_rt::test]
+async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_marked_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(4);
+    let ids = dir.path().join("ids.csv");
+    let mut config = common::config(dir.path(), "k2-panic");
+    config.lanes.max_restarts = 1;
+    let pipeline = common::start(&config, &broker, dir.path(), "panic").await;
+    let addr = serve(&pipeline, None);
+    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 30_000, 10_000);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    pipeline.faults.arm_panic("deduplicator", 0);
+    wait_for(
+        Duration::from_secs(30),
+        "the lane rebuilt after the panic",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            status.lanes.iter().any(|l| {
+                l.partition == 0 && l.restarts == 1 && l.state == k2::actors::supervisor::LaneState::Running
+            })
+        },
+    )
+    .await;
+    loadgen.await.unwrap().unwrap();
+    let produced = read_ids(&ids);
+    let expected = produced.len() as u64;
+    wait_for(Duration::from_secs(120), "every trade committed", || async {
+        pipeline.status().await.unwrap().committer.rows_committed >= expected
+    })
+    .await;
+
+    // A second failure within the window exceeds max_restarts = 1.
+    pipeline.faults.arm_panic("batcher", 0);
+    let more = dir.path().join("more.csv");
+    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &more, 10_000, 10_000);
+    wait_for(Duration::from_secs(30), "the lane marked failed", || async {
+        pipeline.status().await.unwrap().failed_lanes == 1
+    })
+    .await;
+    loadgen.await.unwrap().unwrap();
+    let status = pipeline.status().await.unwrap();
+    let failed: Vec<i32> = status
+        .lanes
+        .iter()
+        .filter(|l| l.state == k2::actors::supervisor::LaneState::Failed)
+        .map(|l| l.partition)
+        .collect();
+    assert_eq!(failed, vec![0]);
+    assert_eq!(status.lane_restarts, 1);
+    let (code, body) = tokio::task::spawn_blocking(move || http(&addr, "GET", "/ready", &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    // The other lanes keep running: their partitions are committed to the end.
+    wait_for(Duration::from_secs(60), "the healthy lanes caught up", || async {
+        let status = pipeline.status().await.unwrap();
+        status.lanes.iter().filter(|l| l.partition != 0).all(|l| {
+            l.high_watermark.is_some()
+                && status.committer.committed_offsets.get(&l.partition) >= l.high_watermark.as_ref()
+        })
+    })
+    .await;
+    pipeline.shutdown().await.unwrap();
+    // Everything committed before the failure is there exactly once.
+    let contents = read_tables(&config, dir.path()).await;
+    let distinct: HashSet<_> = contents.trades.keys.iter().collect();
+    assert_eq!(distinct.len(), contents.trades.keys.len(), "duplicates");
+    assert!(
+        produced.iter().all(|k| distinct.contains(k)),
+        "a trade of the first batch is missing"
+    );
+    let by_partition: HashMap<i32, usize> =
+        contents
+            .trades
+            .positions
+            .iter()
+            .fold(HashMap::new(), |mut m, (p, _)| {
+                *m.entry(*p).or_default() += 1;
+                m
+            });
+    assert!(by_partition.len() >= 3);
+}
