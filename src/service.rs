@@ -236,7 +236,8 @@ fn progress_line(status: &crate::actors::supervisor::PipelineStatus, elapsed: Du
     let lag: i64 = status.lanes.iter().filter_map(|l| l.lag).sum();
     let rate = consumed as f64 / elapsed.as_secs_f64().max(0.001);
     format!(
-        "lanes {} | consumed {consumed} ({rate:.0}/s) | committed {} rows in {} commits | dead letters {} | lag {lag} | restarts {}",
+        "{} | lanes {} | consumed {consumed} ({rate:.0}/s) | committed {} rows in {} commits | dead letters {} | lag {lag} | restarts {}",
+        status.degradation_level,
         status.lanes.len(),
         status.committer.rows_committed,
         status.committer.commits,

@@ -678,6 +678,8 @@ pub struct PipelineStatus {
     pub lanes: Vec<LaneView>,
     pub lane_restarts: u64,
     pub failed_lanes: usize,
+    /// The degradation level in force (details at `/v1/degradation`).
+    pub degradation_level: DegradationLevel,
     pub committer: CommitterStatus,
 }
 
@@ -719,6 +721,7 @@ impl Handler<GetPipelineStatus> for Supervisor {
         let instance = self.instance.clone();
         let topic = self.shared.topic.clone();
         let lane_restarts = self.counters.num_restarts;
+        let degradation_level = self.degradation.level();
         let committer = self.committer.send(GetCommitterStatus);
         Box::pin(async move {
             let committer = committer
@@ -730,6 +733,7 @@ impl Handler<GetPipelineStatus> for Supervisor {
                 lanes,
                 lane_restarts,
                 failed_lanes,
+                degradation_level,
                 committer,
             })
         })
