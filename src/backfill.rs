@@ -49,7 +49,7 @@ use crate::metrics as m;
 use crate::model::{Trade, TradeKey, now_us};
 use crate::sequence::{RecordPosition, SequenceEvent, SequenceTracker};
 use crate::shedding::{LedgerAction, OffsetRanges, ShedEntry};
-use crate::storage::catalog::{is_fence_error, open_catalog};
+use crate::storage::catalog::{is_fence_error, open_existing_catalog};
 use crate::storage::commit::Committer;
 use crate::storage::offsets::TopicOffsets;
 use crate::storage::reader::{find_trade_keys, scan_shed_ledger};
@@ -291,7 +291,7 @@ pub async fn backfill(
     options: BackfillOptions,
 ) -> anyhow::Result<BackfillReport> {
     let topic = config.kafka.topic.as_str();
-    let catalog = open_catalog(&config.catalog, base_dir).await?;
+    let catalog = open_existing_catalog(&config.catalog, base_dir).await?;
     let idents = TableIdents::new(&config.catalog.namespace);
     let ledger = load_existing(catalog.as_ref(), &idents.shed_ledger).await?;
     let trades = load_existing(catalog.as_ref(), &idents.trades).await?;

@@ -36,10 +36,7 @@ pub const FENCE_MESSAGE: &str = "k2 commit fence: table changed since its offset
 pub async fn open_catalog(config: &CatalogConfig, base_dir: &Path) -> anyhow::Result<Arc<dyn Catalog>> {
     use anyhow::Context as _;
 
-    let (uri, bind_style) = if let Some(path) = config.uri.strip_prefix("sqlite:") {
-        let path = path.trim_start_matches("//");
-        let (path, query) = path.split_once('?').unwrap_or((path, ""));
-        let path = base_dir.join(path);
+    let (uri, bind_style) = if let Some((path, query)) = sqlite_path(config, base_dir) {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("failed to create catalog directory {}", parent.display()))?;
@@ -78,6 +75,33 @@ pub async fn open_catalog(config: &CatalogConfig, base_dir: &Path) -> anyhow::Re
         .await
         .with_context(|| format!("failed to open the Iceberg SQL catalog at {}", redact(&uri)))?;
     Ok(Arc::new(catalog))
+}
+
+/// Opens a catalog that must already exist: tools that only read or amend
+/// what `k2 run` wrote (`k2 backfill`) refuse a SQLite path with no file
+/// instead of creating an empty catalog there.
+pub async fn open_existing_catalog(
+    config: &CatalogConfig,
+    base_dir: &Path,
+) -> anyhow::Result<Arc<dyn Catalog>> {
+    if let Some((path, _)) = sqlite_path(config, base_dir)
+        && !path.is_file()
+    {
+        anyhow::bail!(
+            "no catalog at {} (from [catalog] uri = \"{}\"): has `k2 run` ever run with this config?",
+            path.display(),
+            config.uri
+        );
+    }
+    open_catalog(config, base_dir).await
+}
+
+/// The database file and the query string of a `sqlite:` catalog URI,
+/// resolved against `base_dir`; None for any other database.
+fn sqlite_path<'a>(config: &'a CatalogConfig, base_dir: &Path) -> Option<(std::path::PathBuf, &'a str)> {
+    let path = config.uri.strip_prefix("sqlite:")?.trim_start_matches("//");
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    Some((base_dir.join(path), query))
 }
 
 /// Hides a password in a database URI before it reaches a log or an error.
@@ -193,7 +217,8 @@ impl Catalog for FencedCatalog<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::{open_catalog, open_existing_catalog, redact};
+    use crate::config::CatalogConfig;
 
     #[test]
     fn password_in_catalog_uri_is_redacted() {
@@ -203,5 +228,30 @@ mod tests {
         );
         assert_eq!(redact("postgres://k2@db/k2"), "postgres://k2@db/k2");
         assert_eq!(redact("sqlite:/tmp/x.db?mode=rwc"), "sqlite:/tmp/x.db?mode=rwc");
+    }
+
+    #[actix_rt::test]
+    async fn a_missing_sqlite_catalog_is_refused_and_not_created_by_tools_that_need_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CatalogConfig {
+            uri: "sqlite:data/catlog.db".to_string(),
+            warehouse: "data/warehouse".to_string(),
+            ..CatalogConfig::default()
+        };
+        let err = open_existing_catalog(&config, dir.path())
+            .await
+            .expect_err("a missing catalog is refused")
+            .to_string();
+        let path = dir.path().join("data/catlog.db");
+        assert!(
+            err.contains(&format!("no catalog at {}", path.display()))
+                && err.contains("sqlite:data/catlog.db"),
+            "{err}"
+        );
+        assert!(!path.exists(), "the refusal created a file");
+
+        open_catalog(&config, dir.path()).await.unwrap();
+        assert!(path.is_file(), "k2 run creates the catalog it writes");
+        open_existing_catalog(&config, dir.path()).await.unwrap();
     }
 }
