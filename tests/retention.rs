@@ -24,6 +24,13 @@ async fn produce(bootstrap: String, count: i64, seed: u64) {
         malformed_ratio: 0.0,
         ..GeneratorParams::default()
     };
+    produce_with(bootstrap, count, generator).await;
+}
+
+/// Trade ids come from per-symbol sequences, so two runs of the default
+/// universe repeat ids (the deduplicator rightly drops the repeats): a run
+/// that must not overlap an earlier one gets symbols of its own.
+async fn produce_with(bootstrap: String, count: i64, generator: GeneratorParams) {
     tokio::task::spawn_blocking(move || preload(&bootstrap, TOPIC, count as u64, generator, Spread::ByKey))
         .await
         .unwrap()
@@ -72,7 +79,109 @@ async fn offsets_deleted_by_retention_are_reported_as_a_lost_range() {
         "the mock keeps the newest records ({lost} reported lost)"
     );
 
-    let catalog = open_catalog(&config.catalog, dir.path()).await.unwrap();
+    assert_only_the_lost_range_is_missing(&config, dir.path(), BEFORE, lost, total).await;
+}
+
+/// The path a running lane takes when retention overtakes it: a catalog
+/// outage pauses the partition, producers keep writing far more than the
+/// partition keeps, and when the catalog returns the lane's next offset is
+/// gone. librdkafka stops the partition (offset out of range), the lane asks
+/// for a rejoin, and the new lane starts at the log start and records the
+/// lost range. Everything K2 had consumed before the pause is committed.
+#[actix_rt::test]
+async fn a_lane_paused_while_retention_overtakes_it_resumes_at_the_log_start_and_reports_the_lost_range() {
+    const DURING: i64 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(1);
+    let mut config = common::config(dir.path(), "k2-retention-running");
+    config.breaker.open_ms = 500;
+
+    produce(broker.bootstrap_servers().to_string(), BEFORE, 31).await;
+    let pipeline = common::start(&config, &broker, dir.path(), "running").await;
+    wait_for(
+        Duration::from_secs(120),
+        "the first records committed",
+        || async { committed_rows(&pipeline).await >= BEFORE as u64 },
+    )
+    .await;
+
+    let first_incarnation = pipeline.status().await.unwrap().lanes[0].incarnation;
+    // Records consumed during the outage cannot commit: the lane pauses.
+    pipeline.faults.set_catalog_down(true);
+    let own_symbols = GeneratorParams {
+        seed: 32,
+        malformed_ratio: 0.0,
+        exchanges: vec![("COINBASE".to_string(), vec!["OUTAGE-USD".to_string()])],
+        ..GeneratorParams::default()
+    };
+    produce_with(broker.bootstrap_servers().to_string(), DURING, own_symbols).await;
+    wait_for(
+        Duration::from_secs(60),
+        "the lane consumed what was produced during the outage and paused",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            let lane = &status.lanes[0];
+            lane.paused && lane.position == Some(BEFORE + DURING)
+        },
+    )
+    .await;
+
+    // Far more than the partition keeps, while the lane is paused.
+    produce(broker.bootstrap_servers().to_string(), AFTER, 33).await;
+    let total = BEFORE + DURING + AFTER;
+    let status = pipeline.status().await.unwrap();
+    assert_eq!(
+        status.lanes[0].position,
+        Some(BEFORE + DURING),
+        "a paused lane does not read"
+    );
+    assert_eq!(
+        status.committer.committed_offsets.get(&0),
+        Some(&BEFORE),
+        "nothing commits while the catalog is down"
+    );
+
+    pipeline.faults.set_catalog_down(false);
+    wait_for(
+        Duration::from_secs(180),
+        "the partition caught up to the end after the outage",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            status.committer.committed_offsets.get(&0) == Some(&total)
+        },
+    )
+    .await;
+    let status = pipeline.status().await.unwrap();
+    pipeline.shutdown().await.unwrap();
+
+    let resumed = BEFORE + DURING;
+    let lost = status.lanes[0].lost_records as i64;
+    assert!(
+        lost > 0,
+        "retention must have deleted records the lane had not read"
+    );
+    assert!(
+        lost < AFTER,
+        "the mock keeps the newest records ({lost} reported lost)"
+    );
+    assert!(
+        status.lanes[0].incarnation > first_incarnation,
+        "the lane was rebuilt after the rejoin"
+    );
+
+    assert_only_the_lost_range_is_missing(&config, dir.path(), resumed, lost, total).await;
+}
+
+/// The trades table holds offsets `0..total` exactly once except
+/// `[from, from + lost)`, and one dead letter at `from` names that range.
+async fn assert_only_the_lost_range_is_missing(
+    config: &k2::config::K2Config,
+    dir: &std::path::Path,
+    from: i64,
+    lost: i64,
+    total: i64,
+) {
+    let catalog = open_catalog(&config.catalog, dir).await.unwrap();
     let idents = TableIdents::new(&config.catalog.namespace);
     let trades = scan_trade_keys(&catalog.load_table(&idents.trades).await.unwrap())
         .await
@@ -83,7 +192,7 @@ async fn offsets_deleted_by_retention_are_reported_as_a_lost_range() {
         trades.positions.len(),
         "an offset was committed twice"
     );
-    let expected: BTreeSet<i64> = (0..BEFORE).chain(BEFORE + lost..total).collect();
+    let expected: BTreeSet<i64> = (0..from).chain(from + lost..total).collect();
     assert_eq!(
         offsets, expected,
         "the table holds everything except the lost range, exactly once"
@@ -97,8 +206,8 @@ async fn offsets_deleted_by_retention_are_reported_as_a_lost_range() {
         1,
         "one dead letter accounts for the lost range: {dead:?}"
     );
-    assert_eq!(dead[0].offset, BEFORE);
-    let range = format!("[{BEFORE}, {})", BEFORE + lost);
+    assert_eq!(dead[0].offset, from);
+    let range = format!("[{from}, {})", from + lost);
     assert!(
         dead[0].reason.starts_with("retention") && dead[0].reason.contains(&range),
         "the dead letter names the lost range {range}: {}",
