@@ -128,6 +128,17 @@ impl CircuitBreaker {
         self.inner.lock().expect("breaker lock").state
     }
 
+    /// Whether a call at `now` would be refused without a try: open, and
+    /// the open period not over. An open breaker turns half open only when a
+    /// call asks, so callers that wait for it must not wait for the state.
+    pub fn refuses_calls(&self, now: Instant) -> bool {
+        let inner = self.inner.lock().expect("breaker lock");
+        inner.state == BreakerState::Open
+            && inner
+                .opened_at
+                .is_some_and(|opened| now.saturating_duration_since(opened) < self.open_for)
+    }
+
     /// Failures in a row so far.
     pub fn failures(&self) -> u32 {
         self.inner.lock().expect("breaker lock").failures
@@ -274,6 +285,21 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Open);
         assert!(b.acquire(t1 + Duration::from_millis(999)).is_err());
         assert!(b.acquire(t1 + Duration::from_millis(1_000)).is_ok());
+    }
+
+    #[test]
+    fn an_open_breaker_stops_refusing_when_its_open_period_is_over_even_if_nobody_asked() {
+        let b = breaker();
+        let t0 = Instant::now();
+        assert!(!b.refuses_calls(t0));
+        for _ in 0..3 {
+            b.acquire(t0).unwrap();
+            b.record(false, t0);
+        }
+        assert!(b.refuses_calls(t0 + Duration::from_millis(999)));
+        // Still recorded as open (no call asked), but a call would be tried.
+        assert!(!b.refuses_calls(t0 + Duration::from_millis(1_000)));
+        assert_eq!(b.state(), BreakerState::Open);
     }
 
     #[test]

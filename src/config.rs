@@ -245,8 +245,9 @@ pub struct CommitConfig {
     pub expire_every_commits: u64,
     /// Wait before retrying a failed or conflicting commit.
     pub retry_backoff_ms: u64,
-    /// After this many failed commits in a row (or while the catalog or storage circuit breaker is
-    /// not closed), the partitions pause consumption until a commit succeeds again.
+    /// After this many failed commits in a row, while files wait for a commit (or while the catalog
+    /// or storage circuit breaker refuses calls), the partitions pause consumption until a commit
+    /// succeeds again.
     pub pause_after_failures: u64,
 }
 

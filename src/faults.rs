@@ -2,7 +2,7 @@
 //! path run on purpose (tests, demos, drills). Nothing here fakes data; a
 //! fault makes a real component fail the way an outage would.
 //!
-//! - `catalog_down`: every Iceberg commit fails before reaching the catalog,
+//! - `catalog_down`: every Iceberg commit and offset load fails before reaching the catalog,
 //!   as if the catalog were unreachable.
 //! - `panic_stage`: the named stage of the lane for a partition panics on
 //!   its next chunk (once).

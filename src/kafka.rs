@@ -43,6 +43,10 @@ pub struct LaneQueue {
 #[rtype(result = "()")]
 pub struct PartitionsAssigned {
     pub partitions: Vec<(Arc<LaneQueue>, Option<i64>)>,
+    /// False when the table's offsets could not be read (catalog down): the
+    /// partitions are positioned at the log end, read nothing K2 keeps, and
+    /// the supervisor starts their lanes once the table answers.
+    pub offsets_known: bool,
 }
 
 /// Partitions taken away from this process. Replies once their lanes stopped.
@@ -113,7 +117,7 @@ impl ConsumerContext for K2ConsumerContext {
         let native = base_consumer.client().native_ptr();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let queues = self.prepare_assignment(tpl);
+                let assigned = self.prepare_assignment(tpl);
                 // SAFETY: both pointers are valid for the duration of the callback.
                 let code = unsafe { rdkafka::bindings::rd_kafka_assign(native, tpl.ptr()) };
                 if code != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
@@ -121,9 +125,7 @@ impl ConsumerContext for K2ConsumerContext {
                     return;
                 }
                 if let Some(listeners) = self.listeners.get()
-                    && let Err(err) = futures::executor::block_on(
-                        listeners.assigned.send(PartitionsAssigned { partitions: queues }),
-                    )
+                    && let Err(err) = futures::executor::block_on(listeners.assigned.send(assigned))
                 {
                     error!(error = %err, "supervisor unreachable, assigned partitions not started");
                 }
@@ -165,39 +167,57 @@ impl K2ConsumerContext {
 
     /// Sets each assigned partition's start offset from the table and splits
     /// its queue. Runs in the rebalance callback, before the assignment.
-    fn prepare_assignment(&self, tpl: &mut TopicPartitionList) -> Vec<(Arc<LaneQueue>, Option<i64>)> {
+    fn prepare_assignment(&self, tpl: &mut TopicPartitionList) -> PartitionsAssigned {
+        let none = || PartitionsAssigned {
+            partitions: Vec::new(),
+            offsets_known: true,
+        };
         let partitions: Vec<i32> = tpl
             .elements_for_topic(&self.topic)
             .iter()
             .map(|e| e.partition())
             .collect();
+        // None: the table could not be read.
         let recorded = match self.listeners.get() {
             Some(listeners) => {
                 match futures::executor::block_on(listeners.offsets.send(LoadOffsets {
                     partitions: partitions.clone(),
                 })) {
-                    Ok(Ok(offsets)) => offsets,
+                    Ok(Ok(offsets)) => Some(offsets),
                     Ok(Err(err)) => {
                         // Without the table's offsets K2 cannot know where to
-                        // start; starting anywhere else risks duplicates.
-                        error!(error = %err, "cannot read offsets from Iceberg; partitions not started");
-                        return Vec::new();
+                        // start, and blocking this callback until the catalog
+                        // returns would stall the group. The lanes wait in
+                        // the supervisor instead.
+                        warn!(error = %err, "cannot read offsets from Iceberg; the partitions start when it answers");
+                        None
                     }
                     Err(err) => {
                         error!(error = %err, "committer unreachable; partitions not started");
-                        return Vec::new();
+                        return none();
                     }
                 }
             }
-            None => Default::default(),
+            None => Some(Default::default()),
         };
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
-            return Vec::new();
+            return none();
         };
         let mut queues = Vec::with_capacity(partitions.len());
         for partition in partitions {
-            let start = recorded.get(&partition).copied();
-            let offset = start_offset(&consumer, &self.topic, partition, start, self.start_from);
+            let (start, offset) = match &recorded {
+                Some(recorded) => {
+                    let start = recorded.get(&partition).copied();
+                    (
+                        start,
+                        start_offset(&consumer, &self.topic, partition, start, self.start_from),
+                    )
+                }
+                // The log end: nothing older is fetched (and no reset error
+                // stops the partition) before the lane's seek to the table's
+                // offset; what is fetched meanwhile the seek discards.
+                None => (None, Offset::End),
+            };
             if let Err(err) = tpl.set_partition_offset(&self.topic, partition, offset) {
                 error!(partition, error = %err, "failed to set start offset");
                 continue;
@@ -219,7 +239,10 @@ impl K2ConsumerContext {
                 start,
             ));
         }
-        queues
+        PartitionsAssigned {
+            partitions: queues,
+            offsets_known: recorded.is_some(),
+        }
     }
 }
 

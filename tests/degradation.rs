@@ -2,7 +2,9 @@
 //! ingestion shed by priority into `k2.shed_ledger` exactly and backfill
 //! restores it; a catalog outage pauses consumption and loses nothing; a
 //! panicking stage rebuilds its lane, and a lane that keeps failing is
-//! marked failed while the others run on.
+//! marked failed while the others run on; a lane that cannot read its
+//! offsets because the catalog is down (after a rebuild or an assignment)
+//! waits for it without spending its restarts.
 //!
 //! The shedding counters are read from the process's metrics, so the tests
 //! that shed live in this file alone (one test binary, one recorder).
@@ -237,17 +239,57 @@ async fn snapshot_ids(config: &k2::config::K2Config, dir: &std::path::Path) -> V
     out
 }
 
+/// A pipeline ingesting `total` trades at 8,000/s with a short catalog
+/// breaker open period, past its first commit (its lanes read their offsets),
+/// ready for an outage.
+struct Ingesting {
+    dir: tempfile::TempDir,
+    broker: k2::embedded::EmbeddedBroker,
+    ids: std::path::PathBuf,
+    config: k2::config::K2Config,
+    pipeline: Pipeline,
+    loadgen: actix_rt::task::JoinHandle<anyhow::Result<k2::loadgen::LoadgenReport>>,
+}
+
+async fn ingesting(
+    partitions: i32,
+    group: &str,
+    total: u64,
+    tune: impl FnOnce(&mut k2::config::K2Config),
+) -> Ingesting {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(partitions);
+    let ids = dir.path().join("ids.csv");
+    let mut config = common::config(dir.path(), group);
+    config.breaker.open_ms = 500;
+    tune(&mut config);
+    let pipeline = common::start(&config, &broker, dir.path(), group).await;
+    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, total, 8_000);
+    wait_for(Duration::from_secs(60), "a first commit", || async {
+        pipeline.status().await.unwrap().committer.rows_committed > 0
+    })
+    .await;
+    Ingesting {
+        dir,
+        broker,
+        ids,
+        config,
+        pipeline,
+        loadgen,
+    }
+}
+
 #[actix_rt::test]
 async fn a_catalog_outage_pauses_consumption_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let broker = common::broker(4);
-    let ids = dir.path().join("ids.csv");
-    let mut config = common::config(dir.path(), "k2-outage");
-    config.breaker.open_ms = 500;
-    let pipeline = common::start(&config, &broker, dir.path(), "outage").await;
     // Production outlasts the outage, so lag can grow while partitions pause.
-    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 100_000, 8_000);
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let Ingesting {
+        dir,
+        broker: _broker,
+        ids,
+        config,
+        pipeline,
+        loadgen,
+    } = ingesting(4, "k2-outage", 100_000, |_| {}).await;
 
     pipeline.faults.set_catalog_down(true);
     wait_for(Duration::from_secs(30), "partitions paused", || async {
@@ -397,4 +439,140 @@ async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_ma
                 m
             });
     assert!(by_partition.len() >= 3);
+}
+
+fn lane(
+    status: &k2::actors::supervisor::PipelineStatus,
+    partition: i32,
+) -> &k2::actors::supervisor::LaneView {
+    status
+        .lanes
+        .iter()
+        .find(|l| l.partition == partition)
+        .expect("the partition has a lane")
+}
+
+#[actix_rt::test]
+async fn a_lane_rebuilt_while_the_catalog_is_down_waits_for_it_without_spending_its_restarts() {
+    use k2::actors::supervisor::LaneState;
+
+    let Ingesting {
+        dir,
+        broker: _broker,
+        ids,
+        config,
+        pipeline,
+        loadgen,
+    } = ingesting(2, "k2-rebuild-outage", 40_000, |c| c.lanes.max_restarts = 2).await;
+
+    // The lane panics and, with the catalog down, cannot read where to restart.
+    let first = lane(&pipeline.status().await.unwrap(), 0).incarnation;
+    pipeline.faults.arm_panic("deduplicator", 0);
+    pipeline.faults.set_catalog_down(true);
+    // Each failed read starts a new incarnation; twice the restart budget of
+    // tries would have marked the lane failed had they counted as restarts.
+    wait_for(
+        Duration::from_secs(60),
+        "the lane tried the table more often than its restart budget",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            let lane = lane(&status, 0);
+            lane.incarnation >= first + 2 * (config.lanes.max_restarts as u64 + 1)
+        },
+    )
+    .await;
+    let status = pipeline.status().await.unwrap();
+    let waiting = lane(&status, 0);
+    assert_eq!(waiting.state, LaneState::Restarting, "{waiting:?}");
+    assert_eq!(
+        waiting.restarts, 1,
+        "waiting for the catalog spent restarts: {waiting:?}"
+    );
+    assert!(
+        waiting
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("waiting for the catalog")),
+        "{waiting:?}"
+    );
+    assert_eq!(status.failed_lanes, 0);
+
+    pipeline.faults.set_catalog_down(false);
+    loadgen.await.unwrap().unwrap();
+    let produced = read_ids(&ids);
+    let expected = produced.len() as u64;
+    wait_for(
+        Duration::from_secs(120),
+        "every trade committed after the outage",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            status.committer.rows_committed >= expected && lane(&status, 0).state == LaneState::Running
+        },
+    )
+    .await;
+    assert_eq!(lane(&pipeline.status().await.unwrap(), 0).restarts, 1);
+    pipeline.shutdown().await.unwrap();
+    assert_exactly_once(&read_tables(&config, dir.path()).await, &produced);
+}
+
+#[actix_rt::test]
+async fn partitions_assigned_while_the_catalog_is_down_start_when_it_returns() {
+    use k2::actors::supervisor::LaneState;
+
+    let Ingesting {
+        dir,
+        broker,
+        ids,
+        config,
+        pipeline: first,
+        loadgen,
+    } = ingesting(4, "k2-join-outage", 40_000, |_| {}).await;
+
+    // A second process joins while the first cannot reach the catalog: the
+    // rebalance hands the first partitions whose offsets it cannot read.
+    first.faults.set_catalog_down(true);
+    let second = common::start(&config, &broker, dir.path(), "second").await;
+    wait_for(
+        Duration::from_secs(60),
+        "the group split the partitions; the first process's lanes wait for the catalog",
+        || async {
+            let (a, b) = (first.status().await.unwrap(), second.status().await.unwrap());
+            a.lanes.len() + b.lanes.len() == 4
+                && !a.lanes.is_empty()
+                && !b.lanes.is_empty()
+                && a.lanes.iter().all(|l| {
+                    l.state == LaneState::Restarting
+                        && l.last_error
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("waiting for the catalog"))
+                })
+        },
+    )
+    .await;
+    let status = first.status().await.unwrap();
+    assert_eq!(status.failed_lanes, 0);
+    assert!(status.lanes.iter().all(|l| l.restarts == 0), "{:?}", status.lanes);
+
+    first.faults.set_catalog_down(false);
+    loadgen.await.unwrap().unwrap();
+    let produced = read_ids(&ids);
+    let expected = produced.len() as u64;
+    wait_for(
+        Duration::from_secs(120),
+        "every trade committed by the two processes",
+        || async {
+            let running = first
+                .status()
+                .await
+                .unwrap()
+                .lanes
+                .iter()
+                .all(|l| l.state == LaneState::Running);
+            running && common::committed_trades(&config, dir.path()).await >= expected
+        },
+    )
+    .await;
+    second.shutdown().await.unwrap();
+    first.shutdown().await.unwrap();
+    assert_exactly_once(&read_tables(&config, dir.path()).await, &produced);
 }

@@ -35,7 +35,8 @@ pub struct CommitHealth {
     pub consecutive_failures: AtomicU64,
     /// Duration of the last successful commit.
     pub last_duration_ms: AtomicU64,
-    /// Unix milliseconds when the oldest uncommitted files arrived; 0: none.
+    /// Unix milliseconds when the oldest uncommitted files (waiting or in a
+    /// running commit) arrived; 0: none.
     pub oldest_pending_ms: AtomicI64,
     pub pending_bytes: AtomicU64,
 }
@@ -234,20 +235,7 @@ impl IcebergCommitter {
                     let err = crate::storage::commit::CommitError::State(err.to_string());
                     return (ranges, Err(err), false);
                 }
-                let commit = async {
-                    if faults.catalog_down() {
-                        return Err(CommitError::Iceberg(iceberg::Error::new(
-                            iceberg::ErrorKind::Unexpected,
-                            "injected fault: the catalog is down",
-                        )));
-                    }
-                    committer.commit(&ranges).await
-                };
-                let result = match breaker.call(commit).await {
-                    Ok(outcome) => Ok(outcome),
-                    Err(BreakerError::Open(open)) => Err(CommitError::Unavailable(open)),
-                    Err(BreakerError::Failed(err)) => Err(err),
-                };
+                let result = catalog_call(&breaker, &faults, committer.commit(&ranges)).await;
                 let mut promoted = false;
                 if let Ok(outcome) = &result {
                     let scopes: Vec<(String, i64)> = staged
@@ -292,6 +280,11 @@ impl IcebergCommitter {
                         // Put everything back in front of what arrived meanwhile.
                         for ((partition, lane, file_bytes), range) in lanes.into_iter().zip(ranges) {
                             act.restore(partition, lane, file_bytes, range);
+                        }
+                        if act.pending.is_empty() {
+                            // Every failed range's lane was rebuilt or revoked
+                            // meanwhile: nothing waits for a commit any more.
+                            act.health.oldest_pending_ms.store(0, Relaxed);
                         }
                         act.publish_pending();
                         Err(error)
@@ -421,6 +414,30 @@ impl IcebergCommitter {
     }
 }
 
+/// Runs a call to the catalog through the catalog breaker. The injected
+/// `catalog_down` fault fails it before it reaches the catalog, as an
+/// unreachable catalog would.
+async fn catalog_call<T>(
+    breaker: &CircuitBreaker,
+    faults: &crate::faults::Faults,
+    call: impl Future<Output = Result<T, CommitError>>,
+) -> Result<T, CommitError> {
+    let guarded = async {
+        if faults.catalog_down() {
+            return Err(CommitError::Iceberg(iceberg::Error::new(
+                iceberg::ErrorKind::Unexpected,
+                "injected fault: the catalog is down",
+            )));
+        }
+        call.await
+    };
+    match breaker.call(guarded).await {
+        Ok(value) => Ok(value),
+        Err(BreakerError::Open(open)) => Err(CommitError::Unavailable(open)),
+        Err(BreakerError::Failed(err)) => Err(err),
+    }
+}
+
 impl Actor for IcebergCommitter {
     type Context = Context<Self>;
 
@@ -473,9 +490,10 @@ impl Handler<RegisterLane> for IcebergCommitter {
         self.lanes.insert(partition, msg.lane.incarnation);
         self.checkpoints.insert(partition, msg.checkpoints);
         self.drop_pending(partition);
-        let committer = self.committer.clone();
+        let (committer, breaker, faults) =
+            (self.committer.clone(), self.breaker.clone(), self.faults.clone());
         Box::pin(
-            async move { committer.load_offsets().await }
+            async move { catalog_call(&breaker, &faults, committer.load_offsets()).await }
                 .into_actor(self)
                 .map(move |result, act, _| {
                     let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;
@@ -513,9 +531,10 @@ impl Handler<LoadOffsets> for IcebergCommitter {
     type Result = ResponseActFuture<Self, Result<BTreeMap<i32, i64>, String>>;
 
     fn handle(&mut self, msg: LoadOffsets, _: &mut Context<Self>) -> Self::Result {
-        let committer = self.committer.clone();
+        let (committer, breaker, faults) =
+            (self.committer.clone(), self.breaker.clone(), self.faults.clone());
         Box::pin(
-            async move { committer.load_offsets().await }
+            async move { catalog_call(&breaker, &faults, committer.load_offsets()).await }
                 .into_actor(self)
                 .map(move |result, act, _| {
                     let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;

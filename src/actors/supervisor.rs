@@ -39,6 +39,20 @@ use crate::messages::{Committed, Flush, LaneFailed, LaneId, LevelChanged, StopLa
 use crate::metrics as m;
 use crate::pipeline::{LaneHandle, LaneShared, LaneStates, spawn_lane};
 
+/// How often a lane that cannot read the table's offsets (catalog down)
+/// tries again. Waiting does not count as a restart.
+const CATALOG_WAIT: Duration = Duration::from_secs(1);
+
+/// Why a lane could not start from the table.
+enum StartFailure {
+    /// The table's offsets could not be read: the catalog is down or its
+    /// breaker is open. The lane waits.
+    Table(String),
+    /// Anything else (the seek was refused, the committer is gone): the lane
+    /// is rebuilt, which counts against its restart intensity.
+    Other(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct RestartPolicy {
     pub max_restarts: u32,
@@ -224,12 +238,19 @@ impl Supervisor {
         }
     }
 
-    /// Pauses every lane's partition while commits (or the breakers) are
-    /// failing; resumes them once a commit succeeds.
+    /// Pauses every lane's partition while commits are failing with files
+    /// waiting, or a breaker refuses calls; resumes them once a commit
+    /// succeeds. Failed commits with nothing waiting (a revoke or rebuild
+    /// dropped the files) and a breaker whose open period is over do not
+    /// hold the pause: no commit could run to lift it. Resuming lets one
+    /// epoch in, whose commit either succeeds or pauses again.
     fn pause_or_resume(&mut self) {
-        let failing = self.health.commits.consecutive_failures.load(Relaxed) >= self.pause_after_failures
-            || self.health.catalog.state() != BreakerState::Closed
-            || self.health.storage.state() != BreakerState::Closed;
+        let now = Instant::now();
+        let commits = &self.health.commits;
+        let failing = (commits.consecutive_failures.load(Relaxed) >= self.pause_after_failures
+            && commits.oldest_pending_ms.load(Relaxed) > 0)
+            || self.health.catalog.refuses_calls(now)
+            || self.health.storage.refuses_calls(now);
         let topic = &self.shared.topic;
         if failing {
             let to_pause: Vec<i32> = self
@@ -397,15 +418,23 @@ impl Supervisor {
         let backoff = self.restart.base_backoff * 2u32.saturating_pow(lane.restarts.len() as u32);
         lane.restarts.push_back(now);
         lane.total_restarts += 1;
-        lane.state = LaneState::Restarting;
         self.counters.record_restart(stage);
-        let id = LaneId {
-            partition,
-            incarnation: self.next_incarnation,
+        warn!(partition, ?backoff, stage, error = %error, "rebuilding lane from the last committed offset");
+        self.start_from_table(partition, backoff, ctx);
+    }
+
+    /// After `delay`, reads `partition`'s offset from the table, positions
+    /// the partition there and starts a new lane. A table that cannot be
+    /// read (catalog down, its breaker open) is not the lane's fault: the
+    /// lane waits for it, trying again every [`CATALOG_WAIT`], without
+    /// spending its restart budget. Other failures rebuild the lane.
+    fn start_from_table(&mut self, partition: i32, delay: Duration, ctx: &mut Context<Self>) {
+        let id = self.new_lane_id(partition);
+        let Some(lane) = self.lanes.get_mut(&partition) else {
+            return;
         };
-        self.next_incarnation += 1;
+        lane.state = LaneState::Restarting;
         lane.id = id;
-        warn!(lane = %id, ?backoff, stage, error = %error, "rebuilding lane from the last committed offset");
         self.publish_lane_count();
 
         let committer = self.committer.clone();
@@ -415,14 +444,15 @@ impl Supervisor {
         let states = LaneStates::new(&self.shared, partition);
         let checkpoints = states.checkpoints();
         let fut = async move {
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(delay).await;
             let start = committer
                 .send(RegisterLane {
                     lane: id,
                     checkpoints,
                 })
                 .await
-                .map_err(|e| e.to_string())??;
+                .map_err(|e| StartFailure::Other(e.to_string()))?
+                .map_err(StartFailure::Table)?;
             tokio::task::spawn_blocking(move || {
                 let offset = kafka::start_offset(&consumer, &topic, partition, start, start_from);
                 consumer
@@ -435,9 +465,9 @@ impl Supervisor {
                     })
             })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("seek failed: {e}"))?;
-            Ok::<_, String>(start)
+            .map_err(|e| StartFailure::Other(e.to_string()))?
+            .map_err(|e| StartFailure::Other(format!("seek failed: {e}")))?;
+            Ok::<_, StartFailure>(start)
         };
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
             let Some(mut lane) = act.lanes.remove(&partition) else {
@@ -452,7 +482,13 @@ impl Supervisor {
                     act.start_lane(&mut lane, start, states);
                     act.lanes.insert(partition, lane);
                 }
-                Err(err) => {
+                Err(StartFailure::Table(err)) => {
+                    warn!(lane = %id, error = %err, "cannot read the table's offsets; the lane waits for the catalog");
+                    lane.last_error = Some(format!("waiting for the catalog: {err}"));
+                    act.lanes.insert(partition, lane);
+                    act.start_from_table(partition, CATALOG_WAIT, ctx);
+                }
+                Err(StartFailure::Other(err)) => {
                     act.lanes.insert(partition, lane);
                     act.rebuild(partition, "supervisor", err, ctx);
                 }
@@ -509,6 +545,7 @@ impl Handler<PartitionsAssigned> for Supervisor {
 
     fn handle(&mut self, msg: PartitionsAssigned, ctx: &mut Context<Self>) {
         tracing::debug!(partitions = msg.partitions.len(), "partitions assigned");
+        let offsets_known = msg.offsets_known;
         for (queue, start) in msg.partitions {
             let partition = queue.partition;
             if let Some(mut old) = self.lanes.remove(&partition) {
@@ -531,6 +568,13 @@ impl Handler<PartitionsAssigned> for Supervisor {
                 committed: start,
                 high_watermark: None,
             };
+            if !offsets_known {
+                // Positioned at the log end until the table answers.
+                lane.last_error = Some("waiting for the catalog: offsets unknown at assignment".to_string());
+                self.lanes.insert(partition, lane);
+                self.start_from_table(partition, Duration::ZERO, ctx);
+                continue;
+            }
             // Register before the first file can arrive; the committer
             // answers with the table's offset, which the rebalance callback
             // already used to position the partition.
@@ -569,7 +613,12 @@ impl Handler<PartitionsRevoked> for Supervisor {
             if let Some(mut lane) = self.lanes.remove(partition) {
                 lane.stop();
             }
-            self.paused.remove(partition);
+            // librdkafka keeps an application's pause across a revoke and a
+            // new assignment; a new assignment must start unpaused (the next
+            // tick pauses it again if commits still fail).
+            if self.paused.remove(partition) {
+                self.resume(&[*partition]);
+            }
         }
         self.publish_lane_count();
         let release = self.committer.send(ReleasePartitions {
