@@ -279,6 +279,31 @@ async fn ingesting(
     }
 }
 
+/// Brings the catalog back, lets the load generator finish and waits until
+/// every trade it produced is committed and `settled` holds. Returns the
+/// produced trades.
+async fn end_outage(
+    pipeline: &Pipeline,
+    loadgen: actix_rt::task::JoinHandle<anyhow::Result<k2::loadgen::LoadgenReport>>,
+    ids: &std::path::Path,
+    settled: impl Fn(&k2::actors::supervisor::PipelineStatus) -> bool,
+) -> HashSet<k2::model::TradeKey> {
+    pipeline.faults.set_catalog_down(false);
+    loadgen.await.unwrap().unwrap();
+    let produced = read_ids(ids);
+    let expected = produced.len() as u64;
+    wait_for(
+        Duration::from_secs(120),
+        "every trade committed after the outage",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            status.committer.rows_committed >= expected && settled(&status)
+        },
+    )
+    .await;
+    produced
+}
+
 #[actix_rt::test]
 async fn a_catalog_outage_pauses_consumption_and_loses_nothing() {
     // Production outlasts the outage, so lag can grow while partitions pause.
@@ -340,19 +365,7 @@ async fn a_catalog_outage_pauses_consumption_and_loses_nothing() {
         view.level
     );
 
-    pipeline.faults.set_catalog_down(false);
-    loadgen.await.unwrap().unwrap();
-    let produced = read_ids(&ids);
-    let expected = produced.len() as u64;
-    wait_for(
-        Duration::from_secs(120),
-        "every trade committed after the outage",
-        || async {
-            let status = pipeline.status().await.unwrap();
-            status.committer.rows_committed >= expected && status.lanes.iter().all(|l| !l.paused)
-        },
-    )
-    .await;
+    let produced = end_outage(&pipeline, loadgen, &ids, |s| s.lanes.iter().all(|l| !l.paused)).await;
     pipeline.shutdown().await.unwrap();
     assert_exactly_once(&read_tables(&config, dir.path()).await, &produced);
 }
@@ -497,18 +510,9 @@ async fn a_lane_rebuilt_while_the_catalog_is_down_waits_for_it_without_spending_
     );
     assert_eq!(status.failed_lanes, 0);
 
-    pipeline.faults.set_catalog_down(false);
-    loadgen.await.unwrap().unwrap();
-    let produced = read_ids(&ids);
-    let expected = produced.len() as u64;
-    wait_for(
-        Duration::from_secs(120),
-        "every trade committed after the outage",
-        || async {
-            let status = pipeline.status().await.unwrap();
-            status.committer.rows_committed >= expected && lane(&status, 0).state == LaneState::Running
-        },
-    )
+    let produced = end_outage(&pipeline, loadgen, &ids, |s| {
+        lane(s, 0).state == LaneState::Running
+    })
     .await;
     assert_eq!(lane(&pipeline.status().await.unwrap(), 0).restarts, 1);
     pipeline.shutdown().await.unwrap();

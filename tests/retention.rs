@@ -57,17 +57,7 @@ async fn offsets_deleted_by_retention_are_reported_as_a_lost_range() {
     produce(broker.bootstrap_servers().to_string(), AFTER, 22).await;
     let second = common::start(&config, &broker, dir.path(), "second").await;
     let total = BEFORE + AFTER;
-    wait_for(
-        Duration::from_secs(180),
-        "the partition caught up to the end",
-        || async {
-            let status = second.status().await.unwrap();
-            status.committer.committed_offsets.get(&0) == Some(&total)
-        },
-    )
-    .await;
-    let status = second.status().await.unwrap();
-    second.shutdown().await.unwrap();
+    let status = catch_up_and_stop(second, total).await;
 
     let lost = status.lanes[0].lost_records as i64;
     assert!(
@@ -142,17 +132,7 @@ async fn a_lane_paused_while_retention_overtakes_it_resumes_at_the_log_start_and
     );
 
     pipeline.faults.set_catalog_down(false);
-    wait_for(
-        Duration::from_secs(180),
-        "the partition caught up to the end after the outage",
-        || async {
-            let status = pipeline.status().await.unwrap();
-            status.committer.committed_offsets.get(&0) == Some(&total)
-        },
-    )
-    .await;
-    let status = pipeline.status().await.unwrap();
-    pipeline.shutdown().await.unwrap();
+    let status = catch_up_and_stop(pipeline, total).await;
 
     let resumed = BEFORE + DURING;
     let lost = status.lanes[0].lost_records as i64;
@@ -170,6 +150,26 @@ async fn a_lane_paused_while_retention_overtakes_it_resumes_at_the_log_start_and
     );
 
     assert_only_the_lost_range_is_missing(&config, dir.path(), resumed, lost, total).await;
+}
+
+/// Waits until partition 0's committed offset reaches `total`, then stops
+/// the pipeline and returns its last status.
+async fn catch_up_and_stop(
+    pipeline: k2::pipeline::Pipeline,
+    total: i64,
+) -> k2::actors::supervisor::PipelineStatus {
+    wait_for(
+        Duration::from_secs(180),
+        "the partition caught up to the end",
+        || async {
+            let status = pipeline.status().await.unwrap();
+            status.committer.committed_offsets.get(&0) == Some(&total)
+        },
+    )
+    .await;
+    let status = pipeline.status().await.unwrap();
+    pipeline.shutdown().await.unwrap();
+    status
 }
 
 /// The trades table holds offsets `0..total` exactly once except

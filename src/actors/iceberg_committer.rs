@@ -26,6 +26,7 @@ use crate::messages::{Committed, FilesWritten, LaneFailed, LaneId, LevelChanged}
 use crate::metrics as m;
 use crate::state::{Checkpoint, Staged, StateStore};
 use crate::storage::commit::{CommitError, CommitOutcome, Committer, PartitionRange};
+use crate::storage::offsets::TopicOffsets;
 
 /// Commit health the supervisor samples every tick (no message round trip:
 /// the committer is busy exactly when commits are slow).
@@ -414,6 +415,15 @@ impl IcebergCommitter {
     }
 }
 
+impl IcebergCommitter {
+    /// Reads the trades table's recorded offsets, through the catalog breaker.
+    fn load_offsets(&self) -> impl Future<Output = Result<TopicOffsets, CommitError>> + 'static {
+        let (committer, breaker, faults) =
+            (self.committer.clone(), self.breaker.clone(), self.faults.clone());
+        async move { catalog_call(&breaker, &faults, committer.load_offsets()).await }
+    }
+}
+
 /// Runs a call to the catalog through the catalog breaker. The injected
 /// `catalog_down` fault fails it before it reaches the catalog, as an
 /// unreachable catalog would.
@@ -490,20 +500,14 @@ impl Handler<RegisterLane> for IcebergCommitter {
         self.lanes.insert(partition, msg.lane.incarnation);
         self.checkpoints.insert(partition, msg.checkpoints);
         self.drop_pending(partition);
-        let (committer, breaker, faults) =
-            (self.committer.clone(), self.breaker.clone(), self.faults.clone());
-        Box::pin(
-            async move { catalog_call(&breaker, &faults, committer.load_offsets()).await }
-                .into_actor(self)
-                .map(move |result, act, _| {
-                    let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;
-                    let next = offsets.next_offset(partition);
-                    if let Some(next) = next {
-                        act.committed.insert(partition, next);
-                    }
-                    Ok(next)
-                }),
-        )
+        Box::pin(self.load_offsets().into_actor(self).map(move |result, act, _| {
+            let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;
+            let next = offsets.next_offset(partition);
+            if let Some(next) = next {
+                act.committed.insert(partition, next);
+            }
+            Ok(next)
+        }))
     }
 }
 
@@ -531,22 +535,16 @@ impl Handler<LoadOffsets> for IcebergCommitter {
     type Result = ResponseActFuture<Self, Result<BTreeMap<i32, i64>, String>>;
 
     fn handle(&mut self, msg: LoadOffsets, _: &mut Context<Self>) -> Self::Result {
-        let (committer, breaker, faults) =
-            (self.committer.clone(), self.breaker.clone(), self.faults.clone());
-        Box::pin(
-            async move { catalog_call(&breaker, &faults, committer.load_offsets()).await }
-                .into_actor(self)
-                .map(move |result, act, _| {
-                    let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;
-                    let found: BTreeMap<i32, i64> = msg
-                        .partitions
-                        .iter()
-                        .filter_map(|&p| offsets.next_offset(p).map(|n| (p, n)))
-                        .collect();
-                    act.committed.extend(found.iter().map(|(p, n)| (*p, *n)));
-                    Ok(found)
-                }),
-        )
+        Box::pin(self.load_offsets().into_actor(self).map(move |result, act, _| {
+            let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;
+            let found: BTreeMap<i32, i64> = msg
+                .partitions
+                .iter()
+                .filter_map(|&p| offsets.next_offset(p).map(|n| (p, n)))
+                .collect();
+            act.committed.extend(found.iter().map(|(p, n)| (*p, *n)));
+            Ok(found)
+        }))
     }
 }
 
