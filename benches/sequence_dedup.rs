@@ -133,7 +133,7 @@ fn dedup(c: &mut Criterion) {
             b.iter_batched_ref(
                 || {
                     round += 2;
-                    let mut ids = LaneIds::new("bench:0:dedup".into(), windows.clone());
+                    let mut ids = LaneIds::new("bench:0:dedup".into(), windows.clone(), 0);
                     for t in &trades(round - 1) {
                         ids.check(t, true);
                     }
@@ -182,7 +182,7 @@ fn recent_window_memory(_: &mut Criterion) {
     };
     let before = rss_bytes();
     let windows = Arc::new(UnorderedWindows::new(&config));
-    let ids = Mutex::new(LaneIds::new("mem:0:dedup".into(), windows.clone()));
+    let ids = Mutex::new(LaneIds::new("mem:0:dedup".into(), windows.clone(), 0));
     for i in 0..IDS {
         let t = trade("BHP", format!("BHP-{i:09}"), i as i64);
         ids.lock().unwrap().check(&t, true);

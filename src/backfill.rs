@@ -49,7 +49,7 @@ use crate::metrics as m;
 use crate::model::{Trade, TradeKey, now_us};
 use crate::sequence::{RecordPosition, SequenceEvent, SequenceTracker};
 use crate::shedding::{LedgerAction, OffsetRanges, ShedEntry};
-use crate::storage::catalog::{is_fence_error, open_existing_catalog};
+use crate::storage::catalog::open_existing_catalog;
 use crate::storage::commit::Committer;
 use crate::storage::offsets::TopicOffsets;
 use crate::storage::reader::{find_trade_keys, scan_shed_ledger};
@@ -169,18 +169,23 @@ impl fmt::Display for BackfillReport {
     }
 }
 
-/// The entries still to backfill among `rows` (all of `k2.shed_ledger`):
-/// `"shed"` entries whose id no `"backfilled"` row closed, one per entry id.
-/// A shed entry written twice (a replayed epoch writes its rows again) has
-/// the union of its offsets and the earliest `recorded_at`. Sorted by
-/// topic, partition and first offset.
+/// The entries still to backfill among `rows` (all of `k2.shed_ledger`).
+///
+/// A `"shed"` entry is open for the offsets no `"backfilled"` row of its
+/// topic and partition covers. Closing goes by offset, not by entry id: a
+/// replayed epoch can cut its chunks differently and ledger a larger offset
+/// set under the same id after a backfill closed the first one, and those
+/// extra offsets are still to backfill. A shed entry written twice has the
+/// union of its offsets and the earliest `recorded_at`. Sorted by topic,
+/// partition and first offset.
 pub fn open_entries(rows: Vec<ShedEntry>) -> Vec<ShedEntry> {
-    let mut closed = HashSet::new();
+    let mut closed: HashMap<(String, i32), OffsetRanges> = HashMap::new();
     let mut shed: HashMap<String, ShedEntry> = HashMap::new();
     for row in rows {
         match row.action {
             LedgerAction::Backfilled => {
-                closed.insert(row.entry_id);
+                let done = closed.entry((row.topic.clone(), row.partition)).or_default();
+                *done = union(done, &row.offsets);
             }
             LedgerAction::Shed => match shed.entry(row.entry_id.clone()) {
                 Entry::Vacant(slot) => {
@@ -199,7 +204,17 @@ pub fn open_entries(rows: Vec<ShedEntry>) -> Vec<ShedEntry> {
     }
     let mut open: Vec<ShedEntry> = shed
         .into_values()
-        .filter(|entry| !closed.contains(&entry.entry_id))
+        .filter_map(|mut entry| {
+            if let Some(done) = closed.get(&(entry.topic.clone(), entry.partition)) {
+                let mut left = OffsetRanges::default();
+                for offset in entry.offsets.iter().filter(|o| !done.contains(*o)) {
+                    left.push(offset);
+                }
+                entry.records = left.count();
+                entry.offsets = left;
+            }
+            (!entry.offsets.is_empty()).then_some(entry)
+        })
         .collect();
     open.sort_by(|a, b| {
         (&a.topic, a.partition, a.offsets.first(), &a.entry_id).cmp(&(
@@ -293,13 +308,18 @@ pub async fn backfill(
     let topic = config.kafka.topic.as_str();
     let catalog = open_existing_catalog(&config.catalog, base_dir).await?;
     let idents = TableIdents::new(&config.catalog.namespace);
-    let ledger = load_existing(catalog.as_ref(), &idents.shed_ledger).await?;
+    // The trades table's offsets first: an epoch commits its ledger rows
+    // before its trades, so every ledger row of an epoch these offsets
+    // cover is in the ledger read after them. Read the other way round, a
+    // replayed epoch committed in between could widen an entry this run
+    // then closes without seeing the new offsets.
     let trades = load_existing(catalog.as_ref(), &idents.trades).await?;
+    let recorded = TopicOffsets::from_table(&trades, topic)
+        .with_context(|| format!("failed to read the offsets recorded in {}", idents.trades))?;
+    let ledger = load_existing(catalog.as_ref(), &idents.shed_ledger).await?;
     let rows = scan_shed_ledger(&ledger)
         .await
         .with_context(|| format!("failed to read {}", idents.shed_ledger))?;
-    let recorded = TopicOffsets::from_table(&trades, topic)
-        .with_context(|| format!("failed to read the offsets recorded in {}", idents.trades))?;
     let plan = Plan::new(open_entries(rows), topic, &recorded);
     let mut report = BackfillReport {
         dry_run: options.dry_run,
@@ -668,7 +688,7 @@ impl<'a> Run<'a> {
                 .await
             {
                 Ok(_) => break,
-                Err(err) if is_fence_error(&err) && attempts < MAX_COMMIT_ATTEMPTS => {
+                Err(err) if err.is_fence() && attempts < MAX_COMMIT_ATTEMPTS => {
                     let current = self.load(&self.idents.trades).await?;
                     let rescan = !only_pipeline_commits_since(&table, &current);
                     table = current;
@@ -684,7 +704,7 @@ impl<'a> Run<'a> {
                         selection = self.select(&table, partition, trades, &wanted).await?;
                     }
                 }
-                Err(err) if is_fence_error(&err) => bail!(
+                Err(err) if err.is_fence() => bail!(
                     "lost the commit race on {} {attempts} times in a row while committing backfilled \
                      trades of partition {partition}; nothing of this batch was committed, rerun the backfill",
                     self.idents.trades
@@ -969,6 +989,30 @@ mod tests {
         assert_eq!(open[0].offsets.to_string(), "10-14,20-21");
         assert_eq!(open[0].records, 7);
         assert_eq!(open[0].recorded_at_us, 3, "the earliest shedding time is kept");
+    }
+
+    #[test]
+    fn a_backfill_closes_only_the_offsets_it_handled_of_an_entry_a_replay_widened() {
+        // The first epoch shed 100-105 and the backfill handled those; the
+        // replayed epoch cut its chunks differently and shed 100-110 under
+        // the same entry id. 106-110 are still to backfill.
+        let open = open_entries(vec![
+            row(LedgerAction::Shed, 0, "100-105", 1),
+            row(LedgerAction::Backfilled, 0, "100-105", 5),
+            row(LedgerAction::Shed, 0, "100-110", 3),
+        ]);
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(open[0].offsets.to_string(), "106-110");
+        assert_eq!(open[0].records, 5);
+        assert_eq!(open[0].entry_id, "t/0/100/NORMAL", "the entry keeps its id");
+        // Once those are backfilled too, nothing is open.
+        let open = open_entries(vec![
+            row(LedgerAction::Shed, 0, "100-105", 1),
+            row(LedgerAction::Backfilled, 0, "100-105", 5),
+            row(LedgerAction::Shed, 0, "100-110", 3),
+            row(LedgerAction::Backfilled, 0, "106-110", 8),
+        ]);
+        assert!(open.is_empty(), "{open:?}");
     }
 
     #[test]

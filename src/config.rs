@@ -96,6 +96,19 @@ pub struct K2Config {
     pub http: HttpConfig,
     /// The built-in load generator.
     pub loadgen: LoadgenConfig,
+    /// Failure drills.
+    pub faults: FaultsConfig,
+}
+
+/// Failure drills: settings that make K2 misbehave on purpose, to watch it
+/// recover. Leave them at their defaults in production.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultsConfig {
+    /// Hold every successful Iceberg commit this long before its stage state is put in force and its
+    /// lanes are told, logging "commit landed; holding" first: a drill that kills the process at that
+    /// moment aims its kill there. 0: off.
+    pub hold_after_commit_ms: u64,
 }
 
 /// Kafka consumer settings.
@@ -120,11 +133,27 @@ pub struct KafkaConfig {
     pub start_from: StartFrom,
     /// Number of partitions of the topic the embedded broker creates (embedded mode only).
     pub embedded_partitions: i32,
+    /// What a lane does when Kafka skips offsets that retention did not delete: `"fail"` (the lane is
+    /// rebuilt from the table and, if the skip persists, marked failed) or `"accept"` (for topics that
+    /// skip offsets on purpose: transactional producers' commit markers, compaction). A skip retention
+    /// explains is always recorded in `k2.dead_letters`.
+    pub offset_gaps: OffsetGaps,
     /// Extra librdkafka properties passed through verbatim (`security.protocol`, `sasl.mechanism`,
     /// `fetch.wait.max.ms`, ...). Properties K2 owns (`group.id`, `bootstrap.servers`,
     /// `enable.auto.commit`, ...) are rejected: set the matching K2 key instead.
     #[serde(deserialize_with = "deserialize_client_properties")]
     pub client: BTreeMap<String, String>,
+}
+
+/// What a lane does with offsets Kafka skipped for a reason other than retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetGaps {
+    /// Fail the lane: a record past the next offset means the partition was repositioned under it.
+    #[default]
+    Fail,
+    /// Accept the skip and count it (`k2_offset_gaps_total`).
+    Accept,
 }
 
 /// Where a partition with no offset recorded in Iceberg starts reading.
@@ -208,6 +237,11 @@ pub struct LanesConfig {
     pub max_restarts: u32,
     /// Window over which lane restarts are counted.
     pub restart_window_ms: u64,
+    /// The first rebuild of a failed lane waits this long; each further failure within
+    /// `restart_window_ms` doubles the wait.
+    pub restart_backoff_ms: u64,
+    /// The longest a rebuild waits.
+    pub max_restart_backoff_ms: u64,
 }
 
 /// Buffering of records into Parquet files, per lane. A buffer is flushed to a file when any limit is hit.
@@ -306,6 +340,7 @@ impl Default for KafkaConfig {
             session_timeout_ms: 6_000,
             start_from: StartFrom::Earliest,
             embedded_partitions: 8,
+            offset_gaps: OffsetGaps::Fail,
             client: BTreeMap::new(),
         }
     }
@@ -329,6 +364,8 @@ impl Default for LanesConfig {
             arbiters: 0,
             max_restarts: 5,
             restart_window_ms: 60_000,
+            restart_backoff_ms: 100,
+            max_restart_backoff_ms: 30_000,
         }
     }
 }
@@ -528,7 +565,15 @@ impl LanesConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         positive("lanes.chunk_max_records", self.chunk_max_records)?;
         positive("lanes.mailbox_capacity", self.mailbox_capacity)?;
-        positive("lanes.restart_window_ms", self.restart_window_ms)
+        positive("lanes.restart_window_ms", self.restart_window_ms)?;
+        positive("lanes.restart_backoff_ms", self.restart_backoff_ms)?;
+        if self.max_restart_backoff_ms < self.restart_backoff_ms {
+            return Err(invalid(
+                "lanes.max_restart_backoff_ms",
+                "must be at least lanes.restart_backoff_ms",
+            ));
+        }
+        Ok(())
     }
 }
 

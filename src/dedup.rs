@@ -17,7 +17,7 @@
 //!   uncommitted epoch wait in the lane ([`LaneIds`]), so a rewind discards
 //!   them.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,12 +74,20 @@ pub enum IdVerdict {
     ProbableDuplicate,
 }
 
+/// Where a committed key came from, and when it entered the window.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    inserted: Instant,
+    partition: i32,
+    offset: i64,
+}
+
 /// The exact recent window: committed keys for `ttl`, at most `capacity`
 /// of them. Keys enter once, in commit order, and lookups do not reorder
 /// them, so the cache's least recently used end holds the oldest keys and
 /// expiry is eviction from that end.
 struct RecentWindow {
-    keys: LruCache<Box<str>, Instant>,
+    keys: LruCache<Box<str>, Seen>,
     ttl: Duration,
     capacity: usize,
 }
@@ -88,19 +96,34 @@ impl RecentWindow {
     fn contains(&self, key: &str, now: Instant) -> bool {
         self.keys
             .peek(key)
-            .is_some_and(|inserted| now.saturating_duration_since(*inserted) < self.ttl)
+            .is_some_and(|seen| now.saturating_duration_since(seen.inserted) < self.ttl)
     }
 
-    fn insert(&mut self, key: Box<str>, now: Instant) {
-        self.keys.put(key, now);
+    fn insert(&mut self, key: Box<str>, seen: Seen) {
+        let now = seen.inserted;
+        self.keys.put(key, seen);
         while self.keys.len() > self.capacity
             || self
                 .keys
                 .peek_lru()
-                .is_some_and(|(_, inserted)| now.saturating_duration_since(*inserted) >= self.ttl)
+                .is_some_and(|(_, seen)| now.saturating_duration_since(seen.inserted) >= self.ttl)
         {
             self.keys.pop_lru();
         }
+    }
+
+    /// Removes the keys of `partition` at or above `from`; returns how many.
+    fn forget(&mut self, partition: i32, from: i64) -> usize {
+        let gone: Vec<Box<str>> = self
+            .keys
+            .iter()
+            .filter(|(_, seen)| seen.partition == partition && seen.offset >= from)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &gone {
+            self.keys.pop(key);
+        }
+        gone.len()
     }
 }
 
@@ -109,9 +132,22 @@ impl RecentWindow {
 const MAX_BLOOM_LEAD_US: i64 = 3_600_000_000;
 
 /// Committed ids without order, shared by a process's lanes.
+///
+/// Ids enter only after the commit that made them durable was verified. If
+/// the table is later found behind what this process committed for a
+/// partition (a commit the catalog reported and then lost), the ids of that
+/// partition from the table's offset on are dropped from the exact window
+/// ([`UnorderedWindows::forget`]), and, since a Bloom filter cannot forget,
+/// a Bloom hit of a record in the range this process had committed is kept
+/// whatever the policy: the replayed trades are never dropped for having
+/// been seen before.
 pub struct UnorderedWindows {
     recent: Mutex<RecentWindow>,
     long: LongWindow,
+    /// Per partition, the highest committed offset whose id entered.
+    highest: Mutex<HashMap<i32, i64>>,
+    /// Per partition, offsets `[from, to)` whose Bloom hits are not trusted.
+    suspect: Mutex<HashMap<i32, (i64, i64)>>,
 }
 
 impl UnorderedWindows {
@@ -123,32 +159,73 @@ impl UnorderedWindows {
                 capacity: usize::try_from(config.recent_max_entries).unwrap_or(usize::MAX),
             }),
             long: LongWindow::new(&config.long_window),
+            highest: Mutex::new(HashMap::new()),
+            suspect: Mutex::new(HashMap::new()),
         }
     }
 
-    fn verdict(&self, key: &str, event_time_us: i64) -> IdVerdict {
+    fn verdict(&self, key: &str, event_time_us: i64, partition: i32, offset: i64) -> IdVerdict {
         if lock(&self.recent).contains(key, Instant::now()) {
             IdVerdict::Duplicate
         } else if self.long.contains(key.as_bytes(), event_time_us) {
-            IdVerdict::ProbableDuplicate
+            let untrusted = lock(&self.suspect)
+                .get(&partition)
+                .is_some_and(|(from, to)| (*from..*to).contains(&offset));
+            if untrusted {
+                IdVerdict::New
+            } else {
+                IdVerdict::ProbableDuplicate
+            }
         } else {
             IdVerdict::New
         }
+    }
+
+    /// The table stands at `from` for `partition`, behind what this process
+    /// committed: drops the partition's ids at or above `from` from the
+    /// exact window and stops trusting Bloom hits in the range this process
+    /// had committed. Returns how many ids were dropped.
+    pub fn forget(&self, partition: i32, from: i64) -> usize {
+        let forgotten = lock(&self.recent).forget(partition, from);
+        if let Some(highest) = lock(&self.highest).get(&partition).copied()
+            && highest >= from
+        {
+            let mut suspect = lock(&self.suspect);
+            let range = suspect.entry(partition).or_insert((from, highest + 1));
+            *range = (range.0.min(from), range.1.max(highest + 1));
+        }
+        metrics::counter!(crate::metrics::WINDOW_IDS_FORGOTTEN).increment(forgotten as u64);
+        forgotten
     }
 
     /// Moves committed keys into both windows, under one lock. A key whose
     /// event time is more than an hour ahead of the clock stays out of the
     /// Bloom filters: its hour would move their window on and drop the
     /// hours it should still cover (the decoder accepts a day of skew).
-    fn commit(&self, keys: impl Iterator<Item = (Box<str>, i64)>) {
+    fn commit(&self, partition: i32, keys: impl Iterator<Item = (Box<str>, i64, i64)>) {
         let now = Instant::now();
         let latest_hour_us = crate::model::now_us() + MAX_BLOOM_LEAD_US;
         let mut recent = lock(&self.recent);
-        for (key, event_time_us) in keys {
+        let mut highest = None;
+        for (key, event_time_us, offset) in keys {
             if event_time_us <= latest_hour_us {
                 self.long.insert(key.as_bytes(), event_time_us);
             }
-            recent.insert(key, now);
+            recent.insert(
+                key,
+                Seen {
+                    inserted: now,
+                    partition,
+                    offset,
+                },
+            );
+            highest = highest.max(Some(offset));
+        }
+        drop(recent);
+        if let Some(offset) = highest {
+            let mut highest = lock(&self.highest);
+            let entry = highest.entry(partition).or_insert(offset);
+            *entry = (*entry).max(offset);
         }
     }
 
@@ -169,16 +246,18 @@ pub struct LaneIds {
     pending: HashSet<Box<str>>,
     pending_log: VecDeque<(i64, Box<str>, i64)>,
     windows: Arc<UnorderedWindows>,
+    partition: i32,
     key: String,
 }
 
 impl LaneIds {
-    pub fn new(scope: String, windows: Arc<UnorderedWindows>) -> Self {
+    pub fn new(scope: String, windows: Arc<UnorderedWindows>, partition: i32) -> Self {
         Self {
             ordered: EpochState::new(scope, OrderedIds::default),
             pending: HashSet::new(),
             pending_log: VecDeque::new(),
             windows,
+            partition,
             key: String::new(),
         }
     }
@@ -204,7 +283,9 @@ impl LaneIds {
         if self.pending.contains(self.key.as_str()) {
             return IdVerdict::Duplicate;
         }
-        let verdict = self.windows.verdict(&self.key, trade.event_time_us);
+        let verdict = self
+            .windows
+            .verdict(&self.key, trade.event_time_us, trade.partition, trade.offset);
         if verdict == IdVerdict::New || (verdict == IdVerdict::ProbableDuplicate && keep_probable) {
             let key: Box<str> = self.key.as_str().into();
             self.pending.insert(key.clone());
@@ -230,11 +311,12 @@ impl LaneIds {
             .count();
         let pending = &mut self.pending;
         self.windows.commit(
+            self.partition,
             self.pending_log
                 .drain(..committed)
-                .map(|(_, key, event_time_us)| {
+                .map(|(offset, key, event_time_us)| {
                     pending.remove(&key);
-                    (key, event_time_us)
+                    (key, event_time_us, offset)
                 }),
         );
     }
@@ -243,6 +325,10 @@ impl LaneIds {
 impl Checkpoint for Mutex<LaneIds> {
     fn stage(&self, next_offset: i64) -> Staged {
         lock(self).ordered.stage(next_offset)
+    }
+
+    fn stage_whole(&self, next_offset: i64) -> Staged {
+        lock(self).ordered.stage_whole(next_offset)
     }
 
     fn committed(&self, next_offset: i64, promoted: bool) {
@@ -412,7 +498,7 @@ mod tests {
     }
 
     fn lane(windows: &Arc<UnorderedWindows>) -> LaneIds {
-        LaneIds::new("test:0:dedup".into(), windows.clone())
+        LaneIds::new("test:0:dedup".into(), windows.clone(), 0)
     }
 
     fn windows() -> Arc<UnorderedWindows> {
@@ -508,14 +594,19 @@ mod tests {
         };
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
-        window.insert("a".into(), at(0));
+        let seen = |s| Seen {
+            inserted: at(s),
+            partition: 0,
+            offset: s as i64,
+        };
+        window.insert("a".into(), seen(0));
         assert!(window.contains("a", at(9)));
         assert!(!window.contains("a", at(10)), "expired");
-        window.insert("b".into(), at(5));
-        window.insert("c".into(), at(6));
+        window.insert("b".into(), seen(5));
+        window.insert("c".into(), seen(6));
         assert_eq!(window.keys.len(), 2, "over capacity: the oldest went");
         assert!(!window.contains("a", at(6)) && window.contains("b", at(6)));
-        window.insert("d".into(), at(15));
+        window.insert("d".into(), seen(15));
         assert!(
             !window.contains("b", at(15)),
             "expired keys are evicted on insert"

@@ -9,11 +9,12 @@
 //! (never from Kafka's committed offsets) and are set in the assignment
 //! itself, so fetching starts exactly there.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use actix::{Message, Recipient};
+use actix::Recipient;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -25,6 +26,9 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::config::{KafkaConfig, StartFrom};
+use crate::messages::{LoadOffsets, PartitionsAssigned, PartitionsRevoked, StrayRecord};
+use crate::metrics as m;
+use crate::supervision::PartitionControl;
 
 pub type KafkaConsumer = BaseConsumer<K2ConsumerContext>;
 
@@ -36,40 +40,31 @@ pub struct LaneQueue {
     pub ready: Arc<Notify>,
 }
 
-/// Partitions handed to this process, each with its queue and the offset it
-/// was positioned at (None: no offset in the table yet, positioned by
-/// `start_from`).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct PartitionsAssigned {
-    pub partitions: Vec<(Arc<LaneQueue>, Option<i64>)>,
-    /// False when the table's offsets could not be read (catalog down): the
-    /// partitions are positioned at the log end, read nothing K2 keeps, and
-    /// the supervisor starts their lanes once the table answers.
-    pub offsets_known: bool,
-}
+/// Each assigned partition's record queue, split in the rebalance callback
+/// before the assignment takes effect; a lane takes its partition's queue
+/// when it starts. Revoked partitions' queues leave once their lanes stopped.
+#[derive(Clone, Default)]
+pub struct LaneQueues(Arc<Mutex<HashMap<i32, Arc<LaneQueue>>>>);
 
-/// Partitions taken away from this process. Replies once their lanes stopped.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct PartitionsRevoked {
-    pub partitions: Vec<i32>,
-}
+impl LaneQueues {
+    pub fn get(&self, partition: i32) -> Option<Arc<LaneQueue>> {
+        self.lock().get(&partition).cloned()
+    }
 
-/// A record of `partition` reached the consumer's main queue instead of its
-/// lane: the lane must rewind so the record is read again.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct StrayRecord {
-    pub partition: i32,
-    pub offset: i64,
-}
+    fn insert(&self, queue: Arc<LaneQueue>) {
+        self.lock().insert(queue.partition, queue);
+    }
 
-/// Asks the committer for the next offsets recorded in the table.
-#[derive(Message)]
-#[rtype(result = "Result<std::collections::BTreeMap<i32, i64>, String>")]
-pub struct LoadOffsets {
-    pub partitions: Vec<i32>,
+    fn remove(&self, partitions: &[i32]) {
+        let mut queues = self.lock();
+        for partition in partitions {
+            queues.remove(partition);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Arc<LaneQueue>>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Where the rebalance callback sends its news.
@@ -85,6 +80,7 @@ pub struct K2ConsumerContext {
     start_from: StartFrom,
     consumer: OnceLock<Weak<KafkaConsumer>>,
     listeners: OnceLock<GroupListeners>,
+    queues: LaneQueues,
     /// Set when a partition can only be restarted by a new assignment (see
     /// [`K2ConsumerContext::request_rejoin`]).
     rejoin: AtomicBool,
@@ -140,9 +136,14 @@ impl ConsumerContext for K2ConsumerContext {
                 if let Some(listeners) = self.listeners.get() {
                     // Lanes must stop (and drop their queues) before the
                     // partitions can be assigned again.
-                    let _ =
-                        futures::executor::block_on(listeners.revoked.send(PartitionsRevoked { partitions }));
+                    let revoked = PartitionsRevoked {
+                        partitions: partitions.clone(),
+                    };
+                    if let Err(err) = futures::executor::block_on(listeners.revoked.send(revoked)) {
+                        error!(error = %err, "supervisor unreachable while partitions were revoked");
+                    }
                 }
+                self.queues.remove(&partitions);
                 // SAFETY: a null list means "unassign all"; eager protocol only.
                 unsafe { rdkafka::bindings::rd_kafka_assign(native, std::ptr::null()) };
             }
@@ -163,6 +164,19 @@ impl K2ConsumerContext {
     /// retention deleted.
     pub fn request_rejoin(&self) {
         self.rejoin.store(true, Ordering::Relaxed);
+    }
+
+    /// The queues of this consumer's assigned partitions.
+    pub fn queues(&self) -> &LaneQueues {
+        &self.queues
+    }
+
+    /// A partition is assigned but cannot get a lane: say so, count it, and
+    /// rejoin so a new assignment tries again.
+    fn unusable(&self, partition: i32, what: &str, error: &dyn std::fmt::Display) {
+        error!(partition, error = %error, "{what}; the partition cannot be read here, rejoining the group");
+        metrics::counter!(m::ASSIGNMENT_FAILURES).increment(1);
+        self.request_rejoin();
     }
 
     /// Sets each assigned partition's start offset from the table and splits
@@ -203,7 +217,7 @@ impl K2ConsumerContext {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return none();
         };
-        let mut queues = Vec::with_capacity(partitions.len());
+        let mut assigned = Vec::with_capacity(partitions.len());
         for partition in partitions {
             let (start, offset) = match &recorded {
                 Some(recorded) => {
@@ -219,28 +233,30 @@ impl K2ConsumerContext {
                 None => (None, Offset::End),
             };
             if let Err(err) = tpl.set_partition_offset(&self.topic, partition, offset) {
-                error!(partition, error = %err, "failed to set start offset");
+                self.unusable(partition, "failed to set the start offset", &err);
                 continue;
             }
             let Some(mut queue) = consumer.split_partition_queue(&self.topic, partition) else {
-                error!(partition, "failed to split the partition queue");
+                self.unusable(
+                    partition,
+                    "failed to split the partition queue",
+                    &"librdkafka returned none",
+                );
                 continue;
             };
             let ready = Arc::new(Notify::new());
             let wake = ready.clone();
             queue.set_nonempty_callback(move || wake.notify_one());
             info!(partition, start = ?start, "partition assigned");
-            queues.push((
-                Arc::new(LaneQueue {
-                    partition,
-                    queue,
-                    ready,
-                }),
-                start,
-            ));
+            self.queues.insert(Arc::new(LaneQueue {
+                partition,
+                queue,
+                ready,
+            }));
+            assigned.push((partition, start));
         }
         PartitionsAssigned {
-            partitions: queues,
+            partitions: assigned,
             offsets_known: recorded.is_some(),
         }
     }
@@ -307,6 +323,77 @@ pub fn cached_watermarks(consumer: &KafkaConsumer, topic: &str, partition: i32) 
     (code == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
 }
 
+/// The supervisor's hold on the consumer's partitions (see [`PartitionControl`]).
+pub struct KafkaPartitions {
+    pub consumer: Arc<KafkaConsumer>,
+    pub topic: String,
+    pub start_from: StartFrom,
+}
+
+impl KafkaPartitions {
+    fn list(&self, partitions: &[i32]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for &partition in partitions {
+            tpl.add_partition(&self.topic, partition);
+        }
+        tpl
+    }
+}
+
+impl PartitionControl for KafkaPartitions {
+    fn pause(&self, partitions: &[i32]) -> Result<(), String> {
+        self.consumer
+            .pause(&self.list(partitions))
+            .map_err(|e| e.to_string())
+    }
+
+    fn resume(&self, partitions: &[i32]) -> Result<(), String> {
+        self.consumer
+            .resume(&self.list(partitions))
+            .map_err(|e| e.to_string())
+    }
+
+    fn seek_to_start(&self, partition: i32, start: Option<i64>) -> Result<(), String> {
+        let offset = start_offset(&self.consumer, &self.topic, partition, start, self.start_from);
+        self.consumer
+            .seek(&self.topic, partition, offset, Duration::from_secs(10))
+            .map_err(|err| {
+                // librdkafka refuses to seek a partition it stopped (offset
+                // out of range); a new assignment restarts it and revokes
+                // the lane, superseding this start.
+                self.request_rejoin();
+                err.to_string()
+            })
+    }
+
+    fn commit_offsets(&self, offsets: &BTreeMap<i32, i64>) {
+        let mut tpl = TopicPartitionList::new();
+        for (&partition, &next) in offsets {
+            if let Err(err) = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next)) {
+                warn!(partition, error = %err, "cannot commit an offset to the Kafka group");
+            }
+        }
+        if let Err(err) = self.consumer.commit(&tpl, rdkafka::consumer::CommitMode::Async) {
+            warn!(error = %err, "failed to commit offsets to the Kafka group");
+        }
+    }
+
+    fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
+        cached_watermarks(&self.consumer, &self.topic, partition).map(|(_, high)| high)
+    }
+
+    fn fetch_high_watermark(&self, partition: i32) -> Option<i64> {
+        self.consumer
+            .fetch_watermarks(&self.topic, partition, Duration::from_secs(2))
+            .ok()
+            .map(|(_, high)| high)
+    }
+
+    fn request_rejoin(&self) {
+        self.consumer.context().request_rejoin();
+    }
+}
+
 /// Builds the group consumer. `brokers` is a bootstrap list.
 pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Arc<KafkaConsumer>> {
     use anyhow::Context as _;
@@ -339,6 +426,7 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
         start_from: config.start_from,
         consumer: OnceLock::new(),
         listeners: OnceLock::new(),
+        queues: LaneQueues::default(),
         rejoin: AtomicBool::new(false),
     };
     let consumer: KafkaConsumer = client

@@ -34,6 +34,13 @@ pub const DEGRADATION_TRANSITIONS: &str = "k2_degradation_transitions_total";
 pub const DEGRADATION_SIGNAL: &str = "k2_degradation_signal";
 pub const CIRCUIT_BREAKER_STATE: &str = "k2_circuit_breaker_state";
 pub const BACKFILL_RECORDS: &str = "k2_backfill_records_total";
+pub const COMMIT_VERIFY_DURATION: &str = "k2_commit_verify_duration_seconds";
+pub const STALE_PARTITIONS: &str = "k2_commit_stale_partitions_total";
+pub const LANE_STARTS_SUPERSEDED: &str = "k2_lane_starts_superseded_total";
+pub const STATE_PROMOTIONS: &str = "k2_state_promotions_total";
+pub const ASSIGNMENT_FAILURES: &str = "k2_assignment_failures_total";
+pub const OFFSET_GAPS: &str = "k2_offset_gaps_total";
+pub const WINDOW_IDS_FORGOTTEN: &str = "k2_dedup_window_ids_forgotten_total";
 
 /// Installs the global Prometheus recorder once and returns its handle.
 /// Later calls (several pipelines in one test process) share it.
@@ -177,6 +184,41 @@ fn describe() {
     describe_gauge!(
         CONSUMER_LAG,
         Unit::Count,
-        "High watermark minus committed offset, per partition"
+        "Records not durable in Iceberg yet: high watermark minus the table's offset (or the lane's start), per partition"
+    );
+    describe_histogram!(
+        COMMIT_VERIFY_DURATION,
+        Unit::Seconds,
+        "Reading a table back after a commit to see that the catalog made it"
+    );
+    describe_counter!(
+        STALE_PARTITIONS,
+        Unit::Count,
+        "Partitions whose files were refused as stale for longer than a commit interval (an error)"
+    );
+    describe_counter!(
+        LANE_STARTS_SUPERSEDED,
+        Unit::Count,
+        "Lane starts that a rebalance or a newer rebuild replaced before they acted"
+    );
+    describe_counter!(
+        STATE_PROMOTIONS,
+        Unit::Count,
+        "Stage-state scopes put in force after a commit, by outcome (ok, refused, error)"
+    );
+    describe_counter!(
+        ASSIGNMENT_FAILURES,
+        Unit::Count,
+        "Assigned partitions that could not be positioned or given a queue (the group is rejoined)"
+    );
+    describe_counter!(
+        OFFSET_GAPS,
+        Unit::Count,
+        "Offsets Kafka skipped for a reason other than retention, accepted (kafka.offset_gaps = accept)"
+    );
+    describe_counter!(
+        WINDOW_IDS_FORGOTTEN,
+        Unit::Count,
+        "Ids dropped from the dedup window because the table stood behind what this process committed"
     );
 }

@@ -6,47 +6,43 @@
 //! ```
 //!
 //! [`start`] opens the catalog and tables, starts the committer (the sink)
-//! first, then the supervisor, then joins the Kafka group. Lanes are built by
-//! [`spawn_lane`], sink first, whenever the group assigns a partition or the
-//! supervisor rebuilds a failed lane.
+//! first, then the supervisor, then joins the Kafka group. The supervisor
+//! builds lanes through [`ActorLanes`] (`lane.rs`: sink first, one arbiter
+//! per lane) whenever the group assigns a partition or a failed lane is
+//! rebuilt.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use anyhow::Context as _;
 use iceberg::Catalog;
+use rdkafka::consumer::Consumer as _;
 
-use crate::actors::batcher::BatcherParams;
-use crate::actors::deduplicator::DeduplicatorParams;
 use crate::actors::iceberg_committer::{
-    CommitHealth, CommitNow, CommitPolicy, ConnectSupervisor, StateSink, StopCommitter,
+    CommitHealth, CommitNow, CommitPolicy, ConnectSupervisor, IcebergCommitterParams, StateSink,
+    StopCommitter,
 };
-use crate::actors::load_shedder::LoadShedderParams;
-use crate::actors::partition_consumer::{LaneStatus, PartitionConsumerParams};
-use crate::actors::sequencer::{SequenceState, SequencerParams};
 use crate::actors::supervisor::{
-    DrainLanes, GetPipelineStatus, Health, PipelineStatus, RestartPolicy, StopLanes, SupervisorParams,
+    CommitterLink, DrainLanes, GetPipelineStatus, Health, PipelineStatus, StopLanes, SupervisorParams,
 };
-use crate::actors::{
-    Batcher, Deduplicator, IcebergCommitter, LoadShedder, PartitionConsumer, Sequencer, Supervisor,
-};
+use crate::actors::{IcebergCommitter, Supervisor};
 use crate::breaker::CircuitBreaker;
 use crate::config::K2Config;
 use crate::decode::{DecoderConfig, TradeDecoder};
-use crate::dedup::{LaneIds, ProbablePolicy, UnorderedWindows};
-use crate::degradation::DegradationLevel;
+use crate::dedup::UnorderedWindows;
+use crate::faults::FaultInjectingCatalog;
 use crate::faults::Faults;
-use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, LaneQueue};
-use crate::messages::{ChunkSink, FilesWritten, LaneFailed, LaneId};
-use crate::sequence::SequenceTracker;
+use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, KafkaPartitions};
+use crate::lane::{ActorLanes, LaneShared};
 use crate::shedding::TierTable;
-use crate::state::{self, Checkpoint, EpochState, StateStore, open_store};
+use crate::state::open_store;
 use crate::storage::catalog::open_catalog;
 use crate::storage::commit::Committer;
 use crate::storage::tables::{TableIdents, ensure_tables};
 use crate::storage::writer::TableWriter;
+use crate::supervision::RestartPolicy;
 
 pub struct PipelineParams {
     pub config: K2Config,
@@ -58,176 +54,6 @@ pub struct PipelineParams {
     pub instance: String,
 }
 
-/// What every lane of a pipeline shares.
-#[derive(Clone)]
-pub struct LaneShared {
-    pub topic: String,
-    pub consumer: Arc<KafkaConsumer>,
-    pub decoder: Arc<TradeDecoder>,
-    pub writer: TableWriter,
-    pub committer: Recipient<FilesWritten>,
-    pub failures: Recipient<LaneFailed>,
-    pub chunk_max_records: usize,
-    pub mailbox_capacity: usize,
-    pub batcher: crate::config::BatcherConfig,
-    pub sequence: crate::sequence::SequenceConfig,
-    pub store: Arc<dyn StateStore>,
-    /// `{key_prefix}:{group_id}`: the start of every state scope.
-    pub state_prefix: String,
-    pub windows: Arc<UnorderedWindows>,
-    pub probable_policy: ProbablePolicy,
-    pub tiers: Arc<TierTable>,
-    pub soft_batch_growth: u32,
-    /// Around data-file writes.
-    pub storage_breaker: Arc<CircuitBreaker>,
-    pub faults: Arc<Faults>,
-}
-
-/// A lane's stage state, made with the lane and registered with the
-/// committer, which stages and promotes it with every commit.
-#[derive(Clone)]
-pub struct LaneStates {
-    pub sequence: Arc<SequenceState>,
-    pub ids: Arc<Mutex<LaneIds>>,
-}
-
-impl LaneStates {
-    pub fn new(shared: &LaneShared, partition: i32) -> Self {
-        let scope = |stage| state::scope(&shared.state_prefix, &shared.topic, partition, stage);
-        let config = shared.sequence.clone();
-        Self {
-            sequence: Arc::new(Mutex::new(EpochState::new(
-                scope(state::SEQUENCER_STAGE),
-                move || SequenceTracker::new(config.clone()),
-            ))),
-            ids: Arc::new(Mutex::new(LaneIds::new(
-                scope(state::DEDUP_STAGE),
-                shared.windows.clone(),
-            ))),
-        }
-    }
-
-    pub fn checkpoints(&self) -> Vec<Arc<dyn Checkpoint>> {
-        vec![self.sequence.clone(), self.ids.clone()]
-    }
-}
-
-/// The running actors of one lane that the supervisor stops directly; the
-/// stages between them stop when their upstream goes away.
-pub struct LaneHandle {
-    pub consumer: Addr<PartitionConsumer>,
-    pub batcher: Addr<Batcher>,
-    /// With the batcher, the stages that act on level changes.
-    pub shedder: Addr<LoadShedder>,
-    pub status: Arc<LaneStatus>,
-}
-
-/// Builds one lane on `arbiter`, sink first.
-pub fn spawn_lane(
-    shared: &LaneShared,
-    lane: LaneId,
-    queue: Arc<LaneQueue>,
-    start_offset: Option<i64>,
-    states: LaneStates,
-    level: DegradationLevel,
-    arbiter: &ArbiterHandle,
-) -> LaneHandle {
-    let mailbox = shared.mailbox_capacity;
-    let status = Arc::new(LaneStatus::default());
-    status.position.store(-1, std::sync::atomic::Ordering::Relaxed);
-    let batcher_params = BatcherParams {
-        lane,
-        max_rows: shared.batcher.max_rows,
-        max_bytes: shared.batcher.max_bytes,
-        max_age: Duration::from_millis(shared.batcher.max_age_ms),
-        mailbox_capacity: mailbox,
-        soft_growth: shared.soft_batch_growth,
-        level,
-        storage: shared.storage_breaker.clone(),
-        status: status.clone(),
-        faults: shared.faults.clone(),
-    };
-    let (writer, committer, failures) = (
-        shared.writer.clone(),
-        shared.committer.clone(),
-        shared.failures.clone(),
-    );
-    let batcher = Batcher::start_in_arbiter(arbiter, move |_| {
-        Batcher::new(batcher_params, writer, committer, failures)
-    });
-    let shedder = LoadShedder::start_in_arbiter(arbiter, {
-        let params = LoadShedderParams {
-            lane,
-            topic: shared.topic.clone(),
-            tiers: shared.tiers.clone(),
-            level,
-            downstream: sink(&batcher),
-            mailbox_capacity: mailbox,
-            failures: shared.failures.clone(),
-            faults: shared.faults.clone(),
-        };
-        move |_| LoadShedder::new(params)
-    });
-    let deduplicator = Deduplicator::start_in_arbiter(arbiter, {
-        let params = DeduplicatorParams {
-            lane,
-            topic: shared.topic.clone(),
-            ids: states.ids,
-            store: shared.store.clone(),
-            start_offset,
-            policy: shared.probable_policy,
-            downstream: sink(&shedder),
-            failures: shared.failures.clone(),
-            mailbox_capacity: mailbox,
-            faults: shared.faults.clone(),
-        };
-        move |_| Deduplicator::new(params)
-    });
-    let sequencer = Sequencer::start_in_arbiter(arbiter, {
-        let params = SequencerParams {
-            lane,
-            topic: shared.topic.clone(),
-            state: states.sequence,
-            store: shared.store.clone(),
-            start_offset,
-            downstream: sink(&deduplicator),
-            failures: shared.failures.clone(),
-            mailbox_capacity: mailbox,
-            faults: shared.faults.clone(),
-        };
-        move |_| Sequencer::new(params)
-    });
-    let params = PartitionConsumerParams {
-        lane,
-        topic: shared.topic.clone(),
-        queue,
-        consumer: shared.consumer.clone(),
-        decoder: shared.decoder.clone(),
-        start_offset,
-        chunk_max_records: shared.chunk_max_records,
-        downstream: sink(&sequencer),
-        supervisor: shared.failures.clone(),
-        status: status.clone(),
-    };
-    let consumer = PartitionConsumer::start_in_arbiter(arbiter, move |_| PartitionConsumer::new(params));
-    LaneHandle {
-        consumer,
-        batcher,
-        shedder,
-        status,
-    }
-}
-
-fn sink<A>(addr: &Addr<A>) -> ChunkSink
-where
-    A: Actor<Context = Context<A>> + Handler<crate::messages::TradeChunk> + Handler<crate::messages::Flush>,
-{
-    ChunkSink {
-        chunks: addr.clone().recipient(),
-        flush: addr.clone().recipient(),
-    }
-}
-
 /// A running pipeline.
 pub struct Pipeline {
     pub supervisor: Addr<Supervisor>,
@@ -236,6 +62,7 @@ pub struct Pipeline {
     pub tables: TableIdents,
     /// Switches for injected faults (tests, drills).
     pub faults: Arc<Faults>,
+    consumer: Arc<KafkaConsumer>,
     group: GroupDriver,
     arbiters: Vec<Arbiter>,
 }
@@ -250,8 +77,14 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             config.state.backend
         )
     })?;
-    let catalog = open_catalog(&config.catalog, &params.base_dir).await?;
+    let faults = Arc::new(Faults::default());
+    faults.set_hold_after_commit(Duration::from_millis(config.faults.hold_after_commit_ms));
     let tables = TableIdents::new(&config.catalog.namespace);
+    let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(
+        open_catalog(&config.catalog, &params.base_dir).await?,
+        faults.clone(),
+        tables.clone(),
+    ));
     ensure_tables(catalog.as_ref(), &tables)
         .await
         .context("failed to create K2's Iceberg tables")?;
@@ -266,21 +99,21 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     )
     .context("failed to prepare the trades writer")?;
 
-    let faults = Arc::new(Faults::default());
     let health = Health {
         catalog: Arc::new(CircuitBreaker::new("catalog", &config.breaker)),
         storage: Arc::new(CircuitBreaker::new("storage", &config.breaker)),
         commits: Arc::new(CommitHealth::default()),
     };
-    let committer = IcebergCommitter::new(
-        Arc::new(Committer {
+    let windows = Arc::new(UnorderedWindows::new(&config.dedup));
+    let committer = IcebergCommitter::new(IcebergCommitterParams {
+        committer: Arc::new(Committer {
             catalog: catalog.clone(),
             idents: tables.clone(),
             topic: config.kafka.topic.clone(),
             writer_id: params.instance.clone(),
             zstd_level: config.batcher.zstd_level,
         }),
-        CommitPolicy {
+        policy: CommitPolicy {
             interval: Duration::from_millis(config.commit.interval_ms),
             max_rows: config.commit.max_rows,
             max_bytes: config.commit.max_bytes,
@@ -289,16 +122,16 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             expire_every_commits: config.commit.expire_every_commits,
             retry_backoff: Duration::from_millis(config.commit.retry_backoff_ms),
         },
-        StateSink {
+        state: StateSink {
             store: store.clone(),
             writer: params.instance.clone(),
         },
-        health.catalog.clone(),
-        health.commits.clone(),
-        faults.clone(),
-    )
+        breaker: health.catalog.clone(),
+        health: health.commits.clone(),
+        faults: faults.clone(),
+        windows: windows.clone(),
+    })
     .start();
-    let windows = Arc::new(UnorderedWindows::new(&config.dedup));
 
     let consumer = kafka::create_consumer(&config.kafka, &params.brokers)?;
     let arbiter_count = match config.lanes.arbiters {
@@ -314,7 +147,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     let supervisor = Supervisor::create({
         let committer = committer.clone();
         let consumer = consumer.clone();
-        let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
+        let arbiters: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
         let config = config.clone();
         let instance = params.instance.clone();
         let faults = faults.clone();
@@ -322,12 +155,14 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             let shared = LaneShared {
                 topic: config.kafka.topic.clone(),
                 consumer: consumer.clone(),
+                queues: consumer.context().queues().clone(),
                 decoder: Arc::new(decoder),
                 writer,
                 committer: committer.clone().recipient(),
                 failures: ctx.address().recipient(),
                 chunk_max_records: config.lanes.chunk_max_records,
                 mailbox_capacity: config.lanes.mailbox_capacity,
+                offset_gaps: config.kafka.offset_gaps,
                 batcher: config.batcher.clone(),
                 sequence: config.sequence.clone(),
                 store,
@@ -340,16 +175,25 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 faults,
             };
             Supervisor::new(SupervisorParams {
-                shared,
-                consumer,
-                committer,
-                start_from: config.kafka.start_from,
+                lanes: Box::new(ActorLanes { shared, arbiters }),
+                partitions: Arc::new(KafkaPartitions {
+                    consumer,
+                    topic: config.kafka.topic.clone(),
+                    start_from: config.kafka.start_from,
+                }),
+                committer: CommitterLink {
+                    register: committer.clone().recipient(),
+                    release: committer.clone().recipient(),
+                    status: committer.clone().recipient(),
+                    level: committer.recipient(),
+                },
+                topic: config.kafka.topic.clone(),
                 restart: RestartPolicy {
                     max_restarts: config.lanes.max_restarts,
                     window: Duration::from_millis(config.lanes.restart_window_ms),
-                    base_backoff: Duration::from_millis(100),
+                    base_backoff: Duration::from_millis(config.lanes.restart_backoff_ms),
+                    max_backoff: Duration::from_millis(config.lanes.max_restart_backoff_ms),
                 },
-                arbiters: handles,
                 instance,
                 degradation: config.degradation.clone(),
                 pause_after_failures: config.commit.pause_after_failures,
@@ -365,7 +209,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         .await
         .context("committer stopped during start-up")?;
     let group = GroupDriver::start(
-        consumer,
+        consumer.clone(),
         &config.kafka.topic,
         GroupListeners {
             offsets: committer.clone().recipient(),
@@ -380,6 +224,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         catalog,
         tables,
         faults,
+        consumer,
         group,
         arbiters,
     })
@@ -392,6 +237,12 @@ impl Pipeline {
             .await
             .context("supervisor unreachable")?
             .map_err(anyhow::Error::msg)
+    }
+
+    /// Subscribes to the topic again, which revokes every partition of this
+    /// process and rejoins the group, as a rebalance does (tests and drills).
+    pub fn rejoin_group(&self) {
+        self.consumer.context().request_rejoin();
     }
 
     /// Clean stop: every lane flushes to the committer, one final commit,

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::per_symbol::PerSymbol;
 use crate::state::Replay;
 
+/// A lane's sequence state, shared by its sequencer and the committer.
+pub type SequenceState = std::sync::Mutex<crate::state::EpochState<SequenceTracker>>;
+
 /// When a lower sequence number means "the feed restarted" rather than
 /// "an old record": it is at most `near_start` and at least `min_drop`
 /// below the highest number seen.

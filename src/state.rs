@@ -97,6 +97,26 @@ pub struct Staged {
     pub entries: Vec<(String, Vec<u8>)>,
 }
 
+/// What a promotion did to one scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    /// The writer's staged state came into force now.
+    Promoted,
+    /// The state in force is already at the offset (a promotion whose reply
+    /// was lost, repeated).
+    AlreadyInForce,
+    /// Nothing came into force: the staged state is not at the offset, or
+    /// builds on a state that is no longer in force, or would replace a
+    /// state that is further along.
+    Refused,
+}
+
+impl Promotion {
+    pub fn in_force(self) -> bool {
+        self != Promotion::Refused
+    }
+}
+
 /// Where stage state is kept between commit epochs.
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
@@ -110,8 +130,9 @@ pub trait StateStore: Send + Sync + 'static {
     /// force. Replaces what `writer` staged before for the scope.
     async fn stage(&self, writer: &str, staged: &[Staged]) -> Result<(), StateError>;
     /// The commit up to each offset succeeded: `writer`'s staged state of
-    /// each scope comes into force.
-    async fn promote(&self, writer: &str, scopes: &[(String, i64)]) -> Result<(), StateError>;
+    /// each scope comes into force. Says, per scope, what happened.
+    /// Idempotent: a repeat answers `AlreadyInForce`.
+    async fn promote(&self, writer: &str, scopes: &[(String, i64)]) -> Result<Vec<Promotion>, StateError>;
     /// The state of `scope` at `offset`, or None if the store has none.
     async fn load(&self, scope: &str, offset: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StateError>;
 }
@@ -149,13 +170,25 @@ struct MemoryScope {
 }
 
 impl MemoryScope {
-    fn promote(&mut self, writer: &str, offset: i64) -> bool {
-        let ready = self
-            .staged
-            .get(writer)
-            .is_some_and(|s| s.offset == offset && (s.base.is_none() || s.base == self.offset));
+    /// The rules of [`PROMOTE_LUA`].
+    fn promote(&mut self, writer: &str, offset: i64) -> Promotion {
+        let Some(staged) = self.staged.get(writer).filter(|s| s.offset == offset) else {
+            return if self.offset == Some(offset) {
+                Promotion::AlreadyInForce
+            } else {
+                Promotion::Refused
+            };
+        };
+        let ready = match staged.base {
+            None => self.offset.is_none_or(|current| current <= offset),
+            Some(base) => self.offset == Some(base),
+        };
         if !ready {
-            return false;
+            return if self.offset == Some(offset) {
+                Promotion::AlreadyInForce
+            } else {
+                Promotion::Refused
+            };
         }
         let staged = self.staged.remove(writer).expect("checked above");
         if staged.base.is_none() {
@@ -163,7 +196,7 @@ impl MemoryScope {
         }
         self.state.extend(staged.entries);
         self.offset = Some(offset);
-        true
+        Promotion::Promoted
     }
 }
 
@@ -199,13 +232,14 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
-    async fn promote(&self, writer: &str, scopes: &[(String, i64)]) -> Result<(), StateError> {
-        for (scope, offset) in scopes {
-            if let Some(mut s) = self.scopes.get_mut(scope) {
-                s.promote(writer, *offset);
-            }
-        }
-        Ok(())
+    async fn promote(&self, writer: &str, scopes: &[(String, i64)]) -> Result<Vec<Promotion>, StateError> {
+        Ok(scopes
+            .iter()
+            .map(|(scope, offset)| match self.scopes.get_mut(scope) {
+                Some(mut s) => s.promote(writer, *offset),
+                None => Promotion::Refused,
+            })
+            .collect())
     }
 
     async fn load(&self, scope: &str, offset: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StateError> {
@@ -214,7 +248,7 @@ impl StateStore for MemoryStore {
         };
         if s.offset != Some(offset) {
             let writers: Vec<String> = s.staged.keys().cloned().collect();
-            if !writers.into_iter().any(|w| s.promote(&w, offset)) {
+            if !writers.into_iter().any(|w| s.promote(&w, offset).in_force()) {
                 return Ok(None);
             }
         }
@@ -228,15 +262,23 @@ impl StateStore for MemoryStore {
 // Redis store
 
 /// Merges a writer's staged state into the state in force if it is at the
-/// given offset and builds on the state in force. KEYS: state, offset,
-/// staged, meta, writers. ARGV: offset, writer. Returns 1 if promoted.
+/// given offset and builds on the state in force; a staged state without a
+/// base replaces the state in force, unless that is further along. KEYS:
+/// state, offset, staged, meta, writers. ARGV: offset, writer. Returns 1
+/// if promoted, 2 if the state in force is at the offset already (a repeat
+/// after a lost reply), 0 if refused.
 const PROMOTE_LUA: &str = r#"
-local meta = redis.call('HMGET', KEYS[4], 'base', 'offset')
-if meta[2] ~= ARGV[1] then return 0 end
 local current = redis.call('GET', KEYS[2])
+local meta = redis.call('HMGET', KEYS[4], 'base', 'offset')
+if meta[2] ~= ARGV[1] then
+  if current == ARGV[1] then return 2 end
+  return 0
+end
 if meta[1] == '' then
+  if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
   redis.call('DEL', KEYS[1])
 elseif meta[1] ~= current then
+  if current == ARGV[1] then return 2 end
   return 0
 end
 local kv = redis.call('HGETALL', KEYS[3])
@@ -315,8 +357,12 @@ impl RedisStore {
     }
 
     /// Promotes `writer`'s staged state of each scope at its offset, in one
-    /// round trip; says for each whether it came into force.
-    async fn promote_scopes(&self, writer: &str, scopes: &[(String, i64)]) -> Result<Vec<bool>, StateError> {
+    /// round trip; says for each what happened.
+    async fn promote_scopes(
+        &self,
+        writer: &str,
+        scopes: &[(String, i64)],
+    ) -> Result<Vec<Promotion>, StateError> {
         if scopes.is_empty() {
             return Ok(Vec::new());
         }
@@ -341,7 +387,14 @@ impl RedisStore {
             .query_async(&mut connection)
             .await
             .map_err(|e| self.error(e))?;
-        Ok(promoted.into_iter().map(|p| p == 1).collect())
+        Ok(promoted
+            .into_iter()
+            .map(|p| match p {
+                1 => Promotion::Promoted,
+                2 => Promotion::AlreadyInForce,
+                _ => Promotion::Refused,
+            })
+            .collect())
     }
 }
 
@@ -392,8 +445,8 @@ impl StateStore for RedisStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn promote(&self, writer: &str, scopes: &[(String, i64)]) -> Result<(), StateError> {
-        self.promote_scopes(writer, scopes).await.map(drop)
+    async fn promote(&self, writer: &str, scopes: &[(String, i64)]) -> Result<Vec<Promotion>, StateError> {
+        self.promote_scopes(writer, scopes).await
     }
 
     async fn load(&self, scope: &str, offset: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StateError> {
@@ -415,7 +468,7 @@ impl StateStore for RedisStore {
             let mut promoted = false;
             let this_scope = [(scope.to_string(), offset)];
             for writer in writers {
-                if self.promote_scopes(&writer, &this_scope).await? == [true] {
+                if self.promote_scopes(&writer, &this_scope).await?[0].in_force() {
                     promoted = true;
                     break;
                 }
@@ -535,6 +588,23 @@ impl<T: Replay> EpochState<T> {
         }
     }
 
+    /// The whole committed state at `next_offset`, as a replacement (no
+    /// base): for a store that refused the changes-only stage. Called after
+    /// [`EpochState::stage`] for the same offset.
+    pub fn stage_whole(&mut self, next_offset: i64) -> Staged {
+        let mut staged = self.stage(next_offset);
+        staged.base = None;
+        staged.entries = self
+            .names
+            .iter()
+            .filter_map(|(exchange, symbol)| {
+                let bytes = self.committed.encode(exchange, symbol)?;
+                Some((format!("{exchange}{FIELD_SEPARATOR}{symbol}"), bytes))
+            })
+            .collect();
+        staged
+    }
+
     /// The state staged at `next_offset` is in force.
     pub fn promoted(&mut self, next_offset: i64) {
         self.base = Some(next_offset);
@@ -551,10 +621,156 @@ impl<T: Replay> EpochState<T> {
 pub trait Checkpoint: Send + Sync {
     /// The state at `next_offset` to stage before the commit.
     fn stage(&self, next_offset: i64) -> Staged;
+    /// The whole state at `next_offset`, replacing what the store holds.
+    fn stage_whole(&self, next_offset: i64) -> Staged;
     /// The Iceberg commit up to `next_offset` succeeded; `promoted`: the
     /// store put the staged state in force too (if not, the changes stay
     /// staged and go again with the next epoch).
     fn committed(&self, next_offset: i64, promoted: bool);
+}
+
+/// One lane stage's state staged for a commit epoch.
+pub struct EpochCheckpoint {
+    pub partition: i32,
+    pub next_offset: i64,
+    pub checkpoint: Arc<dyn Checkpoint>,
+    pub staged: Staged,
+}
+
+impl EpochCheckpoint {
+    pub fn stage(partition: i32, next_offset: i64, checkpoint: Arc<dyn Checkpoint>) -> Self {
+        let staged = checkpoint.stage(next_offset);
+        Self {
+            partition,
+            next_offset,
+            checkpoint,
+            staged,
+        }
+    }
+}
+
+/// What putting an epoch's stage state in force did.
+#[derive(Debug, Default)]
+pub struct PromotionReport {
+    /// Scopes whose state is in force at their epoch's offset.
+    in_force: HashSet<String>,
+    /// Scopes the store refused at first (restaged whole).
+    pub refused: Vec<String>,
+    /// Partitions whose state is not in force even restaged whole, and why:
+    /// their lanes must reload their state.
+    pub not_in_force: Vec<(i32, String)>,
+    /// The store could not be reached: the state stays staged, and the next
+    /// epoch's promotion finds out whether it came into force.
+    pub failed: bool,
+}
+
+impl PromotionReport {
+    pub fn in_force(&self, scope: &str) -> bool {
+        self.in_force.contains(scope)
+    }
+}
+
+/// After a verified Iceberg commit, puts the staged state of the partitions
+/// it committed (`committed`: partition → next offset) in force as
+/// `writer`'s. A promotion whose reply is lost is asked again (promotion is
+/// idempotent). A scope the store refuses is never taken as done: it is
+/// restaged whole (a replacement at the same offset, which the store takes
+/// unless its state is further along) and promoted again; what is still
+/// refused is reported so the lane reloads its state.
+pub async fn put_in_force(
+    store: &dyn StateStore,
+    writer: &str,
+    epoch: &[EpochCheckpoint],
+    committed: &std::collections::BTreeMap<i32, i64>,
+) -> PromotionReport {
+    let mut report = PromotionReport::default();
+    let due: Vec<&EpochCheckpoint> = epoch
+        .iter()
+        .filter(|c| committed.get(&c.partition) == Some(&c.next_offset))
+        .collect();
+    if due.is_empty() {
+        return report;
+    }
+    let scopes = |cs: &[&EpochCheckpoint]| -> Vec<(String, i64)> {
+        cs.iter()
+            .map(|c| (c.staged.scope.clone(), c.next_offset))
+            .collect()
+    };
+    let outcomes = match promote_twice(store, writer, &scopes(&due)).await {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            tracing::warn!(error = %err, "failed to put the committed epoch's stage state in force; it stays staged");
+            metrics::counter!(crate::metrics::STATE_PROMOTIONS, "outcome" => "error")
+                .increment(due.len() as u64);
+            report.failed = true;
+            return report;
+        }
+    };
+    let mut refused = Vec::new();
+    for (c, outcome) in due.iter().zip(outcomes) {
+        if outcome.in_force() {
+            report.in_force.insert(c.staged.scope.clone());
+        } else {
+            refused.push(*c);
+        }
+    }
+    metrics::counter!(crate::metrics::STATE_PROMOTIONS, "outcome" => "ok")
+        .increment(report.in_force.len() as u64);
+    if refused.is_empty() {
+        return report;
+    }
+    report.refused = refused.iter().map(|c| c.staged.scope.clone()).collect();
+    metrics::counter!(crate::metrics::STATE_PROMOTIONS, "outcome" => "refused")
+        .increment(refused.len() as u64);
+    tracing::error!(
+        scopes = ?report.refused,
+        "the state store refused to put committed stage state in force; restaging it whole"
+    );
+    let whole: Vec<Staged> = refused
+        .iter()
+        .map(|c| c.checkpoint.stage_whole(c.next_offset))
+        .collect();
+    let retried = match store.stage(writer, &whole).await {
+        Ok(()) => promote_twice(store, writer, &scopes(&refused)).await,
+        Err(err) => Err(err),
+    };
+    match retried {
+        Ok(outcomes) => {
+            for (c, outcome) in refused.iter().zip(outcomes) {
+                if outcome.in_force() {
+                    report.in_force.insert(c.staged.scope.clone());
+                } else {
+                    report.not_in_force.push((
+                        c.partition,
+                        format!("{} refused even restaged whole", c.staged.scope),
+                    ));
+                }
+            }
+        }
+        Err(err) => {
+            for c in refused {
+                report
+                    .not_in_force
+                    .push((c.partition, format!("{}: {err}", c.staged.scope)));
+            }
+        }
+    }
+    report
+}
+
+/// Promotes, asking once more if the reply is lost.
+async fn promote_twice(
+    store: &dyn StateStore,
+    writer: &str,
+    scopes: &[(String, i64)],
+) -> Result<Vec<Promotion>, StateError> {
+    match store.promote(writer, scopes).await {
+        Ok(outcomes) => Ok(outcomes),
+        Err(err) => {
+            tracing::warn!(error = %err, "no answer to a state promotion; asking again");
+            store.promote(writer, scopes).await
+        }
+    }
 }
 
 /// Locks a lane's state; a stage that panicked while holding it leaves the
@@ -566,6 +782,10 @@ pub fn lock<T: ?Sized>(state: &Mutex<T>) -> MutexGuard<'_, T> {
 impl<T: Replay> Checkpoint for Mutex<EpochState<T>> {
     fn stage(&self, next_offset: i64) -> Staged {
         lock(self).stage(next_offset)
+    }
+
+    fn stage_whole(&self, next_offset: i64) -> Staged {
+        lock(self).stage_whole(next_offset)
     }
 
     fn committed(&self, next_offset: i64, promoted: bool) {
@@ -673,5 +893,143 @@ mod tests {
         let mut loaded = store.load("s", 20).await.unwrap().unwrap();
         loaded.sort();
         assert_eq!(loaded, [("a".to_string(), vec![1]), ("b".to_string(), vec![2])]);
+    }
+
+    /// A store whose next promotion replies are lost: the promotion runs,
+    /// the caller hears an error.
+    struct LosesReplies {
+        inner: Arc<dyn StateStore>,
+        lose: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait]
+    impl StateStore for LosesReplies {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn survives_restart(&self) -> bool {
+            self.inner.survives_restart()
+        }
+        async fn ping(&self) -> Result<(), StateError> {
+            self.inner.ping().await
+        }
+        async fn stage(&self, writer: &str, staged: &[Staged]) -> Result<(), StateError> {
+            self.inner.stage(writer, staged).await
+        }
+        async fn promote(
+            &self,
+            writer: &str,
+            scopes: &[(String, i64)],
+        ) -> Result<Vec<Promotion>, StateError> {
+            let outcome = self.inner.promote(writer, scopes).await;
+            let lost = self
+                .lose
+                .fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
+            if lost {
+                return Err(StateError::Store {
+                    store: self.describe(),
+                    message: "reply lost".into(),
+                });
+            }
+            outcome
+        }
+        async fn load(&self, scope: &str, offset: i64) -> Result<Option<Vec<(String, Vec<u8>)>>, StateError> {
+            self.inner.load(scope, offset).await
+        }
+    }
+
+    /// One lane stage through epochs committed at 10, 20 and 30 (records
+    /// 0..30, symbol `A` holding the highest), `lost` promotion replies lost
+    /// at the epoch to 20. After each epoch, a lane loading at that offset
+    /// finds exactly the state of the records below it.
+    async fn epochs_with_lost_replies(inner: Arc<dyn StateStore>, scope: &str, lost: u32) {
+        let store = LosesReplies {
+            inner: inner.clone(),
+            lose: std::sync::atomic::AtomicU32::new(0),
+        };
+        let checkpoint: Arc<Mutex<EpochState<Highest>>> =
+            Arc::new(Mutex::new(EpochState::new(scope.to_string(), Highest::default)));
+        for (epoch, next) in [10i64, 20, 30].into_iter().enumerate() {
+            {
+                let mut state = lock(&checkpoint);
+                let records: Vec<(i64, &str, i64)> = (next - 10..next).map(|o| (o, "A", o)).collect();
+                feed(&mut state, &records);
+            }
+            if epoch == 1 {
+                store.lose.store(lost, std::sync::atomic::Ordering::Relaxed);
+            }
+            let staged = EpochCheckpoint::stage(0, next, checkpoint.clone());
+            store
+                .stage("w", std::slice::from_ref(&staged.staged))
+                .await
+                .unwrap();
+            let committed = std::collections::BTreeMap::from([(0, next)]);
+            let report = put_in_force(&store, "w", std::slice::from_ref(&staged), &committed).await;
+            checkpoint.committed(next, report.in_force(scope));
+            assert!(report.not_in_force.is_empty(), "epoch to {next}: {report:?}");
+            let loaded = inner
+                .load(scope, next)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("no state in force at {next} ({report:?})"));
+            assert_eq!(value(&loaded, "A"), Some(next - 1), "state at {next}");
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_lost_promotion_reply_never_leaves_the_memory_store_behind() {
+        epochs_with_lost_replies(Arc::new(MemoryStore::default()), "s", 1).await;
+        // Both replies lost: the state stays staged, and the next epoch's
+        // promotion finds the store ahead of its base and restages it whole.
+        epochs_with_lost_replies(Arc::new(MemoryStore::default()), "s", 2).await;
+    }
+
+    #[actix_rt::test]
+    #[ignore = "needs K2_TEST_REDIS_URL; ./scripts/test runs it"]
+    async fn a_lost_promotion_reply_never_leaves_the_redis_store_behind() {
+        let url = std::env::var("K2_TEST_REDIS_URL").expect("K2_TEST_REDIS_URL names a Redis server");
+        let store: Arc<dyn StateStore> =
+            Arc::new(RedisStore::connect(&url, Duration::from_secs(5)).await.unwrap());
+        for lost in [1, 2] {
+            let scope = format!("k2-test:{}:0:lost-reply", uuid::Uuid::now_v7());
+            epochs_with_lost_replies(store.clone(), &scope, lost).await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_state_further_along_is_never_replaced_and_its_partition_is_reported() {
+        let store = MemoryStore::default();
+        // Another writer put the scope in force at 50.
+        let ahead = Staged {
+            scope: "s".into(),
+            base: None,
+            offset: 50,
+            entries: vec![("X\u{1f}A".into(), 49i64.to_le_bytes().to_vec())],
+        };
+        store.stage("other", &[ahead]).await.unwrap();
+        store.promote("other", &[("s".into(), 50)]).await.unwrap();
+        // A zombie commits an epoch to 20 built on base 10.
+        let checkpoint: Arc<Mutex<EpochState<Highest>>> =
+            Arc::new(Mutex::new(EpochState::new("s".into(), Highest::default)));
+        lock(&checkpoint).restore(10, &[]).unwrap();
+        feed(&mut lock(&checkpoint), &[(10, "A", 10), (19, "A", 19)]);
+        let staged = EpochCheckpoint::stage(3, 20, checkpoint.clone());
+        store
+            .stage("zombie", std::slice::from_ref(&staged.staged))
+            .await
+            .unwrap();
+        let committed = std::collections::BTreeMap::from([(3, 20)]);
+        let report = put_in_force(&store, "zombie", &[staged], &committed).await;
+        assert_eq!(report.refused, ["s"]);
+        assert_eq!(report.not_in_force.len(), 1);
+        assert_eq!(report.not_in_force[0].0, 3);
+        assert!(!report.in_force("s"));
+        let loaded = store.load("s", 50).await.unwrap().unwrap();
+        assert_eq!(value(&loaded, "A"), Some(49), "the state further along stays");
     }
 }

@@ -382,7 +382,7 @@ async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_ma
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 30_000, 10_000);
     tokio::time::sleep(Duration::from_millis(800)).await;
 
-    pipeline.faults.arm_panic("deduplicator", 0);
+    pipeline.faults.arm_panic(k2::messages::Stage::Deduplicator, 0);
     wait_for(
         Duration::from_secs(30),
         "the lane rebuilt after the panic",
@@ -403,7 +403,7 @@ async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_ma
     .await;
 
     // A second failure within the window exceeds max_restarts = 1.
-    pipeline.faults.arm_panic("batcher", 0);
+    pipeline.faults.arm_panic(k2::messages::Stage::Batcher, 0);
     let more = dir.path().join("more.csv");
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &more, 10_000, 10_000);
     wait_for(Duration::from_secs(30), "the lane marked failed", || async {
@@ -480,7 +480,7 @@ async fn a_lane_rebuilt_while_the_catalog_is_down_waits_for_it_without_spending_
 
     // The lane panics and, with the catalog down, cannot read where to restart.
     let first = lane(&pipeline.status().await.unwrap(), 0).incarnation;
-    pipeline.faults.arm_panic("deduplicator", 0);
+    pipeline.faults.arm_panic(k2::messages::Stage::Deduplicator, 0);
     pipeline.faults.set_catalog_down(true);
     // Each failed read starts a new incarnation; twice the restart budget of
     // tries would have marked the lane failed had they counted as restarts.

@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tracing::{error, warn};
 
-use crate::actors::partition_consumer::LaneStatus;
 use crate::breaker::{BreakerError, CircuitBreaker};
 use crate::degradation::DegradationLevel;
-use crate::messages::{FilesWritten, Flush, LaneFailed, LaneId, LevelChanged, StopLane, TradeChunk};
+use crate::messages::{
+    FilesWritten, Flush, LaneError, LaneFailed, LaneId, LevelChanged, Stage, StopLane, TradeChunk,
+};
 use crate::metrics as m;
 use crate::model::SideRows;
 use crate::storage::writer::{TableWriter, TradeBatchBuilder};
+use crate::supervision::LaneStatus;
 
 #[derive(Debug, Clone)]
 pub struct BatcherParams {
@@ -86,7 +88,7 @@ impl Batcher {
         Self {
             _panic: crate::actors::PanicReport {
                 lane: params.lane,
-                stage: "batcher",
+                stage: Stage::Batcher,
                 supervisor: supervisor.clone(),
             },
             buffer: TradeBatchBuilder::with_capacity(params.max_rows.min(65_536)),
@@ -142,7 +144,7 @@ impl Batcher {
             self.buffer
                 .finish(self.writer.arrow_schema())
                 .map(Some)
-                .map_err(|err| format!("failed to build a record batch: {err}"))
+                .map_err(|err| LaneError::Start(format!("failed to build a record batch: {err}")))
         };
         self.publish_buffered(0);
         let writer = self.writer.clone();
@@ -167,8 +169,8 @@ impl Batcher {
                     side,
                 })
                 .await
-                .map_err(|e| format!("committer unreachable: {e}"))?;
-            Ok::<_, String>((files, file_bytes))
+                .map_err(|e| LaneError::CommitterGone(e.to_string()))?;
+            Ok::<_, LaneError>((files, file_bytes))
         };
         Some(Box::pin(fut.into_actor(self).map(
             move |result, act, ctx| match result {
@@ -178,11 +180,11 @@ impl Batcher {
         )))
     }
 
-    fn fail(&mut self, ctx: &mut Context<Self>, error: String) {
+    fn fail(&mut self, ctx: &mut Context<Self>, error: LaneError) {
         error!(lane = %self.params.lane, error = %error, "batcher failed");
         self.supervisor.do_send(LaneFailed {
             lane: self.params.lane,
-            stage: "batcher",
+            stage: Stage::Batcher,
             error,
         });
         ctx.stop();
@@ -246,16 +248,18 @@ impl Handler<TradeChunk> for Batcher {
     type Result = ();
 
     fn handle(&mut self, chunk: TradeChunk, ctx: &mut Context<Self>) {
-        self.params.faults.check_panic("batcher", chunk.lane.partition);
+        self.params
+            .faults
+            .check_panic(Stage::Batcher, chunk.lane.partition);
         let first = match self.range {
             Some((first, next)) => {
                 if chunk.first_offset != next {
                     return self.fail(
                         ctx,
-                        format!(
-                            "chunk starts at offset {} but the buffer ends at {next}",
-                            chunk.first_offset
-                        ),
+                        LaneError::NotContiguous {
+                            expected: next,
+                            first_offset: chunk.first_offset,
+                        },
                     );
                 }
                 first

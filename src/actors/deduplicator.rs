@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::actors::stage_state::{StateLoad, load_before_first_chunk};
 use crate::dedup::{IdVerdict, LaneIds, ProbablePolicy};
-use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, TradeChunk};
+use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, Stage, TradeChunk};
 use crate::metrics as m;
 use crate::model::{ProbableDuplicate, now_us};
 use crate::state::{StateStore, lock};
@@ -52,7 +52,7 @@ impl Deduplicator {
         Self {
             _panic: crate::actors::PanicReport {
                 lane: params.lane,
-                stage: "deduplicator",
+                stage: Stage::Deduplicator,
                 supervisor: params.failures.clone(),
             },
             params,
@@ -71,7 +71,7 @@ impl Actor for Deduplicator {
         };
         let load = StateLoad {
             lane: self.params.lane,
-            stage: "deduplicator",
+            stage: Stage::Deduplicator,
             label: crate::state::DEDUP_STAGE,
             store: self.params.store.clone(),
             scope: lock(&self.params.ids).ordered.scope().to_string(),
@@ -90,7 +90,7 @@ impl Handler<TradeChunk> for Deduplicator {
     fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
         self.params
             .faults
-            .check_panic("deduplicator", chunk.lane.partition);
+            .check_panic(Stage::Deduplicator, chunk.lane.partition);
         let before = chunk.trades.len();
         let keep = self.params.policy == ProbablePolicy::Keep;
         let mut probable = Vec::new();
@@ -126,23 +126,19 @@ impl Handler<TradeChunk> for Deduplicator {
             metrics::counter!(m::PROBABLE_DUPLICATES, "policy" => policy).increment(probable.len() as u64);
             chunk.side.probable_duplicates.extend(probable);
         }
-        let next = self.params.downstream.chunks.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                let _ = next.send(chunk).await;
-            }
-            .into_actor(self),
-        ))
+        let forward = self.params.downstream.forward(chunk, Stage::Deduplicator);
+        AtomicResponse::new(Box::pin(forward.into_actor(self)))
     }
 }
 
 impl Handler<Flush> for Deduplicator {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
-        let next = self.params.downstream.flush.clone();
-        Box::pin(async move {
-            let _ = next.send(flush).await;
-        })
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(
+            self.params
+                .downstream
+                .forward_flush(self.params.lane, Stage::Deduplicator),
+        )
     }
 }

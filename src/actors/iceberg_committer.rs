@@ -2,29 +2,34 @@
 //! one Iceberg snapshot per interval (or sooner when rows or bytes pile up),
 //! with the offsets they cover; then tells the supervisor what is durable.
 //!
-//! Files are accepted only from a partition's current lane incarnation and
-//! only if they continue exactly where that lane's pending range ends, so a
-//! rebuilt or revoked lane's stragglers are dropped, never committed. When
-//! more than `max_pending_bytes` of files wait for a commit, batchers are
-//! held (their `FilesWritten` is answered only after the next commit), which
-//! stops their lanes and, through them, Kafka fetching.
+//! Which files are accepted, what a commit takes and puts back, and when a
+//! commit is due are decided by [`PendingFiles`]; this actor runs commits,
+//! holds batchers while too many bytes wait, and reports. A commit counts
+//! only once the catalog shows it ([`Committer::commit`] verifies every
+//! snapshot it makes); only then is the epoch's stage state put in force
+//! and its trade ids handed to the process-wide dedup windows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::breaker::{BreakerError, CircuitBreaker};
+use crate::dedup::UnorderedWindows;
 use crate::degradation::DegradationLevel;
-use crate::kafka::LoadOffsets;
-use crate::messages::{Committed, FilesWritten, LaneFailed, LaneId, LevelChanged};
+use crate::messages::{
+    Committed, FilesWritten, LaneError, LaneFailed, LaneId, LevelChanged, LoadOffsets, OffsetsUnavailable,
+    RegisterError, RegisterLane, ReleasePartitions, Stage,
+};
 use crate::metrics as m;
-use crate::state::{Checkpoint, Staged, StateStore};
+use crate::pending::{Accepted, DuePolicy, Pending, PendingFiles};
+use crate::state::{Checkpoint, EpochCheckpoint, StateStore, put_in_force};
 use crate::storage::commit::{CommitError, CommitOutcome, Committer, PartitionRange};
 use crate::storage::offsets::TopicOffsets;
 
@@ -72,13 +77,18 @@ pub struct CommitPolicy {
 pub struct IcebergCommitterCounters {
     pub num_commits: u64,
     pub num_failed_commits: u64,
+    /// Commits the catalog reported and the table did not hold.
+    pub num_not_persisted: u64,
     pub num_rows_committed: u64,
     pub num_dead_letters_committed: u64,
     pub num_sequence_events_committed: u64,
     pub num_probable_duplicates_committed: u64,
     pub num_state_promotions_failed: u64,
+    pub num_state_promotions_refused: u64,
     pub num_fenced: u64,
+    pub num_fenced_behind: u64,
     pub num_stale_files_dropped: u64,
+    pub num_stale_partitions: u64,
     pub last_commit_ms: Option<u64>,
     pub last_error: Option<String>,
 }
@@ -101,19 +111,19 @@ impl IcebergCommitterCounters {
         }
     }
 
-    fn record_failure(&mut self, error: &str) {
+    fn record_failure(&mut self, error: &CommitError) {
         self.num_failed_commits += 1;
+        if matches!(error, CommitError::NotPersisted { .. }) {
+            self.num_not_persisted += 1;
+        }
         self.last_error = Some(error.to_string());
-        metrics::counter!(m::COMMITS, "outcome" => "error").increment(1);
+        metrics::counter!(m::COMMITS, "outcome" => error.outcome_label()).increment(1);
     }
-}
 
-/// Files of one partition that wait for the next commit.
-#[derive(Debug)]
-struct Pending {
-    lane: LaneId,
-    range: PartitionRange,
-    file_bytes: u64,
+    fn record_stale_partition(&mut self) {
+        self.num_stale_partitions += 1;
+        metrics::counter!(m::STALE_PARTITIONS).increment(1);
+    }
 }
 
 /// Where lane stage state is staged and promoted with each commit.
@@ -123,25 +133,35 @@ pub struct StateSink {
     pub writer: String,
 }
 
+pub struct IcebergCommitterParams {
+    pub committer: Arc<Committer>,
+    pub policy: CommitPolicy,
+    pub state: StateSink,
+    /// Catalog calls (commits, snapshot expiry, offset loads) go through it.
+    pub breaker: Arc<CircuitBreaker>,
+    pub health: Arc<CommitHealth>,
+    pub faults: Arc<crate::faults::Faults>,
+    /// The process-wide dedup windows of ids without order.
+    pub windows: Arc<UnorderedWindows>,
+}
+
 pub struct IcebergCommitter {
     committer: Arc<Committer>,
     policy: CommitPolicy,
     state: StateSink,
-    /// Catalog calls (commits, snapshot expiry) go through it.
     breaker: Arc<CircuitBreaker>,
     health: Arc<CommitHealth>,
     faults: Arc<crate::faults::Faults>,
+    windows: Arc<UnorderedWindows>,
     /// SOFT and above skip snapshot expiry (non-essential work).
     level: DegradationLevel,
     /// Stage state of each partition's current lane.
     checkpoints: HashMap<i32, Vec<Arc<dyn Checkpoint>>>,
     supervisor: Option<Recipient<Committed>>,
     lane_failures: Option<Recipient<LaneFailed>>,
-    /// Current lane incarnation of each partition this process owns.
-    lanes: HashMap<i32, u64>,
-    pending: BTreeMap<i32, Pending>,
-    pending_rows: u64,
-    pending_bytes: u64,
+    book: PendingFiles,
+    /// Partitions whose stale files were reported this episode.
+    stale_reported: HashSet<i32>,
     /// Batchers held until a commit makes room.
     held: Vec<oneshot::Sender<()>>,
     last_commit: Instant,
@@ -153,29 +173,21 @@ pub struct IcebergCommitter {
 }
 
 impl IcebergCommitter {
-    pub fn new(
-        committer: Arc<Committer>,
-        policy: CommitPolicy,
-        state: StateSink,
-        breaker: Arc<CircuitBreaker>,
-        health: Arc<CommitHealth>,
-        faults: Arc<crate::faults::Faults>,
-    ) -> Self {
+    pub fn new(params: IcebergCommitterParams) -> Self {
         Self {
-            faults,
-            committer,
-            policy,
-            state,
-            breaker,
-            health,
+            committer: params.committer,
+            policy: params.policy,
+            state: params.state,
+            breaker: params.breaker,
+            health: params.health,
+            faults: params.faults,
+            windows: params.windows,
             level: DegradationLevel::Normal,
             checkpoints: HashMap::new(),
             supervisor: None,
             lane_failures: None,
-            lanes: HashMap::new(),
-            pending: BTreeMap::new(),
-            pending_rows: 0,
-            pending_bytes: 0,
+            book: PendingFiles::default(),
+            stale_reported: HashSet::new(),
             held: Vec::new(),
             last_commit: Instant::now(),
             retry_after: None,
@@ -185,177 +197,166 @@ impl IcebergCommitter {
         }
     }
 
-    fn drop_pending(&mut self, partition: i32) {
-        if let Some(p) = self.pending.remove(&partition) {
-            self.pending_rows -= p.range.rows;
-            self.pending_bytes -= p.file_bytes;
-            if self.pending.is_empty() {
-                self.health.oldest_pending_ms.store(0, Relaxed);
-            }
-            self.publish_pending();
+    fn due_policy(&self) -> DuePolicy {
+        DuePolicy {
+            interval: self.policy.interval,
+            max_rows: self.policy.max_rows,
+            max_bytes: self.policy.max_bytes,
         }
     }
 
     fn commit_due(&self) -> bool {
-        !self.pending.is_empty()
-            && self.retry_after.is_none_or(|t| Instant::now() >= t)
-            && (self.last_commit.elapsed() >= self.policy.interval
-                || self.pending_rows >= self.policy.max_rows
-                || self.pending_bytes >= self.policy.max_bytes)
+        self.book.is_due(
+            &self.due_policy(),
+            Instant::now(),
+            self.last_commit,
+            self.retry_after,
+        )
+    }
+
+    fn fail_lane(&self, lane: LaneId, error: LaneError) {
+        if let Some(failures) = &self.lane_failures {
+            failures.do_send(LaneFailed {
+                lane,
+                stage: Stage::IcebergCommitter,
+                error,
+            });
+        }
     }
 
     /// Commits everything pending, as one future that holds the actor.
     fn commit_future(&mut self) -> ResponseActFuture<Self, Result<(), String>> {
-        let pending = std::mem::take(&mut self.pending);
-        self.recount_pending();
-        let lanes: Vec<(i32, LaneId, u64)> = pending
-            .values()
-            .map(|p| (p.range.partition, p.lane, p.file_bytes))
-            .collect();
-        let ranges: Vec<PartitionRange> = pending.into_values().map(|p| p.range).collect();
+        let (heads, ranges): (Vec<(LaneId, u64)>, Vec<PartitionRange>) = self
+            .book
+            .take()
+            .into_iter()
+            .map(|p| ((p.lane, p.file_bytes), p.range))
+            .unzip();
+        self.publish_pending();
         // Each lane stage's state at the end of its range, staged before
         // the commit and put in force after it.
-        let mut staged: Vec<Staged> = Vec::new();
-        let mut checkpoints: Vec<(i32, i64, Arc<dyn Checkpoint>)> = Vec::new();
-        for range in &ranges {
-            for checkpoint in self.checkpoints.get(&range.partition).into_iter().flatten() {
-                staged.push(checkpoint.stage(range.next_offset));
-                checkpoints.push((range.partition, range.next_offset, checkpoint.clone()));
-            }
-        }
+        let epoch: Vec<EpochCheckpoint> = ranges
+            .iter()
+            .flat_map(|range| {
+                self.checkpoints
+                    .get(&range.partition)
+                    .into_iter()
+                    .flatten()
+                    .map(|checkpoint| {
+                        EpochCheckpoint::stage(range.partition, range.next_offset, checkpoint.clone())
+                    })
+            })
+            .collect();
         let committer = self.committer.clone();
         let breaker = self.breaker.clone();
         let faults = self.faults.clone();
         let store = self.state.store.clone();
         let writer = self.state.writer.clone();
-        let staged_partitions: Vec<i32> = checkpoints.iter().map(|(p, ..)| *p).collect();
         let started = Instant::now();
         Box::pin(
             async move {
+                let staged: Vec<_> = epoch.iter().map(|c| c.staged.clone()).collect();
                 if let Err(err) = store.stage(&writer, &staged).await {
-                    let err = crate::storage::commit::CommitError::State(err.to_string());
-                    return (ranges, Err(err), false);
+                    return (ranges, epoch, Err(CommitError::State(err.to_string())), None);
                 }
                 let result = catalog_call(&breaker, &faults, committer.commit(&ranges)).await;
-                let mut promoted = false;
-                if let Ok(outcome) = &result {
-                    let scopes: Vec<(String, i64)> = staged
-                        .iter()
-                        .zip(&staged_partitions)
-                        .filter(|(_, partition)| outcome.committed.contains_key(partition))
-                        .map(|(s, _)| (s.scope.clone(), s.offset))
-                        .collect();
-                    match store.promote(&writer, &scopes).await {
-                        Ok(()) => promoted = true,
-                        // The data is committed; the state stays staged and
-                        // goes again with the next epoch (or a load promotes it).
-                        Err(err) => {
-                            warn!(error = %err, "failed to put the committed epoch's stage state in force")
-                        }
+                let promotion = match &result {
+                    Ok(outcome) => {
+                        faults.hold_after_commit().await;
+                        Some(put_in_force(store.as_ref(), &writer, &epoch, &outcome.committed).await)
                     }
-                }
-                (ranges, result, promoted)
+                    Err(_) => None,
+                };
+                (ranges, epoch, result, promotion)
             }
             .into_actor(self)
-            .map(move |(ranges, result, promoted), act, _ctx| {
+            .map(move |(ranges, epoch, result, promotion), act, _ctx| {
                 act.last_commit = Instant::now();
                 match result {
                     Ok(outcome) => {
-                        if !promoted {
-                            act.counters.num_state_promotions_failed += 1;
-                        }
-                        for (partition, next, checkpoint) in &checkpoints {
-                            if outcome.committed.get(partition) == Some(next) {
-                                checkpoint.committed(*next, promoted);
+                        let promotion = promotion.unwrap_or_default();
+                        for c in &epoch {
+                            if outcome.committed.get(&c.partition) == Some(&c.next_offset) {
+                                c.checkpoint
+                                    .committed(c.next_offset, promotion.in_force(&c.staged.scope));
                             }
                         }
-                        act.apply_outcome(&outcome, &lanes, started.elapsed());
+                        act.note_promotion(&promotion, &heads);
+                        act.apply_outcome(&outcome, &heads, &ranges, started.elapsed());
                         Ok(())
                     }
                     Err(err) => {
-                        let error = err.to_string();
-                        warn!(error = %error, "commit failed, keeping files for the next attempt");
-                        act.counters.record_failure(&error);
+                        warn!(error = %err, "commit failed, keeping files for the next attempt");
+                        act.counters.record_failure(&err);
                         act.health.consecutive_failures.fetch_add(1, Relaxed);
                         act.retry_after = Some(Instant::now() + act.policy.retry_backoff);
                         // Put everything back in front of what arrived meanwhile.
-                        for ((partition, lane, file_bytes), range) in lanes.into_iter().zip(ranges) {
-                            act.restore(partition, lane, file_bytes, range);
-                        }
-                        if act.pending.is_empty() {
+                        let taken = heads
+                            .into_iter()
+                            .zip(ranges)
+                            .map(|((lane, file_bytes), range)| Pending {
+                                lane,
+                                range,
+                                file_bytes,
+                            })
+                            .collect();
+                        act.book.restore(taken);
+                        if act.book.is_empty() {
                             // Every failed range's lane was rebuilt or revoked
                             // meanwhile: nothing waits for a commit any more.
                             act.health.oldest_pending_ms.store(0, Relaxed);
                         }
                         act.publish_pending();
-                        Err(error)
+                        Err(err.to_string())
                     }
                 }
             }),
         )
     }
 
-    fn restore(&mut self, partition: i32, lane: LaneId, file_bytes: u64, mut range: PartitionRange) {
-        if self.lanes.get(&partition) != Some(&lane.incarnation) {
-            return; // the lane was rebuilt or revoked meanwhile
+    /// Counts what the epoch's state promotion did; a partition whose state
+    /// could not be put in force (even after restaging it whole) has its
+    /// lane rebuilt, which reloads the state from the store.
+    fn note_promotion(&mut self, promotion: &crate::state::PromotionReport, heads: &[(LaneId, u64)]) {
+        if promotion.failed {
+            self.counters.num_state_promotions_failed += 1;
         }
-        if let Some(newer) = self.pending.remove(&partition) {
-            // Files that arrived during the commit continue the range.
-            range.next_offset = newer.range.next_offset;
-            range.rows += newer.range.rows;
-            range.files.extend(newer.range.files);
-            range.side.extend(newer.range.side);
-            self.pending_rows -= newer.range.rows;
-            self.pending_bytes -= newer.file_bytes;
-            return self.restore(partition, lane, file_bytes + newer.file_bytes, range);
+        self.counters.num_state_promotions_refused += promotion.refused.len() as u64;
+        for (partition, error) in &promotion.not_in_force {
+            if let Some(&(lane, _)) = heads.iter().find(|(l, _)| l.partition == *partition) {
+                error!(%lane, error = %error, "the committed epoch's stage state is not in force; rebuilding the lane");
+                self.fail_lane(lane, LaneError::StateNotInForce(error.clone()));
+            }
         }
-        self.pending_rows += range.rows;
-        self.pending_bytes += file_bytes;
-        self.pending.insert(
-            partition,
-            Pending {
-                lane,
-                range,
-                file_bytes,
-            },
-        );
     }
 
-    fn apply_outcome(&mut self, outcome: &CommitOutcome, lanes: &[(i32, LaneId, u64)], elapsed: Duration) {
+    fn apply_outcome(
+        &mut self,
+        outcome: &CommitOutcome,
+        heads: &[(LaneId, u64)],
+        ranges: &[PartitionRange],
+        elapsed: Duration,
+    ) {
         self.retry_after = None;
         self.counters.record_commit(outcome, elapsed);
         self.health.consecutive_failures.store(0, Relaxed);
         self.health
             .last_duration_ms
             .store(elapsed.as_millis() as u64, Relaxed);
-        // The committed ranges left `pending` when the commit started; what
+        // The committed ranges left the book when the commit started; what
         // is there now arrived during the commit.
-        let arrived = if self.pending.is_empty() {
+        let arrived = if self.book.is_empty() {
             0
         } else {
             chrono::Utc::now().timestamp_millis()
         };
         self.health.oldest_pending_ms.store(arrived, Relaxed);
-        self.recount_pending();
+        self.publish_pending();
         for (&partition, &next) in &outcome.committed {
             self.committed.insert(partition, next);
         }
         for &(partition, table_next) in &outcome.fenced {
-            warn!(
-                partition,
-                ?table_next,
-                "table moved past this lane's data; rebuilding the lane"
-            );
-            if let (Some(failures), Some(&(_, lane, _))) = (
-                &self.lane_failures,
-                lanes.iter().find(|(p, _, _)| *p == partition),
-            ) {
-                failures.do_send(LaneFailed {
-                    lane,
-                    stage: "iceberg_committer",
-                    error: format!("fenced: the table stands at offset {table_next:?}"),
-                });
-            }
+            self.fenced(partition, table_next, heads, ranges);
         }
         if !outcome.committed.is_empty() {
             self.epoch += 1;
@@ -373,18 +374,56 @@ impl IcebergCommitter {
         }
     }
 
-    fn recount_pending(&mut self) {
-        self.pending_rows = self.pending.values().map(|p| p.range.rows).sum();
-        self.pending_bytes = self.pending.values().map(|p| p.file_bytes).sum();
-        self.publish_pending();
+    /// The table refused `partition`'s range: it stands at `table_next`. If
+    /// that is behind what this process believed committed, ids this process
+    /// moved into the shared dedup windows may never have reached the table:
+    /// they are dropped, so the replay is not judged duplicate.
+    fn fenced(
+        &mut self,
+        partition: i32,
+        table_next: Option<i64>,
+        heads: &[(LaneId, u64)],
+        ranges: &[PartitionRange],
+    ) {
+        let believed = self.committed.get(&partition).copied();
+        if believed.is_some_and(|b| table_next.is_none_or(|t| t < b)) {
+            let from = table_next.unwrap_or(i64::MIN);
+            let forgotten = self.windows.forget(partition, from);
+            self.counters.num_fenced_behind += 1;
+            error!(
+                partition,
+                ?table_next,
+                ?believed,
+                forgotten,
+                "the table stands behind what this process committed; its ids of the partition from there are dropped"
+            );
+            match table_next {
+                Some(next) => self.committed.insert(partition, next),
+                None => self.committed.remove(&partition),
+            };
+        }
+        let first = ranges
+            .iter()
+            .find(|r| r.partition == partition)
+            .map(|r| r.first_offset);
+        warn!(
+            partition,
+            ?table_next,
+            ?first,
+            "table moved past this lane's data; rebuilding the lane"
+        );
+        if let Some(&(lane, _)) = heads.iter().find(|(l, _)| l.partition == partition) {
+            self.fail_lane(lane, LaneError::Fenced { table_next });
+        }
     }
 
     fn publish_pending(&self) {
-        metrics::gauge!(m::COMMIT_PENDING_BYTES).set(self.pending_bytes as f64);
-        self.health.pending_bytes.store(self.pending_bytes, Relaxed);
+        let bytes = self.book.bytes();
+        metrics::gauge!(m::COMMIT_PENDING_BYTES).set(bytes as f64);
+        self.health.pending_bytes.store(bytes, Relaxed);
         // Reset only when a commit succeeded (`apply_outcome`) or files were
         // dropped: files taken into a running commit are still uncommitted.
-        if !self.pending.is_empty() && self.health.oldest_pending_ms.load(Relaxed) == 0 {
+        if !self.book.is_empty() && self.health.oldest_pending_ms.load(Relaxed) == 0 {
             self.health
                 .oldest_pending_ms
                 .store(chrono::Utc::now().timestamp_millis(), Relaxed);
@@ -413,14 +452,25 @@ impl IcebergCommitter {
             .into_actor(self),
         );
     }
-}
 
-impl IcebergCommitter {
     /// Reads the trades table's recorded offsets, through the catalog breaker.
-    fn load_offsets(&self) -> impl Future<Output = Result<TopicOffsets, CommitError>> + 'static {
+    fn load_offsets(&self) -> impl Future<Output = Result<TopicOffsets, OffsetsUnavailable>> + 'static {
         let (committer, breaker, faults) =
             (self.committer.clone(), self.breaker.clone(), self.faults.clone());
-        async move { catalog_call(&breaker, &faults, committer.load_offsets()).await }
+        async move {
+            catalog_call(&breaker, &faults, committer.load_offsets())
+                .await
+                .map_err(|e| OffsetsUnavailable(e.to_string()))
+        }
+    }
+
+    /// The book dropped `partition`'s files (a new lane or a release).
+    fn files_dropped(&mut self, partition: i32) {
+        self.stale_reported.remove(&partition);
+        if self.book.is_empty() {
+            self.health.oldest_pending_ms.store(0, Relaxed);
+        }
+        self.publish_pending();
     }
 }
 
@@ -481,28 +531,19 @@ impl Handler<ConnectSupervisor> for IcebergCommitter {
     }
 }
 
-/// A lane (re)starts for a partition: forget older incarnations' files.
-/// Replies with the partition's committed next offset (None if the table has
-/// none), which is where the new lane must start.
-#[derive(Message)]
-#[rtype(result = "Result<Option<i64>, String>")]
-pub struct RegisterLane {
-    pub lane: LaneId,
-    /// The lane's stage state, staged and promoted with its commits.
-    pub checkpoints: Vec<Arc<dyn Checkpoint>>,
-}
-
 impl Handler<RegisterLane> for IcebergCommitter {
-    type Result = ResponseActFuture<Self, Result<Option<i64>, String>>;
+    type Result = ResponseActFuture<Self, Result<Option<i64>, RegisterError>>;
 
     fn handle(&mut self, msg: RegisterLane, _: &mut Context<Self>) -> Self::Result {
         let partition = msg.lane.partition;
-        self.lanes.insert(partition, msg.lane.incarnation);
+        if let Err(superseded) = self.book.register(msg.lane) {
+            info!(error = %superseded, "refusing a superseded lane registration");
+            return Box::pin(actix::fut::ready(Err(superseded.into())));
+        }
         self.checkpoints.insert(partition, msg.checkpoints);
-        self.drop_pending(partition);
+        self.files_dropped(partition);
         Box::pin(self.load_offsets().into_actor(self).map(move |result, act, _| {
-            let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;
-            let next = offsets.next_offset(partition);
+            let next = result?.next_offset(partition);
             if let Some(next) = next {
                 act.committed.insert(partition, next);
             }
@@ -511,32 +552,25 @@ impl Handler<RegisterLane> for IcebergCommitter {
     }
 }
 
-/// Partitions that left this process: drop their lanes' pending files.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ReleasePartitions {
-    pub partitions: Vec<i32>,
-}
-
 impl Handler<ReleasePartitions> for IcebergCommitter {
     type Result = ();
 
     fn handle(&mut self, msg: ReleasePartitions, _: &mut Context<Self>) {
         for partition in msg.partitions {
-            self.lanes.remove(&partition);
+            self.book.release(partition);
             self.checkpoints.remove(&partition);
-            self.drop_pending(partition);
+            self.files_dropped(partition);
             self.committed.remove(&partition);
         }
     }
 }
 
 impl Handler<LoadOffsets> for IcebergCommitter {
-    type Result = ResponseActFuture<Self, Result<BTreeMap<i32, i64>, String>>;
+    type Result = ResponseActFuture<Self, Result<BTreeMap<i32, i64>, OffsetsUnavailable>>;
 
     fn handle(&mut self, msg: LoadOffsets, _: &mut Context<Self>) -> Self::Result {
         Box::pin(self.load_offsets().into_actor(self).map(move |result, act, _| {
-            let offsets = result.map_err(|e| format!("failed to read offsets from Iceberg: {e}"))?;
+            let offsets = result?;
             let found: BTreeMap<i32, i64> = msg
                 .partitions
                 .iter()
@@ -552,61 +586,53 @@ impl Handler<FilesWritten> for IcebergCommitter {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: FilesWritten, ctx: &mut Context<Self>) -> Self::Result {
-        let partition = msg.lane.partition;
-        if self.lanes.get(&partition) != Some(&msg.lane.incarnation) {
-            self.counters.num_stale_files_dropped += msg.data_files.len() as u64;
-            info!(lane = %msg.lane, "dropping files of a lane that was rebuilt or revoked");
-            return Box::pin(async {});
-        }
-        match self.pending.get_mut(&partition) {
-            Some(p) if p.range.next_offset != msg.first_offset => {
-                let error = format!(
-                    "files start at offset {} but pending data ends at {}",
-                    msg.first_offset, p.range.next_offset
-                );
-                error!(lane = %msg.lane, error = %error, "non-contiguous files; rebuilding the lane");
-                self.drop_pending(partition);
-                if let Some(failures) = &self.lane_failures {
-                    failures.do_send(LaneFailed {
-                        lane: msg.lane,
-                        stage: "iceberg_committer",
-                        error,
-                    });
+        let lane = msg.lane;
+        let files = msg.data_files.len() as u64;
+        match self.book.accept(msg, Instant::now()) {
+            Accepted::Yes => {
+                self.stale_reported.remove(&lane.partition);
+            }
+            Accepted::Stale { current, stale_for } => {
+                self.counters.num_stale_files_dropped += files;
+                if stale_for > self.policy.interval && self.stale_reported.insert(lane.partition) {
+                    // Only stale files for longer than a commit interval: the
+                    // supervisor and this committer disagree about the lane.
+                    self.counters.record_stale_partition();
+                    error!(
+                        %lane, ?current, stale_ms = stale_for.as_millis() as u64,
+                        "a partition's files have been refused as stale for longer than a commit interval; rebuilding its lane"
+                    );
+                    self.fail_lane(
+                        lane,
+                        LaneError::Stale {
+                            stale_ms: stale_for.as_millis() as u64,
+                            current,
+                        },
+                    );
+                } else {
+                    info!(%lane, "dropping files of a lane that was rebuilt or revoked");
                 }
                 return Box::pin(async {});
             }
-            Some(p) => {
-                p.range.next_offset = msg.next_offset;
-                p.range.rows += msg.rows;
-                p.range.files.extend(msg.data_files);
-                p.range.side.extend(msg.side);
-                p.file_bytes += msg.file_bytes;
-            }
-            None => {
-                self.pending.insert(
-                    partition,
-                    Pending {
-                        lane: msg.lane,
-                        range: PartitionRange {
-                            partition,
-                            first_offset: msg.first_offset,
-                            next_offset: msg.next_offset,
-                            files: msg.data_files,
-                            rows: msg.rows,
-                            side: msg.side,
-                        },
-                        file_bytes: msg.file_bytes,
-                    },
-                );
+            Accepted::NotContiguous {
+                pending_next,
+                first_offset,
+            } => {
+                let error = LaneError::NotContiguous {
+                    expected: pending_next,
+                    first_offset,
+                };
+                error!(%lane, error = %error, "non-contiguous files; rebuilding the lane");
+                self.publish_pending();
+                self.fail_lane(lane, error);
+                return Box::pin(async {});
             }
         }
-        self.pending_rows += msg.rows;
-        self.pending_bytes += msg.file_bytes;
         self.publish_pending();
         if self.commit_due() {
             ctx.notify(CommitNow);
         }
-        if self.pending_bytes > self.policy.max_pending_bytes {
+        if self.book.bytes() > self.policy.max_pending_bytes {
             // Hold the batcher until a commit makes room.
             let (tx, rx) = oneshot::channel();
             self.held.push(tx);
@@ -627,7 +653,7 @@ impl Handler<CommitNow> for IcebergCommitter {
     type Result = AtomicResponse<Self, Result<(), String>>;
 
     fn handle(&mut self, _: CommitNow, _: &mut Context<Self>) -> Self::Result {
-        if self.pending.is_empty() {
+        if self.book.is_empty() {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Ok(()))));
         }
         AtomicResponse::new(Box::pin(self.commit_future().map(|result, act, ctx| {
@@ -665,11 +691,24 @@ impl Handler<StopCommitter> for IcebergCommitter {
 #[rtype(result = "CommitterStatus")]
 pub struct GetCommitterStatus;
 
+/// A partition whose lane's files have been refused as stale for longer
+/// than a commit interval: an error (the lane is being rebuilt).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StalePartition {
+    pub partition: i32,
+    pub stale_ms: u64,
+    /// The lane incarnation the committer accepts files from.
+    pub current_incarnation: Option<u64>,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CommitterStatus {
     pub epoch: u64,
     pub commits: u64,
     pub failed_commits: u64,
+    /// Of `failed_commits`: commits the catalog reported and the table did
+    /// not hold (read back after every commit, ADR 0006).
+    pub commits_not_persisted: u64,
     pub rows_committed: u64,
     pub dead_letters_committed: u64,
     pub sequence_events_committed: u64,
@@ -677,7 +716,14 @@ pub struct CommitterStatus {
     /// Commits whose stage state could not be put in force at once (it
     /// stays staged and goes with the next commit).
     pub state_promotions_failed: u64,
+    /// Scopes the store refused to promote (restaged whole, or their lane
+    /// rebuilt).
+    pub state_promotions_refused: u64,
     pub fenced: u64,
+    /// Fences that found the table behind what this process had committed.
+    pub fenced_behind: u64,
+    pub stale_files_dropped: u64,
+    pub stale_partitions: Vec<StalePartition>,
     pub pending_rows: u64,
     pub pending_bytes: u64,
     pub last_commit_ms: Option<u64>,
@@ -690,18 +736,34 @@ impl Handler<GetCommitterStatus> for IcebergCommitter {
 
     fn handle(&mut self, _: GetCommitterStatus, _: &mut Context<Self>) -> Self::Result {
         let c = &self.counters;
+        let now = Instant::now();
+        let stale_partitions = self
+            .book
+            .stale()
+            .map(|(partition, since)| StalePartition {
+                partition,
+                stale_ms: now.saturating_duration_since(since).as_millis() as u64,
+                current_incarnation: self.book.current(partition),
+            })
+            .filter(|s| s.stale_ms > self.policy.interval.as_millis() as u64)
+            .collect();
         MessageResult(CommitterStatus {
             epoch: self.epoch,
             commits: c.num_commits,
             failed_commits: c.num_failed_commits,
+            commits_not_persisted: c.num_not_persisted,
             rows_committed: c.num_rows_committed,
             dead_letters_committed: c.num_dead_letters_committed,
             sequence_events_committed: c.num_sequence_events_committed,
             probable_duplicates_committed: c.num_probable_duplicates_committed,
             state_promotions_failed: c.num_state_promotions_failed,
+            state_promotions_refused: c.num_state_promotions_refused,
             fenced: c.num_fenced,
-            pending_rows: self.pending_rows,
-            pending_bytes: self.pending_bytes,
+            fenced_behind: c.num_fenced_behind,
+            stale_files_dropped: c.num_stale_files_dropped,
+            stale_partitions,
+            pending_rows: self.book.rows(),
+            pending_bytes: self.book.bytes(),
             last_commit_ms: c.last_commit_ms,
             last_error: c.last_error.clone(),
             committed_offsets: self.committed.clone(),

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::degradation::DegradationLevel;
-use crate::messages::{ChunkSink, Flush, LevelChanged, TradeChunk};
+use crate::messages::{ChunkSink, Flush, LevelChanged, Stage, TradeChunk};
 use crate::metrics as m;
 use crate::model::{Trade, now_us};
 use crate::shedding::{LedgerAction, OffsetRanges, Priority, ShedEntry, TierTable};
@@ -49,7 +49,7 @@ impl LoadShedder {
         Self {
             _panic: crate::actors::PanicReport {
                 lane: params.lane,
-                stage: "load_shedder",
+                stage: Stage::LoadShedder,
                 supervisor: params.failures.clone(),
             },
             level: params.level,
@@ -116,7 +116,7 @@ impl Handler<TradeChunk> for LoadShedder {
     fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
         self.params
             .faults
-            .check_panic("load_shedder", chunk.lane.partition);
+            .check_panic(Stage::LoadShedder, chunk.lane.partition);
         let trades = std::mem::take(&mut chunk.trades);
         let (kept, entries) = shed(trades, self.level, &self.params.tiers, &self.params.topic);
         for entry in &entries {
@@ -131,13 +131,8 @@ impl Handler<TradeChunk> for LoadShedder {
         self.counters.num_passed += kept.len() as u64;
         chunk.trades = kept;
         chunk.side.shed.extend(entries);
-        let next = self.params.downstream.chunks.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                let _ = next.send(chunk).await;
-            }
-            .into_actor(self),
-        ))
+        let forward = self.params.downstream.forward(chunk, Stage::LoadShedder);
+        AtomicResponse::new(Box::pin(forward.into_actor(self)))
     }
 }
 
@@ -152,11 +147,12 @@ impl Handler<LevelChanged> for LoadShedder {
 impl Handler<Flush> for LoadShedder {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
-        let next = self.params.downstream.flush.clone();
-        Box::pin(async move {
-            let _ = next.send(flush).await;
-        })
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
+        Box::pin(
+            self.params
+                .downstream
+                .forward_flush(self.params.lane, Stage::LoadShedder),
+        )
     }
 }
 

@@ -8,11 +8,11 @@
 
 use actix::Recipient;
 
-use crate::messages::{LaneFailed, LaneId};
+use crate::messages::{LaneError, LaneFailed, LaneId, Stage};
 
 pub struct PanicReport {
     pub lane: LaneId,
-    pub stage: &'static str,
+    pub stage: Stage,
     pub supervisor: Recipient<LaneFailed>,
 }
 
@@ -22,7 +22,7 @@ impl Drop for PanicReport {
             self.supervisor.do_send(LaneFailed {
                 lane: self.lane,
                 stage: self.stage,
-                error: "the stage panicked (the panic message is in the log)".to_string(),
+                error: LaneError::Panicked,
             });
         }
     }

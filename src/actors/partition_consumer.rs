@@ -3,10 +3,14 @@
 //! librdkafka, which stops fetching once its prefetch budget is used).
 //!
 //! It also owns the partition's position: chunk offset ranges are contiguous
-//! from the position the lane started at. When Kafka reports that the next
-//! offset no longer exists (retention outran the lag), the lost range is
-//! reported loudly and accounted for with a dead letter, then consumption
-//! resumes at the earliest retained offset.
+//! from the position the lane started at, and every record must be the next
+//! offset. When Kafka reports that the next offset no longer exists
+//! (retention outran the lag), the lost range is reported loudly and
+//! accounted for with a dead letter, then consumption resumes at the
+//! earliest retained offset. A record below the position (the partition was
+//! repositioned under the lane) fails the lane, and so does a skip that
+//! retention does not explain, unless `kafka.offset_gaps = "accept"`: either
+//! would make a chunk claim offsets the lane never read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +22,13 @@ use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaErrorCode;
 use tracing::{error, warn};
 
+use crate::config::OffsetGaps;
 use crate::decode::TradeDecoder;
 use crate::kafka::{self, KafkaConsumer, LaneQueue};
-use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, StopLane, TradeChunk};
+use crate::messages::{ChunkSink, Flush, LaneError, LaneFailed, LaneId, Stage, StopLane, TradeChunk};
 use crate::metrics as m;
 use crate::model::{DeadLetter, SideRows, now_us};
+use crate::supervision::LaneStatus;
 
 pub struct PartitionConsumerParams {
     pub lane: LaneId,
@@ -33,20 +39,11 @@ pub struct PartitionConsumerParams {
     /// Offset the lane was positioned at; None when the table has none yet.
     pub start_offset: Option<i64>,
     pub chunk_max_records: usize,
+    /// What a skip of offsets that retention does not explain does.
+    pub offset_gaps: OffsetGaps,
     pub downstream: ChunkSink,
     pub supervisor: Recipient<LaneFailed>,
     pub status: Arc<LaneStatus>,
-}
-
-/// Figures the lane publishes for `/v1/pipeline` (read without messaging).
-#[derive(Debug, Default)]
-pub struct LaneStatus {
-    pub position: std::sync::atomic::AtomicI64,
-    pub consumed: std::sync::atomic::AtomicU64,
-    pub dead_letters: std::sync::atomic::AtomicU64,
-    pub lost_records: std::sync::atomic::AtomicU64,
-    /// Estimated bytes of rows the lane's batcher holds.
-    pub buffered_bytes: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +62,10 @@ impl PartitionConsumerCounters {
             self.num_dead_letters += dead.len() as u64;
             metrics::counter!(m::DEAD_LETTERS, "reason" => "decode").increment(dead.len() as u64);
         }
+    }
+
+    fn record_gap(&mut self, skipped: u64) {
+        metrics::counter!(m::OFFSET_GAPS).increment(skipped);
     }
 
     fn record_lost(&mut self, partition: &str, lost: u64) {
@@ -106,8 +107,11 @@ impl PartitionConsumer {
     fn drain_ready(&mut self) -> Result<Option<TradeChunk>, QueueError> {
         let mut trades = Vec::new();
         let mut dead_letters = Vec::new();
-        let mut first_offset = self.position;
-        let mut next_offset = None;
+        let first_offset = self.position;
+        // The next offset this chunk accounts for (None until the first
+        // record of a lane that starts where the table has nothing).
+        let mut expected = self.position;
+        let mut first_read = None;
         let now = now_us();
         let decoder = self.params.decoder.clone();
         let queue = self.params.queue.clone();
@@ -117,7 +121,7 @@ impl PartitionConsumer {
                 None => break,
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
-                    if next_offset.is_some() {
+                    if first_read.is_some() {
                         // Hand over what was read; the error comes back on the next poll.
                         break;
                     }
@@ -125,16 +129,24 @@ impl PartitionConsumer {
                 }
             };
             let offset = message.offset();
-            if first_offset.is_none() {
-                first_offset = Some(offset);
-            } else if next_offset.is_none()
-                && let Some(position) = first_offset
-                && offset > position
-                && let Some(lost) = self.retention_gap(position, offset, now)
-            {
-                dead_letters.push(lost);
+            if let Some(position) = expected {
+                if offset < position {
+                    return Err(QueueError::Lane(LaneError::BelowPosition { position, offset }));
+                }
+                if offset > position {
+                    match self.retention_gap(position, offset, now) {
+                        Some(lost) => dead_letters.push(lost),
+                        None if self.params.offset_gaps == OffsetGaps::Accept => {
+                            self.counters.record_gap((offset - position) as u64);
+                        }
+                        None => {
+                            return Err(QueueError::Lane(LaneError::UnexplainedGap { position, offset }));
+                        }
+                    }
+                }
             }
-            next_offset = Some(offset + 1);
+            first_read.get_or_insert(offset);
+            expected = Some(offset + 1);
             let payload = message.payload().unwrap_or_default();
             match decoder.decode(payload, partition, offset, now) {
                 Ok(trade) => trades.push(trade),
@@ -148,9 +160,10 @@ impl PartitionConsumer {
                 }),
             }
         }
-        let (Some(first_offset), Some(next_offset)) = (first_offset, next_offset) else {
+        let (Some(first_read), Some(next_offset)) = (first_read, expected) else {
             return Ok(None);
         };
+        let first_offset = first_offset.unwrap_or(first_read);
         self.counters.record_chunk(
             &self.partition_label,
             trades.len() + dead_letters.len(),
@@ -212,11 +225,11 @@ impl PartitionConsumer {
         status.lost_records.store(self.counters.num_lost, Relaxed);
     }
 
-    fn fail(&self, ctx: &mut Context<Self>, error: String) {
+    fn fail(&self, ctx: &mut Context<Self>, error: LaneError) {
         error!(lane = %self.params.lane, error = %error, "partition consumer failed");
         self.params.supervisor.do_send(LaneFailed {
             lane: self.params.lane,
-            stage: "partition_consumer",
+            stage: Stage::PartitionConsumer,
             error,
         });
         ctx.stop();
@@ -243,7 +256,7 @@ impl PartitionConsumer {
         ctx.wait(async move { sink.send(chunk).await }.into_actor(self).map(
             |result, act, ctx| match result {
                 Ok(()) => ctx.notify(Poll),
-                Err(err) => act.fail(ctx, format!("next stage unreachable: {err}")),
+                Err(err) => act.fail(ctx, LaneError::NextStageGone(err.to_string())),
             },
         ));
     }
@@ -251,6 +264,8 @@ impl PartitionConsumer {
 
 enum QueueError {
     OffsetOutOfRange,
+    /// The lane cannot go on: it is rebuilt from the table.
+    Lane(LaneError),
     Other(KafkaError),
 }
 
@@ -304,6 +319,7 @@ impl Handler<Poll> for PartitionConsumer {
                 );
             }
             Err(QueueError::OffsetOutOfRange) => self.retention_loss(ctx),
+            Err(QueueError::Lane(error)) => self.fail(ctx, error),
             Err(QueueError::Other(err)) => {
                 // Broker-side trouble on this partition; librdkafka retries by itself.
                 warn!(lane = %self.params.lane, error = %err, "partition fetch error");
@@ -316,12 +332,13 @@ impl Handler<Poll> for PartitionConsumer {
 impl Handler<Flush> for PartitionConsumer {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
         self.draining = true;
-        let next = self.params.downstream.flush.clone();
-        Box::pin(async move {
-            let _ = next.send(flush).await;
-        })
+        Box::pin(
+            self.params
+                .downstream
+                .forward_flush(self.params.lane, Stage::PartitionConsumer),
+        )
     }
 }
 

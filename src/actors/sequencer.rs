@@ -8,20 +8,19 @@
 //! start offset before the first chunk, and staged with every commit (see
 //! [`crate::state`]), so a rebuilt or moved lane continues exactly.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use actix::prelude::*;
 use tracing::debug;
 
 use crate::actors::stage_state::{StateLoad, load_before_first_chunk};
-use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, TradeChunk};
+use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, Stage, TradeChunk};
 use crate::metrics as m;
 use crate::model::{SequenceEventRow, now_us};
-use crate::sequence::{RecordPosition, SequenceEvent, SequenceTracker, Verdict};
-use crate::state::{EpochState, StateStore, lock};
+use crate::sequence::{RecordPosition, SequenceEvent, Verdict};
+use crate::state::{StateStore, lock};
 
-/// A lane's sequence state, shared with the committer.
-pub type SequenceState = Mutex<EpochState<SequenceTracker>>;
+pub use crate::sequence::SequenceState;
 
 #[derive(Debug, Default)]
 pub struct SequencerCounters {
@@ -123,7 +122,7 @@ impl Sequencer {
         Self {
             _panic: crate::actors::PanicReport {
                 lane: params.lane,
-                stage: "sequencer",
+                stage: Stage::Sequencer,
                 supervisor: params.failures.clone(),
             },
             params,
@@ -178,7 +177,7 @@ impl Actor for Sequencer {
         };
         let load = StateLoad {
             lane: self.params.lane,
-            stage: "sequencer",
+            stage: Stage::Sequencer,
             label: crate::state::SEQUENCER_STAGE,
             store: self.params.store.clone(),
             scope: lock(&self.params.state).scope().to_string(),
@@ -196,7 +195,9 @@ impl Handler<TradeChunk> for Sequencer {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, mut chunk: TradeChunk, _: &mut Context<Self>) -> Self::Result {
-        self.params.faults.check_panic("sequencer", chunk.lane.partition);
+        self.params
+            .faults
+            .check_panic(Stage::Sequencer, chunk.lane.partition);
         let now = now_us();
         let state = self.params.state.clone();
         let mut state = lock(&state);
@@ -230,20 +231,15 @@ impl Handler<TradeChunk> for Sequencer {
         self.events.clear();
         chunk.side.sequence_events.extend(rows);
         self.next_offset = Some(chunk.next_offset);
-        let next = self.params.downstream.chunks.clone();
-        AtomicResponse::new(Box::pin(
-            async move {
-                let _ = next.send(chunk).await;
-            }
-            .into_actor(self),
-        ))
+        let forward = self.params.downstream.forward(chunk, Stage::Sequencer);
+        AtomicResponse::new(Box::pin(forward.into_actor(self)))
     }
 }
 
 impl Handler<Flush> for Sequencer {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, flush: Flush, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
         // The lane is stopping. A store that outlives the process keeps open
         // gap windows for the next owner; otherwise they are final now, and
         // reported on an empty chunk at the end of the lane's range.
@@ -268,13 +264,16 @@ impl Handler<Flush> for Sequencer {
                 });
             }
         }
-        let chunks = self.params.downstream.chunks.clone();
-        let next = self.params.downstream.flush.clone();
+        let tail = tail.map(|chunk| self.params.downstream.forward(chunk, Stage::Sequencer));
+        let flush = self
+            .params
+            .downstream
+            .forward_flush(self.params.lane, Stage::Sequencer);
         Box::pin(async move {
-            if let Some(chunk) = tail {
-                let _ = chunks.send(chunk).await;
+            if let Some(tail) = tail {
+                tail.await;
             }
-            let _ = next.send(flush).await;
+            flush.await;
         })
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tracing::{debug, error, info, warn};
 
-use crate::messages::{LaneFailed, LaneId};
+use crate::messages::{LaneError, LaneFailed, LaneId, Stage};
 use crate::metrics as m;
 use crate::state::{StateError, StateStore};
 
@@ -14,7 +14,7 @@ use crate::state::{StateError, StateStore};
 pub(crate) struct StateLoad {
     pub lane: LaneId,
     /// The stage as `LaneFailed` names it.
-    pub stage: &'static str,
+    pub stage: Stage,
     /// The stage in the state scope and in `k2_state_loads_total`.
     pub label: &'static str,
     pub store: Arc<dyn StateStore>,
@@ -44,11 +44,11 @@ pub(crate) fn load_before_first_chunk<A>(
         match restored {
             Ok(found) => note_state_load(&load, found),
             Err(err) => {
-                error!(lane = %load.lane, stage = load.stage, error = %err, "cannot load the stage's state");
+                error!(lane = %load.lane, stage = %load.stage, error = %err, "cannot load the stage's state");
                 load.failures.do_send(LaneFailed {
                     lane: load.lane,
                     stage: load.stage,
-                    error: err.to_string(),
+                    error: LaneError::StateLoad(err.to_string()),
                 });
                 ctx.stop();
             }

@@ -5,39 +5,48 @@
 //! (with backoff, at most `max_restarts` in `restart_window`, after which the
 //! lane is marked failed while the others keep running), relays what the
 //! committer made durable to the Kafka group, and reports the pipeline's
-//! state for `/v1/pipeline`.
+//! state for `/v1/pipeline`. Lanes are built through a [`LaneSpawner`] and
+//! partitions driven through a [`PartitionControl`], so tests can put fakes
+//! in their place; the decisions themselves live in [`crate::supervision`].
+//!
+//! A rebuild is a sequence of steps (wait out the backoff, register with the
+//! committer, position the partition, start the lane) during which a
+//! rebalance or a newer rebuild may supersede it. Before every step that
+//! acts, it checks that its incarnation is still the partition's current
+//! one, and stops if not; the committer refuses a superseded registration
+//! too, and the consumer fails a lane that sees its partition repositioned.
 //!
 //! Level: every `degradation.tick_ms` it samples the signals (lag, memory,
 //! batcher bytes, commit latency and failures, the circuit breakers), moves
 //! the level with hysteresis ([`Degradation`]) and broadcasts every change
 //! as [`LevelChanged`] to the committer and every lane's shedder and
-//! batcher. While commits fail it pauses the partitions' consumption
-//! (librdkafka pause/resume), so memory stays flat and lag grows instead.
+//! batcher. While commits fail it pauses the partitions' consumption, so
+//! memory stays flat and lag grows instead.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
-use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
 
-use crate::actors::iceberg_committer::{
-    CommitHealth, CommitterStatus, GetCommitterStatus, IcebergCommitter, RegisterLane, ReleasePartitions,
-};
-use crate::actors::partition_consumer::LaneStatus;
+use crate::actors::iceberg_committer::{CommitHealth, CommitterStatus, GetCommitterStatus};
 use crate::breaker::{BreakerState, CircuitBreaker};
-use crate::config::StartFrom;
 use crate::degradation::{
     Degradation, DegradationConfig, DegradationLevel, Mode, NEVER, Signal, Signals, Transition,
 };
-use crate::kafka::{self, KafkaConsumer, LaneQueue, PartitionsAssigned, PartitionsRevoked, StrayRecord};
-use crate::messages::{Committed, Flush, LaneFailed, LaneId, LevelChanged, StopLane};
+use crate::messages::{
+    Committed, Flush, LaneError, LaneFailed, LaneId, LevelChanged, PartitionsAssigned, PartitionsRevoked,
+    RegisterError, RegisterLane, ReleasePartitions, Stage, StrayRecord,
+};
 use crate::metrics as m;
-use crate::pipeline::{LaneHandle, LaneShared, LaneStates, spawn_lane};
+use crate::supervision::{
+    CommitState, LaneHandle, LaneSpawner, LaneStates, PartitionControl, RestartBudget, RestartDecision,
+    RestartPolicy, partition_lag, should_pause,
+};
 
 /// How often a lane that cannot read the table's offsets (catalog down)
 /// tries again. Waiting does not count as a restart.
@@ -45,6 +54,8 @@ const CATALOG_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a lane could not start from the table.
 enum StartFailure {
+    /// A rebalance or a newer rebuild replaced this incarnation: do nothing.
+    Superseded,
     /// The table's offsets could not be read: the catalog is down or its
     /// breaker is open. The lane waits.
     Table(String),
@@ -53,24 +64,23 @@ enum StartFailure {
     Other(String),
 }
 
-#[derive(Debug, Clone)]
-pub struct RestartPolicy {
-    pub max_restarts: u32,
-    pub window: Duration,
-    pub base_backoff: Duration,
-}
-
 #[derive(Debug, Default)]
 pub struct SupervisorCounters {
     pub num_lanes_started: u64,
     pub num_restarts: u64,
     pub num_failed_lanes: u64,
+    pub num_superseded_starts: u64,
 }
 
 impl SupervisorCounters {
-    fn record_restart(&mut self, stage: &'static str) {
+    fn record_restart(&mut self, stage: Stage) {
         self.num_restarts += 1;
-        metrics::counter!(m::LANE_RESTARTS, "stage" => stage).increment(1);
+        metrics::counter!(m::LANE_RESTARTS, "stage" => stage.as_str()).increment(1);
+    }
+
+    fn record_superseded(&mut self) {
+        self.num_superseded_starts += 1;
+        metrics::counter!(m::LANE_STARTS_SUPERSEDED).increment(1);
     }
 }
 
@@ -84,22 +94,45 @@ pub enum LaneState {
 
 struct Lane {
     id: LaneId,
-    queue: Arc<LaneQueue>,
     handle: Option<LaneHandle>,
     state: LaneState,
-    restarts: VecDeque<Instant>,
-    total_restarts: u64,
+    budget: RestartBudget,
     last_error: Option<String>,
+    /// The next offset the table records for the partition, as this
+    /// process last saw it.
     committed: Option<i64>,
     high_watermark: Option<i64>,
 }
 
 impl Lane {
+    fn new(id: LaneId, committed: Option<i64>) -> Self {
+        Self {
+            id,
+            handle: None,
+            state: LaneState::Restarting,
+            budget: RestartBudget::default(),
+            last_error: None,
+            committed,
+            high_watermark: None,
+        }
+    }
+
     fn stop(&mut self) {
         if let Some(handle) = self.handle.take() {
-            handle.consumer.do_send(StopLane);
-            handle.batcher.do_send(StopLane);
+            handle.stop();
         }
+    }
+
+    fn position(&self) -> Option<i64> {
+        self.handle
+            .as_ref()
+            .map(|h| h.status.position.load(Relaxed))
+            .filter(|p| *p >= 0)
+    }
+
+    /// This process's one definition of lag (see [`partition_lag`]).
+    fn lag(&self) -> Option<i64> {
+        partition_lag(self.high_watermark, self.committed, self.position())
     }
 }
 
@@ -110,13 +143,21 @@ pub struct Health {
     pub commits: Arc<CommitHealth>,
 }
 
+/// The committer as the supervisor talks to it.
+#[derive(Clone)]
+pub struct CommitterLink {
+    pub register: Recipient<RegisterLane>,
+    pub release: Recipient<ReleasePartitions>,
+    pub status: Recipient<GetCommitterStatus>,
+    pub level: Recipient<LevelChanged>,
+}
+
 pub struct SupervisorParams {
-    pub shared: LaneShared,
-    pub consumer: Arc<KafkaConsumer>,
-    pub committer: Addr<IcebergCommitter>,
-    pub start_from: StartFrom,
+    pub lanes: Box<dyn LaneSpawner>,
+    pub partitions: Arc<dyn PartitionControl>,
+    pub committer: CommitterLink,
+    pub topic: String,
     pub restart: RestartPolicy,
-    pub arbiters: Vec<ArbiterHandle>,
     pub instance: String,
     pub degradation: DegradationConfig,
     pub pause_after_failures: u64,
@@ -132,13 +173,12 @@ pub struct Supervisor {
     /// Partitions whose consumption this supervisor paused.
     paused: BTreeSet<i32>,
     watermark_query_in_flight: bool,
-    last_watermark_query: Instant,
-    shared: LaneShared,
-    consumer: Arc<KafkaConsumer>,
-    committer: Addr<IcebergCommitter>,
-    start_from: StartFrom,
+    last_watermark_query: Option<Instant>,
+    spawner: Box<dyn LaneSpawner>,
+    partitions: Arc<dyn PartitionControl>,
+    committer: CommitterLink,
+    topic: String,
     restart: RestartPolicy,
-    arbiters: Vec<ArbiterHandle>,
     lanes: BTreeMap<i32, Lane>,
     next_incarnation: u64,
     instance: String,
@@ -156,13 +196,12 @@ impl Supervisor {
             pause_after_failures: params.pause_after_failures,
             paused: BTreeSet::new(),
             watermark_query_in_flight: false,
-            last_watermark_query: Instant::now(),
-            shared: params.shared,
-            consumer: params.consumer,
+            last_watermark_query: None,
+            spawner: params.lanes,
+            partitions: params.partitions,
             committer: params.committer,
-            start_from: params.start_from,
+            topic: params.topic,
             restart: params.restart,
-            arbiters: params.arbiters,
             lanes: BTreeMap::new(),
             next_incarnation: 1,
             instance: params.instance,
@@ -174,13 +213,7 @@ impl Supervisor {
     fn sample(&self) -> Signals {
         let (mut total_lag, mut max_lag, mut batcher_bytes) = (0i64, 0i64, 0u64);
         for lane in self.lanes.values() {
-            let position = lane
-                .handle
-                .as_ref()
-                .map(|h| h.status.position.load(Relaxed))
-                .filter(|p| *p >= 0);
-            if let (Some(high), Some(from)) = (lane.high_watermark, lane.committed.or(position)) {
-                let lag = (high - from).max(0);
+            if let Some(lag) = lane.lag() {
                 total_lag += lag;
                 max_lag = max_lag.max(lag);
             }
@@ -214,7 +247,10 @@ impl Supervisor {
             metrics::gauge!(m::DEGRADATION_SIGNAL, "signal" => signal.as_str()).set(signals.get(signal));
         }
         let now_ms = chrono::Utc::now().timestamp_millis();
-        if let Some(transition) = self.degradation.observe(signals, Instant::now(), now_ms) {
+        if let Some(transition) = self
+            .degradation
+            .observe(signals, std::time::Instant::now(), now_ms)
+        {
             self.announce(transition);
         }
         self.pause_or_resume();
@@ -231,28 +267,23 @@ impl Supervisor {
             .increment(1);
         metrics::gauge!(m::DEGRADATION_LEVEL).set(t.to.index() as f64);
         let msg = LevelChanged { level: t.to };
-        self.committer.do_send(msg);
+        self.committer.level.do_send(msg);
         for handle in self.lanes.values().filter_map(|l| l.handle.as_ref()) {
-            handle.shedder.do_send(msg);
-            handle.batcher.do_send(msg);
+            handle.set_level(msg);
         }
     }
 
-    /// Pauses every lane's partition while commits are failing with files
-    /// waiting, or a breaker refuses calls; resumes them once a commit
-    /// succeeds. Failed commits with nothing waiting (a revoke or rebuild
-    /// dropped the files) and a breaker whose open period is over do not
-    /// hold the pause: no commit could run to lift it. Resuming lets one
-    /// epoch in, whose commit either succeeds or pauses again.
+    /// Pauses every lane's partition while [`should_pause`] says so, and
+    /// resumes them once it no longer does.
     fn pause_or_resume(&mut self) {
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         let commits = &self.health.commits;
-        let failing = (commits.consecutive_failures.load(Relaxed) >= self.pause_after_failures
-            && commits.oldest_pending_ms.load(Relaxed) > 0)
-            || self.health.catalog.refuses_calls(now)
-            || self.health.storage.refuses_calls(now);
-        let topic = &self.shared.topic;
-        if failing {
+        let state = CommitState {
+            consecutive_failures: commits.consecutive_failures.load(Relaxed),
+            files_waiting: commits.oldest_pending_ms.load(Relaxed) > 0,
+            breaker_refuses: self.health.catalog.refuses_calls(now) || self.health.storage.refuses_calls(now),
+        };
+        if should_pause(state, self.pause_after_failures) {
             let to_pause: Vec<i32> = self
                 .lanes
                 .iter()
@@ -262,11 +293,7 @@ impl Supervisor {
             if to_pause.is_empty() {
                 return;
             }
-            let mut tpl = TopicPartitionList::new();
-            for &partition in &to_pause {
-                tpl.add_partition(topic, partition);
-            }
-            match self.consumer.pause(&tpl) {
+            match self.partitions.pause(&to_pause) {
                 Ok(()) => {
                     warn!(partitions = ?to_pause, "commits are failing; pausing consumption until one succeeds");
                     self.paused.extend(to_pause);
@@ -288,24 +315,20 @@ impl Supervisor {
     fn query_paused_watermarks(&mut self, ctx: &mut Context<Self>) {
         if self.paused.is_empty()
             || self.watermark_query_in_flight
-            || self.last_watermark_query.elapsed() < Duration::from_secs(1)
+            || self
+                .last_watermark_query
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
         {
             return;
         }
         self.watermark_query_in_flight = true;
-        self.last_watermark_query = Instant::now();
-        let consumer = self.consumer.clone();
-        let topic = self.shared.topic.clone();
+        self.last_watermark_query = Some(Instant::now());
+        let control = self.partitions.clone();
         let partitions: Vec<i32> = self.paused.iter().copied().collect();
         let query = tokio::task::spawn_blocking(move || {
             partitions
                 .into_iter()
-                .filter_map(|p| {
-                    let (_, high) = consumer
-                        .fetch_watermarks(&topic, p, Duration::from_secs(2))
-                        .ok()?;
-                    Some((p, high))
-                })
+                .filter_map(|p| Some((p, control.fetch_high_watermark(p)?)))
                 .collect::<Vec<_>>()
         });
         ctx.spawn(query.into_actor(self).map(|result, act, _| {
@@ -319,11 +342,7 @@ impl Supervisor {
     }
 
     fn resume(&self, partitions: &[i32]) {
-        let mut tpl = TopicPartitionList::new();
-        for &partition in partitions {
-            tpl.add_partition(&self.shared.topic, partition);
-        }
-        if let Err(err) = self.consumer.resume(&tpl) {
+        if let Err(err) = self.partitions.resume(partitions) {
             warn!(error = %err, "failed to resume partitions");
         }
     }
@@ -362,20 +381,33 @@ impl Supervisor {
         }
     }
 
-    fn start_lane(&mut self, lane: &mut Lane, start_offset: Option<i64>, states: LaneStates) {
-        let arbiter = &self.arbiters[lane.id.partition.unsigned_abs() as usize % self.arbiters.len()];
-        lane.handle = Some(spawn_lane(
-            &self.shared,
-            lane.id,
-            lane.queue.clone(),
-            start_offset,
-            states,
-            self.degradation.level(),
-            arbiter,
-        ));
-        lane.state = LaneState::Running;
-        info!(lane = %lane.id, start = ?start_offset, "lane started");
-        self.counters.num_lanes_started += 1;
+    /// Whether `id` is still its partition's current lane.
+    fn is_current(&self, id: LaneId) -> bool {
+        self.lanes.get(&id.partition).is_some_and(|l| l.id == id)
+    }
+
+    /// Starts the lane `partition`'s record has (its id is current), reading
+    /// from `start_offset`.
+    fn start_lane(&mut self, partition: i32, start_offset: Option<i64>, states: LaneStates) {
+        let level = self.degradation.level();
+        let Some(lane) = self.lanes.get_mut(&partition) else {
+            return;
+        };
+        match self.spawner.spawn(lane.id, start_offset, states, level) {
+            Ok(handle) => {
+                lane.handle = Some(handle);
+                lane.state = LaneState::Running;
+                info!(lane = %lane.id, start = ?start_offset, "lane started");
+                self.counters.num_lanes_started += 1;
+            }
+            Err(err) => {
+                // The partition was announced without a queue: only a new
+                // assignment can give it one.
+                error!(lane = %lane.id, error = %err, "cannot build the lane; rejoining the group");
+                lane.last_error = Some(err.to_string());
+                self.partitions.request_rejoin();
+            }
+        }
         self.publish_lane_count();
     }
 
@@ -391,43 +423,38 @@ impl Supervisor {
     }
 
     /// Rebuilds `partition`'s lane from the table's committed offset.
-    fn rebuild(&mut self, partition: i32, stage: &'static str, error: String, ctx: &mut Context<Self>) {
+    fn rebuild(&mut self, partition: i32, stage: Stage, error: String, ctx: &mut Context<Self>) {
         let Some(lane) = self.lanes.get_mut(&partition) else {
             return;
         };
         lane.stop();
         lane.last_error = Some(format!("{stage}: {error}"));
-        let now = Instant::now();
-        while lane
-            .restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.restart.window)
-        {
-            lane.restarts.pop_front();
+        match lane.budget.on_failure(&self.restart, Instant::now()) {
+            RestartDecision::GiveUp { restarts } => {
+                error!(
+                    partition, restarts, error = %error,
+                    "lane failed too often; marking it failed (other lanes keep running)"
+                );
+                lane.state = LaneState::Failed;
+                self.counters.num_failed_lanes += 1;
+                self.publish_lane_count();
+            }
+            RestartDecision::Restart { backoff } => {
+                self.counters.record_restart(stage);
+                warn!(partition, ?backoff, %stage, error = %error, "rebuilding lane from the last committed offset");
+                self.start_from_table(partition, backoff, ctx);
+            }
         }
-        if lane.restarts.len() as u32 >= self.restart.max_restarts {
-            error!(
-                partition, restarts = lane.restarts.len(), error = %error,
-                "lane failed too often; marking it failed (other lanes keep running)"
-            );
-            lane.state = LaneState::Failed;
-            self.counters.num_failed_lanes += 1;
-            self.publish_lane_count();
-            return;
-        }
-        let backoff = self.restart.base_backoff * 2u32.saturating_pow(lane.restarts.len() as u32);
-        lane.restarts.push_back(now);
-        lane.total_restarts += 1;
-        self.counters.record_restart(stage);
-        warn!(partition, ?backoff, stage, error = %error, "rebuilding lane from the last committed offset");
-        self.start_from_table(partition, backoff, ctx);
     }
 
-    /// After `delay`, reads `partition`'s offset from the table, positions
-    /// the partition there and starts a new lane. A table that cannot be
-    /// read (catalog down, its breaker open) is not the lane's fault: the
-    /// lane waits for it, trying again every [`CATALOG_WAIT`], without
-    /// spending its restart budget. Other failures rebuild the lane.
+    /// After `delay`, registers a new incarnation of `partition`'s lane with
+    /// the committer (which answers with the table's offset), positions the
+    /// partition there and starts the lane. Each step first checks that the
+    /// incarnation is still current: a rebalance or a newer rebuild that
+    /// replaced it meanwhile ends it without a side effect. A table that
+    /// cannot be read (catalog down, its breaker open) is not the lane's
+    /// fault: the lane waits for it, trying again every [`CATALOG_WAIT`],
+    /// without spending its restart budget. Other failures rebuild the lane.
     fn start_from_table(&mut self, partition: i32, delay: Duration, ctx: &mut Context<Self>) {
         let id = self.new_lane_id(partition);
         let Some(lane) = self.lanes.get_mut(&partition) else {
@@ -437,78 +464,76 @@ impl Supervisor {
         lane.id = id;
         self.publish_lane_count();
 
-        let committer = self.committer.clone();
-        let consumer = self.consumer.clone();
-        let topic = self.shared.topic.clone();
-        let start_from = self.start_from;
-        let states = LaneStates::new(&self.shared, partition);
+        let states = self.spawner.states(partition);
         let checkpoints = states.checkpoints();
-        let fut = async move {
-            tokio::time::sleep(delay).await;
-            let start = committer
-                .send(RegisterLane {
-                    lane: id,
-                    checkpoints,
-                })
-                .await
-                .map_err(|e| StartFailure::Other(e.to_string()))?
-                .map_err(StartFailure::Table)?;
-            tokio::task::spawn_blocking(move || {
-                let offset = kafka::start_offset(&consumer, &topic, partition, start, start_from);
-                consumer
-                    .seek(&topic, partition, offset, Duration::from_secs(10))
-                    .inspect_err(|_| {
-                        // librdkafka refuses to seek a partition it stopped
-                        // (offset out of range); a new assignment restarts it
-                        // and revokes this lane, superseding this rebuild.
-                        consumer.context().request_rejoin();
-                    })
+        let register = self.committer.register.clone();
+        let control = self.partitions.clone();
+        let fut = actix::fut::wrap_future::<_, Self>(tokio::time::sleep(delay))
+            .then(move |(), act, _| {
+                let send = act.is_current(id).then(|| register.send(RegisterLane { lane: id, checkpoints }));
+                async move {
+                    let Some(send) = send else {
+                        return Err(StartFailure::Superseded);
+                    };
+                    match send.await {
+                        Ok(Ok(start)) => Ok(start),
+                        Ok(Err(RegisterError::Superseded(_))) => Err(StartFailure::Superseded),
+                        Ok(Err(RegisterError::Offsets(err))) => Err(StartFailure::Table(err.to_string())),
+                        Err(err) => Err(StartFailure::Other(format!("committer unreachable: {err}"))),
+                    }
+                }
+                .into_actor(act)
             })
-            .await
-            .map_err(|e| StartFailure::Other(e.to_string()))?
-            .map_err(|e| StartFailure::Other(format!("seek failed: {e}")))?;
-            Ok::<_, StartFailure>(start)
-        };
-        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
-            let Some(mut lane) = act.lanes.remove(&partition) else {
-                return;
-            };
-            if lane.id != id {
-                act.lanes.insert(partition, lane);
-                return; // superseded by a newer rebuild or a revoke
-            }
-            match result {
-                Ok(start) => {
-                    act.start_lane(&mut lane, start, states);
-                    act.lanes.insert(partition, lane);
+            .then(move |registered, act, _| {
+                let seek = match registered {
+                    Ok(start) if act.is_current(id) => Ok(start),
+                    Ok(_) => Err(StartFailure::Superseded),
+                    Err(err) => Err(err),
+                };
+                async move {
+                    let start = seek?;
+                    tokio::task::spawn_blocking(move || control.seek_to_start(partition, start))
+                        .await
+                        .map_err(|e| StartFailure::Other(e.to_string()))?
+                        .map_err(|e| StartFailure::Other(format!("seek failed: {e}")))?;
+                    Ok(start)
                 }
-                Err(StartFailure::Table(err)) => {
-                    warn!(lane = %id, error = %err, "cannot read the table's offsets; the lane waits for the catalog");
-                    lane.last_error = Some(format!("waiting for the catalog: {err}"));
-                    act.lanes.insert(partition, lane);
-                    act.start_from_table(partition, CATALOG_WAIT, ctx);
+                .into_actor(act)
+            })
+            .map(move |result, act, ctx| {
+                if !act.is_current(id) {
+                    return act.note_superseded(id);
                 }
-                Err(StartFailure::Other(err)) => {
-                    act.lanes.insert(partition, lane);
-                    act.rebuild(partition, "supervisor", err, ctx);
+                match result {
+                    Ok(start) => act.start_lane(partition, start, states),
+                    Err(StartFailure::Superseded) => act.note_superseded(id),
+                    Err(StartFailure::Table(err)) => {
+                        warn!(lane = %id, error = %err, "cannot read the table's offsets; the lane waits for the catalog");
+                        if let Some(lane) = act.lanes.get_mut(&partition) {
+                            lane.last_error = Some(format!("waiting for the catalog: {err}"));
+                        }
+                        act.start_from_table(partition, CATALOG_WAIT, ctx);
+                    }
+                    Err(StartFailure::Other(err)) => act.rebuild(partition, Stage::Supervisor, err, ctx),
                 }
-            }
-        }));
+            });
+        ctx.spawn(fut);
+    }
+
+    fn note_superseded(&mut self, id: LaneId) {
+        debug!(lane = %id, "lane start superseded by a rebalance or a newer rebuild; it does nothing");
+        self.counters.record_superseded();
     }
 
     fn commit_to_group(&self, offsets: &BTreeMap<i32, i64>) {
-        let mut tpl = TopicPartitionList::new();
-        for (&partition, &next) in offsets {
-            if self.lanes.contains_key(&partition) {
-                let _ = tpl.add_partition_offset(&self.shared.topic, partition, Offset::Offset(next));
-            }
-        }
-        if tpl.count() == 0 {
-            return;
-        }
-        // For external lag tools only: restarts use the table's offsets.
-        if let Err(err) = self.consumer.commit(&tpl, CommitMode::Async) {
-            warn!(error = %err, "failed to commit offsets to the Kafka group");
+        let owned: BTreeMap<i32, i64> = offsets
+            .iter()
+            .filter(|(p, _)| self.lanes.contains_key(p))
+            .map(|(p, o)| (*p, *o))
+            .collect();
+        if !owned.is_empty() {
+            // For external lag tools only: restarts use the table's offsets.
+            self.partitions.commit_offsets(&owned);
         }
     }
 
@@ -516,17 +541,14 @@ impl Supervisor {
     /// every fetch response; no broker round trip) and publishes the lag.
     fn refresh_watermarks(&mut self) {
         for (&partition, lane) in &mut self.lanes {
-            let Some((_, high)) = kafka::cached_watermarks(&self.consumer, &self.shared.topic, partition)
-            else {
+            let Some(high) = self.partitions.cached_high_watermark(partition) else {
                 continue;
             };
             // A paused partition's cache stands still; `query_paused_watermarks`
             // may have seen further.
-            let high = lane.high_watermark.map_or(high, |h| h.max(high));
-            lane.high_watermark = Some(high);
-            if let Some(committed) = lane.committed {
-                metrics::gauge!(m::CONSUMER_LAG, "partition" => partition.to_string())
-                    .set((high - committed).max(0) as f64);
+            lane.high_watermark = Some(lane.high_watermark.map_or(high, |h| h.max(high)));
+            if let Some(lag) = lane.lag() {
+                metrics::gauge!(m::CONSUMER_LAG, "partition" => partition.to_string()).set(lag as f64);
             }
         }
     }
@@ -544,10 +566,8 @@ impl Handler<PartitionsAssigned> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: PartitionsAssigned, ctx: &mut Context<Self>) {
-        tracing::debug!(partitions = msg.partitions.len(), "partitions assigned");
-        let offsets_known = msg.offsets_known;
-        for (queue, start) in msg.partitions {
-            let partition = queue.partition;
+        debug!(partitions = msg.partitions.len(), "partitions assigned");
+        for (partition, start) in msg.partitions {
             if let Some(mut old) = self.lanes.remove(&partition) {
                 old.stop();
             }
@@ -557,48 +577,37 @@ impl Handler<PartitionsAssigned> for Supervisor {
                 self.resume(&[partition]);
             }
             let id = self.new_lane_id(partition);
-            let mut lane = Lane {
-                id,
-                queue,
-                handle: None,
-                state: LaneState::Restarting,
-                restarts: VecDeque::new(),
-                total_restarts: 0,
-                last_error: None,
-                committed: start,
-                high_watermark: None,
-            };
-            if !offsets_known {
+            let mut lane = Lane::new(id, start);
+            if !msg.offsets_known {
                 // Positioned at the log end until the table answers.
                 lane.last_error = Some("waiting for the catalog: offsets unknown at assignment".to_string());
                 self.lanes.insert(partition, lane);
                 self.start_from_table(partition, Duration::ZERO, ctx);
                 continue;
             }
+            self.lanes.insert(partition, lane);
             // Register before the first file can arrive; the committer
             // answers with the table's offset, which the rebalance callback
             // already used to position the partition.
-            let states = LaneStates::new(&self.shared, partition);
-            let registered = self.committer.send(RegisterLane {
+            let states = self.spawner.states(partition);
+            let registered = self.committer.register.send(RegisterLane {
                 lane: id,
                 checkpoints: states.checkpoints(),
             });
-            self.start_lane(&mut lane, start, states);
-            self.lanes.insert(partition, lane);
+            self.start_lane(partition, start, states);
             ctx.spawn(registered.into_actor(self).map(move |result, act, ctx| {
                 let failure = match result {
                     Ok(Ok(table_next)) if table_next == start => None,
                     Ok(Ok(table_next)) => Some(format!(
                         "table moved to {table_next:?} while the partition was assigned at {start:?}"
                     )),
-                    Ok(Err(err)) => Some(err),
-                    Err(err) => Some(err.to_string()),
+                    Ok(Err(err)) => Some(err.to_string()),
+                    Err(err) => Some(format!("committer unreachable: {err}")),
                 };
-                if let Some(error) = failure {
-                    let current = act.lanes.get(&partition).map(|l| l.id);
-                    if current == Some(id) {
-                        act.rebuild(partition, "supervisor", error, ctx);
-                    }
+                if let Some(error) = failure
+                    && act.is_current(id)
+                {
+                    act.rebuild(partition, Stage::Supervisor, error, ctx);
                 }
             }));
         }
@@ -621,11 +630,13 @@ impl Handler<PartitionsRevoked> for Supervisor {
             }
         }
         self.publish_lane_count();
-        let release = self.committer.send(ReleasePartitions {
+        let release = self.committer.release.send(ReleasePartitions {
             partitions: msg.partitions,
         });
         Box::pin(async move {
-            let _ = release.await;
+            if let Err(err) = release.await {
+                warn!(error = %err, "committer unreachable while partitions were revoked");
+            }
         })
     }
 }
@@ -634,11 +645,10 @@ impl Handler<LaneFailed> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: LaneFailed, ctx: &mut Context<Self>) {
-        let current = self.lanes.get(&msg.lane.partition).map(|l| l.id);
-        if current != Some(msg.lane) {
+        if !self.is_current(msg.lane) {
             return; // an old incarnation's last words
         }
-        self.rebuild(msg.lane.partition, msg.stage, msg.error, ctx);
+        self.rebuild(msg.lane.partition, msg.stage, msg.error.to_string(), ctx);
     }
 }
 
@@ -647,8 +657,17 @@ impl Handler<StrayRecord> for Supervisor {
 
     fn handle(&mut self, msg: StrayRecord, ctx: &mut Context<Self>) {
         if self.lanes.contains_key(&msg.partition) {
-            let error = format!("record at offset {} bypassed the lane", msg.offset);
-            self.rebuild(msg.partition, "partition_consumer", error, ctx);
+            let error = LaneError::StrayRecord { offset: msg.offset }.to_string();
+            self.rebuild(msg.partition, Stage::PartitionConsumer, error, ctx);
+        } else {
+            // Assigned to this process with no lane: only a new assignment
+            // can set it right.
+            error!(
+                partition = msg.partition,
+                offset = msg.offset,
+                "a record arrived for a partition with no lane; rejoining the group"
+            );
+            self.partitions.request_rejoin();
         }
     }
 }
@@ -678,7 +697,7 @@ impl Handler<DrainLanes> for Supervisor {
         let flushes: Vec<_> = self
             .lanes
             .values()
-            .filter_map(|l| l.handle.as_ref().map(|h| h.consumer.send(Flush)))
+            .filter_map(|l| l.handle.as_ref().map(|h| h.flush.send(Flush)))
             .collect();
         Box::pin(async move {
             futures::future::join_all(flushes).await;
@@ -710,6 +729,7 @@ pub struct LaneView {
     pub position: Option<i64>,
     pub committed_offset: Option<i64>,
     pub high_watermark: Option<i64>,
+    /// Records not durable in Iceberg yet; null while unknown.
     pub lag: Option<i64>,
     /// Consumption paused because commits are failing.
     pub paused: bool,
@@ -727,6 +747,8 @@ pub struct PipelineStatus {
     pub lanes: Vec<LaneView>,
     pub lane_restarts: u64,
     pub failed_lanes: usize,
+    /// Lane starts a rebalance or a newer rebuild superseded before they acted.
+    pub superseded_starts: u64,
     /// The degradation level in force (details at `/v1/degradation`).
     pub degradation_level: DegradationLevel,
     pub committer: CommitterStatus,
@@ -740,38 +762,35 @@ impl Handler<GetPipelineStatus> for Supervisor {
     type Result = ResponseFuture<Result<PipelineStatus, String>>;
 
     fn handle(&mut self, _: GetPipelineStatus, _: &mut Context<Self>) -> Self::Result {
-        use std::sync::atomic::Ordering::Relaxed;
         let lanes: Vec<LaneView> = self
             .lanes
             .values()
             .map(|l| {
-                let status: Option<&Arc<LaneStatus>> = l.handle.as_ref().map(|h| &h.status);
-                let position = status.map(|s| s.position.load(Relaxed)).filter(|p| *p >= 0);
+                let status = l.handle.as_ref().map(|h| &h.status);
                 LaneView {
                     partition: l.id.partition,
                     incarnation: l.id.incarnation,
                     state: l.state,
-                    position,
+                    position: l.position(),
                     committed_offset: l.committed,
                     high_watermark: l.high_watermark,
-                    lag: l
-                        .high_watermark
-                        .map(|h| (h - l.committed.or(position).unwrap_or(0)).max(0)),
+                    lag: l.lag(),
                     paused: self.paused.contains(&l.id.partition),
                     consumed: status.map_or(0, |s| s.consumed.load(Relaxed)),
                     dead_letters: status.map_or(0, |s| s.dead_letters.load(Relaxed)),
                     lost_records: status.map_or(0, |s| s.lost_records.load(Relaxed)),
-                    restarts: l.total_restarts,
+                    restarts: l.budget.total(),
                     last_error: l.last_error.clone(),
                 }
             })
             .collect();
         let failed_lanes = lanes.iter().filter(|l| l.state == LaneState::Failed).count();
         let instance = self.instance.clone();
-        let topic = self.shared.topic.clone();
+        let topic = self.topic.clone();
         let lane_restarts = self.counters.num_restarts;
+        let superseded_starts = self.counters.num_superseded_starts;
         let degradation_level = self.degradation.level();
-        let committer = self.committer.send(GetCommitterStatus);
+        let committer = self.committer.status.send(GetCommitterStatus);
         Box::pin(async move {
             let committer = committer
                 .await
@@ -782,6 +801,7 @@ impl Handler<GetPipelineStatus> for Supervisor {
                 lanes,
                 lane_restarts,
                 failed_lanes,
+                superseded_starts,
                 degradation_level,
                 committer,
             })
@@ -850,9 +870,9 @@ impl Handler<ForceLevel> for Supervisor {
     fn handle(&mut self, msg: ForceLevel, _: &mut Context<Self>) -> Self::Result {
         let now_ms = chrono::Utc::now().timestamp_millis();
         info!(level = %msg.level, reason = %msg.reason, ttl = ?msg.ttl, "degradation level forced");
-        if let Some(t) = self
-            .degradation
-            .force(msg.level, msg.reason, msg.ttl, Instant::now(), now_ms)
+        if let Some(t) =
+            self.degradation
+                .force(msg.level, msg.reason, msg.ttl, std::time::Instant::now(), now_ms)
         {
             self.announce(t);
         }
@@ -885,3 +905,7 @@ impl Drop for Supervisor {
         info!("supervisor stopped");
     }
 }
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;

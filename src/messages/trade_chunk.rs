@@ -1,16 +1,16 @@
 use actix::{Message, Recipient};
 
-use super::{Flush, LaneId};
+use super::{Flush, LaneError, LaneFailed, LaneId, Stage};
 use crate::model::{SideRows, Trade};
 
 /// A run of consecutive Kafka records of one partition, decoded.
 ///
 /// `[first_offset, next_offset)` is the offset range the chunk accounts for:
 /// every offset in it is either a trade here, a dead letter here, or was
-/// dropped on purpose by a stage (duplicate) — never unaccounted for.
-/// `side` also carries what stages noticed (sequence gaps, probable
-/// duplicates) for K2's own tables. Ranges
-/// of consecutive chunks of a lane are contiguous.
+/// dropped on purpose by a stage (duplicate, shed) and recorded — never
+/// unaccounted for. `side` also carries what stages noticed (sequence gaps,
+/// probable duplicates, shed ranges) for K2's own tables. Ranges of
+/// consecutive chunks of a lane are contiguous.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct TradeChunk {
@@ -21,9 +21,46 @@ pub struct TradeChunk {
     pub side: SideRows,
 }
 
-/// The next stage of a lane, as seen by the stage before it.
+/// The next stage of a lane, as seen by the stage before it, and where a
+/// stage reports that the next one is gone.
 #[derive(Clone)]
 pub struct ChunkSink {
     pub chunks: Recipient<TradeChunk>,
     pub flush: Recipient<Flush>,
+    pub failures: Recipient<LaneFailed>,
+}
+
+impl ChunkSink {
+    /// Sends `chunk` on, waiting while the next stage's mailbox is full. If
+    /// the next stage is gone, the chunk is lost to this lane: the lane is
+    /// reported failed (and rebuilt from the table), never left short.
+    pub fn forward(&self, chunk: TradeChunk, from: Stage) -> impl Future<Output = ()> + 'static {
+        let (lane, send) = (chunk.lane, self.chunks.send(chunk));
+        let failures = self.failures.clone();
+        async move {
+            if let Err(err) = send.await {
+                report(&failures, lane, from, err);
+            }
+        }
+    }
+
+    /// Sends a flush on and waits until everything downstream flushed.
+    pub fn forward_flush(&self, lane: LaneId, from: Stage) -> impl Future<Output = ()> + 'static {
+        let send = self.flush.send(Flush);
+        let failures = self.failures.clone();
+        async move {
+            if let Err(err) = send.await {
+                report(&failures, lane, from, err);
+            }
+        }
+    }
+}
+
+fn report(failures: &Recipient<LaneFailed>, lane: LaneId, stage: Stage, err: actix::MailboxError) {
+    tracing::warn!(%lane, %stage, error = %err, "the next stage of the lane is gone");
+    failures.do_send(LaneFailed {
+        lane,
+        stage,
+        error: LaneError::NextStageGone(err.to_string()),
+    });
 }

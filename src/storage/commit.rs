@@ -7,10 +7,18 @@
 //! of truth for restarts). A crash in between replays the epoch: the trades
 //! are written again (their offsets were not recorded) and side rows below a
 //! side table's recorded offset are skipped, so no table holds anything
-//! twice (the shed ledger writes them again: see `Replayed::Keep`).
+//! twice (the shed ledger, and probable duplicates that were dropped, are
+//! written again: see `Replayed::Keep`).
+//!
+//! Every snapshot K2 makes is read back before it counts
+//! ([`Committer::verify`]): the SQL catalog of iceberg-rust 0.10.1 reports a
+//! commit whose database COMMIT failed as a success (apache/iceberg-rust#3061),
+//! and a catalog that times out on COMMIT leaves the same doubt. See
+//! `docs/adr/0006-verify-every-commit.md`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
@@ -71,9 +79,34 @@ pub enum CommitError {
     TooManyConflicts(usize),
     #[error("failed to build a batch for one of K2's tables: {0}")]
     Arrow(#[from] arrow_schema::ArrowError),
+    #[error(
+        "the catalog reported a commit to {table} (snapshot {snapshot_id:?}) that the table does not \
+         hold: it was not made (current snapshot {current:?})"
+    )]
+    NotPersisted {
+        table: String,
+        snapshot_id: Option<i64>,
+        current: Option<i64>,
+    },
 }
 
-/// What a side table does with rows of a replayed epoch.
+impl CommitError {
+    /// The fence refused the commit: the table moved; reload and re-merge.
+    pub fn is_fence(&self) -> bool {
+        matches!(self, CommitError::Iceberg(err) if is_fence_error(err))
+    }
+
+    /// `outcome` label of `k2_commits_total` for a failed commit.
+    pub fn outcome_label(&self) -> &'static str {
+        match self {
+            CommitError::NotPersisted { .. } => "not_persisted",
+            CommitError::Unavailable(_) => "unavailable",
+            _ => "error",
+        }
+    }
+}
+
+/// What a side table does with a row of a replayed epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Replayed {
     /// The table holds them already: skip them (the replay produces the same rows).
@@ -82,7 +115,11 @@ enum Replayed {
     /// (the level changed), and a shed record missing from the ledger would
     /// be lost. Rows of the same shedding carry the same `entry_id`, which
     /// readers deduplicate on; a row whose records were committed after all
-    /// is harmless (backfill skips trades the table holds).
+    /// is harmless (backfill skips trades the table holds). For a probable
+    /// duplicate that was dropped: a replay may judge a record a probable
+    /// duplicate that the first attempt kept (the Bloom filters moved on),
+    /// and a dropped trade must always have its row. Readers deduplicate
+    /// `k2.probable_duplicates` on (topic, partition, offset).
     Keep,
 }
 
@@ -110,7 +147,7 @@ impl Committer {
                 ranges,
                 |side| &side.dead_letters,
                 |row| row.offset,
-                Replayed::Skip,
+                |_| Replayed::Skip,
                 dead_letter_batch,
             )
             .await?;
@@ -120,7 +157,7 @@ impl Committer {
                 ranges,
                 |side| &side.sequence_events,
                 |row| row.reported_offset,
-                Replayed::Skip,
+                |_| Replayed::Skip,
                 sequence_events_batch,
             )
             .await?;
@@ -130,7 +167,7 @@ impl Committer {
                 ranges,
                 |side| &side.probable_duplicates,
                 |row| row.offset,
-                Replayed::Skip,
+                |row| if row.kept { Replayed::Skip } else { Replayed::Keep },
                 probable_duplicates_batch,
             )
             .await?;
@@ -140,7 +177,7 @@ impl Committer {
                 ranges,
                 |side| &side.shed,
                 |row| row.first_offset(),
-                Replayed::Keep,
+                |_| Replayed::Keep,
                 shed_ledger_batch,
             )
             .await?;
@@ -154,14 +191,15 @@ impl Committer {
 
     /// Appends the ranges' rows of one side table, with the offsets they
     /// cover in its own summary. Rows at offsets the table already records
-    /// (a replayed epoch) are skipped or kept as `replayed` says.
+    /// (a replayed epoch) are skipped or kept as `replayed` says of each.
+    #[allow(clippy::too_many_arguments)]
     async fn commit_side<R: Clone>(
         &self,
         ident: &TableIdent,
         ranges: &[PartitionRange],
         rows_of: impl Fn(&SideRows) -> &Vec<R>,
         offset_of: impl Fn(&R) -> i64,
-        replayed: Replayed,
+        replayed: impl Fn(&R) -> Replayed,
         build_batch: impl Fn(&[R], &SchemaRef) -> Result<RecordBatch, arrow_schema::ArrowError>,
     ) -> Result<u64, CommitError> {
         if ranges.iter().all(|r| rows_of(&r.side).is_empty()) {
@@ -180,7 +218,7 @@ impl Committer {
                 rows.extend(
                     range_rows
                         .iter()
-                        .filter(|r| replayed == Replayed::Keep || offset_of(r) >= committed_below)
+                        .filter(|r| replayed(r) == Replayed::Keep || offset_of(r) >= committed_below)
                         .cloned(),
                 );
                 offsets.set(
@@ -196,10 +234,10 @@ impl Committer {
             let files = writer.write(build_batch(&rows, writer.arrow_schema())?).await?;
             match self.append(&table, files, &offsets).await {
                 Ok(_) => return Ok(rows.len() as u64),
-                Err(err) if is_fence_error(&err) => {
+                Err(err) if err.is_fence() => {
                     warn!(table = %ident, "commit to a side table lost a race, re-merging");
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             }
         }
         Err(CommitError::TooManyConflicts(MAX_FENCE_RETRIES))
@@ -241,23 +279,24 @@ impl Committer {
                     outcome.snapshot_id = table.metadata().current_snapshot_id();
                     return Ok(outcome);
                 }
-                Err(err) if is_fence_error(&err) => {
+                Err(err) if err.is_fence() => {
                     warn!(table = %self.idents.trades, "commit lost a race to another writer, re-merging offsets");
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             }
         }
         Err(CommitError::TooManyConflicts(MAX_FENCE_RETRIES))
     }
 
     /// Appends `files` to `base` with `offsets` in the snapshot summary, only
-    /// if the table has not moved past `base`.
+    /// if the table has not moved past `base`, and only counts it once the
+    /// table shows it.
     async fn append(
         &self,
         base: &Table,
         files: Vec<DataFile>,
         offsets: &TopicOffsets,
-    ) -> iceberg::Result<Table> {
+    ) -> Result<Table, CommitError> {
         let properties = HashMap::from([(summary_key(&self.topic), offsets.to_json())]);
         let tx = Transaction::new(base);
         let tx = tx
@@ -266,7 +305,37 @@ impl Committer {
             .with_check_duplicate(false)
             .set_snapshot_properties(properties)
             .apply(tx)?;
-        tx.commit(&FencedCatalog::new(self.catalog.as_ref(), base)).await
+        let committed = tx
+            .commit(&FencedCatalog::new(self.catalog.as_ref(), base))
+            .await?;
+        self.verify(&committed).await?;
+        Ok(committed)
+    }
+
+    /// Reads the table back and checks that it holds the snapshot the
+    /// catalog just reported: only then did the commit happen. A catalog
+    /// whose COMMIT failed or timed out after the change was sent may answer
+    /// success either way; the snapshot is in the table's history (another
+    /// writer may have committed on top of it since) or it was never made.
+    pub async fn verify(&self, committed: &Table) -> Result<(), CommitError> {
+        let started = Instant::now();
+        let ident = committed.identifier();
+        let current = self.catalog.load_table(ident).await?;
+        metrics::histogram!(crate::metrics::COMMIT_VERIFY_DURATION).record(started.elapsed().as_secs_f64());
+        let made = committed.metadata().current_snapshot_id();
+        let held = made.is_some_and(|id| current.metadata().snapshot_by_id(id).is_some());
+        if !held {
+            tracing::error!(
+                table = %ident, snapshot_id = ?made,
+                "the catalog reported a commit the table does not hold; it will be made again"
+            );
+            return Err(CommitError::NotPersisted {
+                table: ident.to_string(),
+                snapshot_id: made,
+                current: current.metadata().current_snapshot_id(),
+            });
+        }
+        Ok(())
     }
 
     /// Drops all but the newest `retain` snapshots of K2's tables, so commit
@@ -295,7 +364,7 @@ impl Committer {
         base: &Table,
         files: Vec<DataFile>,
         properties: &HashMap<String, String>,
-    ) -> iceberg::Result<Table> {
+    ) -> Result<Table, CommitError> {
         let mut summary = properties.clone();
         if let Some(snapshot) = base.metadata().current_snapshot() {
             summary.extend(
@@ -314,7 +383,11 @@ impl Committer {
             .with_check_duplicate(false)
             .set_snapshot_properties(summary)
             .apply(tx)?;
-        tx.commit(&FencedCatalog::new(self.catalog.as_ref(), base)).await
+        let committed = tx
+            .commit(&FencedCatalog::new(self.catalog.as_ref(), base))
+            .await?;
+        self.verify(&committed).await?;
+        Ok(committed)
     }
 
     /// [`Committer::append_keeping_offsets`] onto the newest snapshot of
@@ -333,10 +406,10 @@ impl Committer {
                 .await
             {
                 Ok(table) => return Ok(table),
-                Err(err) if is_fence_error(&err) => {
+                Err(err) if err.is_fence() => {
                     warn!(table = %ident, "append lost a race to another writer, retrying on the new snapshot");
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(err),
             }
         }
         Err(CommitError::TooManyConflicts(MAX_FENCE_RETRIES))

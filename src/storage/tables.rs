@@ -40,6 +40,55 @@ impl TableIdents {
     }
 }
 
+impl TableIdents {
+    /// The ident of one of the tables.
+    pub fn get(&self, table: K2Table) -> &TableIdent {
+        match table {
+            K2Table::Trades => &self.trades,
+            K2Table::DeadLetters => &self.dead_letters,
+            K2Table::SequenceGaps => &self.sequence_gaps,
+            K2Table::ProbableDuplicates => &self.probable_duplicates,
+            K2Table::ShedLedger => &self.shed_ledger,
+        }
+    }
+
+    /// Which of the tables `ident` names, if any.
+    pub fn kind(&self, ident: &TableIdent) -> Option<K2Table> {
+        K2Table::ALL.into_iter().find(|&t| self.get(t) == ident)
+    }
+}
+
+/// The tables one pipeline writes, by role (faults and metrics name them so).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum K2Table {
+    Trades,
+    DeadLetters,
+    SequenceGaps,
+    ProbableDuplicates,
+    ShedLedger,
+}
+
+impl K2Table {
+    pub const ALL: [K2Table; 5] = [
+        K2Table::Trades,
+        K2Table::DeadLetters,
+        K2Table::SequenceGaps,
+        K2Table::ProbableDuplicates,
+        K2Table::ShedLedger,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            K2Table::Trades => "trades",
+            K2Table::DeadLetters => "dead_letters",
+            K2Table::SequenceGaps => "sequence_gaps",
+            K2Table::ProbableDuplicates => "probable_duplicates",
+            K2Table::ShedLedger => "shed_ledger",
+        }
+    }
+}
+
 fn k2_table(name: &str) -> TableIdent {
     TableIdent::new(NamespaceIdent::new(K2_NAMESPACE.to_string()), name.to_string())
 }
