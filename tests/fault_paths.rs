@@ -24,11 +24,14 @@ use k2::storage::tables::{K2Table, TableIdents};
 
 /// Trades whose ids have no order (ASX and COINBASE: `BHP-000000123`), so
 /// deduplication goes through the process-wide exact window and Bloom
-/// filters, the path a false commit corrupts.
+/// filters, the path a false commit corrupts. Symbol popularity is nearly
+/// flat, so no partition outgrows what the mock broker retains (~5 MiB)
+/// while a fault holds its lane: these tests are not about retention.
 fn unordered_ids(seed: u64) -> GeneratorParams {
     let defaults = GeneratorParams::default();
     GeneratorParams {
         seed,
+        zipf_exponent: 0.3,
         exchanges: defaults
             .exchanges
             .into_iter()
@@ -285,8 +288,8 @@ async fn a_catalog_outage_across_a_rejoin_leaves_no_partition_stuck() {
     let loadgen = produce(
         broker.bootstrap_servers(),
         &ids,
-        200_000,
-        5_000,
+        160_000,
+        4_000,
         unordered_ids(43),
     );
     wait_for(Duration::from_secs(60), "a first commit", || async {
