@@ -46,15 +46,15 @@ use self::kafka_reader::{EntryRead, Fetched, FetchedRecord, PartitionPlan, ShedR
 use crate::config::K2Config;
 use crate::decode::{DecoderConfig, TradeDecoder};
 use crate::metrics as m;
-use crate::model::{Trade, TradeKey, now_us};
+use crate::model::{DeadLetter, Trade, TradeKey, now_us};
 use crate::sequence::{RecordPosition, SequenceEvent, SequenceTracker};
 use crate::shedding::{LedgerAction, OffsetRanges, ShedEntry};
 use crate::storage::catalog::open_existing_catalog;
 use crate::storage::commit::Committer;
 use crate::storage::offsets::TopicOffsets;
-use crate::storage::reader::{find_trade_keys, scan_shed_ledger};
+use crate::storage::reader::{find_trade_keys, scan_dead_letters, scan_shed_ledger};
 use crate::storage::tables::TableIdents;
-use crate::storage::writer::{TableWriter, TradeBatchBuilder, shed_ledger_batch};
+use crate::storage::writer::{TableWriter, TradeBatchBuilder, dead_letter_batch, shed_ledger_batch};
 
 /// Trades held before they are deduplicated and committed: what bounds a
 /// backfill's memory (about 20 MB of trades, plus their keys).
@@ -417,6 +417,8 @@ struct EntryCounts {
 struct Batch {
     partition: i32,
     trades: Vec<(usize, Trade)>,
+    /// Shed records that do not decode (shed by key, before decoding).
+    dead_letters: Vec<DeadLetter>,
     done: Vec<usize>,
 }
 
@@ -636,17 +638,28 @@ impl<'a> Run<'a> {
                 self.batch.trades.push((record.entry, trade));
             }
             Err(err) => {
+                // Shed by its key before it was decoded, or [decode] changed
+                // since: either way it goes to k2.dead_letters, as the
+                // pipeline would have sent it.
                 self.counts[record.entry].dead_letters += 1;
                 self.report.dead_letters += 1;
                 if self.report.dead_letters <= MAX_LOGGED_DEAD_LETTERS {
-                    error!(
+                    warn!(
                         entry = %shed.entry_id,
                         partition,
                         offset = record.offset,
                         reason = %err,
-                        "a shed record no longer decodes (did [decode] change since it was shed?)"
+                        "a shed record does not decode; it goes to the dead letters"
                     );
                 }
+                self.batch.dead_letters.push(DeadLetter {
+                    topic: shed.topic.clone(),
+                    partition,
+                    offset: record.offset,
+                    raw: payload.to_vec(),
+                    reason: err.to_string(),
+                    dead_lettered_at_us: now_us(),
+                });
             }
         }
     }
@@ -665,9 +678,13 @@ impl<'a> Run<'a> {
     async fn flush(&mut self, entries: &[ShedEntry]) -> anyhow::Result<()> {
         let partition = self.batch.partition;
         let trades = std::mem::take(&mut self.batch.trades);
+        let dead_letters = std::mem::take(&mut self.batch.dead_letters);
         let done = std::mem::take(&mut self.batch.done);
         if !trades.is_empty() {
             self.commit_trades(partition, &trades).await?;
+        }
+        if !dead_letters.is_empty() {
+            self.commit_dead_letters(partition, dead_letters).await?;
         }
         if !done.is_empty() {
             self.close(entries, &done).await?;
@@ -731,6 +748,46 @@ impl<'a> Run<'a> {
         metrics::counter!(m::BACKFILL_RECORDS, "outcome" => "committed").increment(committed);
         metrics::counter!(m::BACKFILL_RECORDS, "outcome" => "present").increment(present);
         info!(partition, committed, present, "backfilled trades committed");
+        Ok(())
+    }
+
+    /// Appends the shed records that do not decode to `k2.dead_letters`,
+    /// leaving out offsets it holds already (a rerun after a crash before
+    /// the closing rows), with its offsets summary carried forward.
+    async fn commit_dead_letters(&mut self, partition: i32, rows: Vec<DeadLetter>) -> anyhow::Result<()> {
+        let ident = self.idents.dead_letters.clone();
+        let table = self.load(&ident).await?;
+        let held: HashSet<(i32, i64)> = scan_dead_letters(&table)
+            .await
+            .with_context(|| format!("failed to read {ident}"))?
+            .into_iter()
+            .map(|row| (row.partition, row.offset))
+            .collect();
+        let rows: Vec<DeadLetter> = rows
+            .into_iter()
+            .filter(|row| !held.contains(&(row.partition, row.offset)))
+            .collect();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let writer = TableWriter::new(
+            &table,
+            self.config.batcher.zstd_level,
+            self.config.batcher.target_file_size_bytes,
+        )?;
+        let files = writer
+            .write(dead_letter_batch(&rows, writer.arrow_schema())?)
+            .await
+            .with_context(|| format!("failed to write data files for {ident}"))?;
+        self.committer
+            .append_keeping_offsets_retrying(&ident, files, &self.properties)
+            .await
+            .with_context(|| format!("failed to commit {} dead letters to {ident}", rows.len()))?;
+        info!(
+            partition,
+            dead_letters = rows.len(),
+            "shed records that do not decode dead-lettered"
+        );
         Ok(())
     }
 

@@ -60,7 +60,7 @@ const RESERVED_CLIENT_KEYS: &[(&str, &str)] = &[
     ),
     (
         "partition.assignment.strategy",
-        "K2's rebalance callback assigns and revokes whole sets (eager strategies only)",
+        "K2 uses cooperative-sticky: a partition that retention overtook restarts alone",
     ),
 ];
 
@@ -131,8 +131,19 @@ pub struct KafkaConfig {
     /// Where a partition starts when Iceberg has no offset recorded for it: `"earliest"` or `"latest"`.
     /// Once K2 has committed a partition, it always resumes from the offset stored in Iceberg.
     pub start_from: StartFrom,
-    /// Number of partitions of the topic the embedded broker creates (embedded mode only).
+    /// Number of partitions of the topic the embedded broker creates (embedded mode only): at least
+    /// this many, more when the load generator's rate needs them to keep `embedded_lag_budget_s`.
     pub embedded_partitions: i32,
+    /// Embedded mode: seconds of lag, at the load generator's rate, that the embedded broker must be
+    /// able to retain (it keeps 5 MiB per partition); the topic gets the partitions that takes, up to
+    /// 64, and K2 warns when even that is not enough.
+    pub embedded_lag_budget_s: u64,
+    /// Bytes the topic retains per partition (`retention.bytes`), for the retention headroom signal.
+    /// Unset: read from the topic's config at start-up (the embedded broker's limit is known).
+    pub retention_bytes: Option<u64>,
+    /// How long the topic retains a record (`retention.ms`), for the retention headroom signal.
+    /// Unset: read from the topic's config at start-up.
+    pub retention_ms: Option<u64>,
     /// What a lane does when Kafka skips offsets that retention did not delete: `"fail"` (the lane is
     /// rebuilt from the table and, if the skip persists, marked failed) or `"accept"` (for topics that
     /// skip offsets on purpose: transactional producers' commit markers, compaction). A skip retention
@@ -340,6 +351,9 @@ impl Default for KafkaConfig {
             session_timeout_ms: 6_000,
             start_from: StartFrom::Earliest,
             embedded_partitions: 8,
+            embedded_lag_budget_s: 30,
+            retention_bytes: None,
+            retention_ms: None,
             offset_gaps: OffsetGaps::Fail,
             client: BTreeMap::new(),
         }
@@ -538,6 +552,7 @@ impl KafkaConfig {
         }
         positive("kafka.session_timeout_ms", self.session_timeout_ms)?;
         positive("kafka.embedded_partitions", self.embedded_partitions)?;
+        positive("kafka.embedded_lag_budget_s", self.embedded_lag_budget_s)?;
         for key in self.client.keys() {
             let property = key.trim();
             if let Some((_, instead)) = RESERVED_CLIENT_KEYS
@@ -1048,7 +1063,15 @@ mod tests {
         let defaults = Value::serialize(K2Config::default()).expect("defaults serialize");
         leaf_paths("", &defaults, &mut in_schema);
         // An unset Option cannot be written in TOML; the file shows it commented out.
-        in_schema.retain(|key| key != "kafka.group_instance_id" && key != "http.api_key");
+        in_schema.retain(|key| {
+            ![
+                "kafka.group_instance_id",
+                "kafka.retention_bytes",
+                "kafka.retention_ms",
+                "http.api_key",
+            ]
+            .contains(&key.as_str())
+        });
         in_file.sort();
         in_schema.sort();
         assert_eq!(in_file, in_schema);

@@ -124,10 +124,17 @@ pub enum Signal {
     CommitFailures,
     /// The storage circuit breaker: 0 closed, 1 half open, 2 open.
     CircuitBreaker,
+    /// The smallest retention headroom of a partition, as a fraction: the
+    /// records retention will delete before it reaches the next record to
+    /// read, over what the log retains (1 = caught up). Lower is worse.
+    RetentionHeadroomRatio,
+    /// The smallest retention headroom of a partition, in seconds at the
+    /// current rates in and out. Lower is worse.
+    RetentionHeadroomSeconds,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 7] = [
+    pub const ALL: [Signal; 9] = [
         Signal::TotalLag,
         Signal::PartitionLag,
         Signal::Memory,
@@ -135,7 +142,18 @@ impl Signal {
         Signal::CommitLatency,
         Signal::CommitFailures,
         Signal::CircuitBreaker,
+        Signal::RetentionHeadroomRatio,
+        Signal::RetentionHeadroomSeconds,
     ];
+
+    /// Whether a level is entered when the signal falls to its threshold
+    /// (headroom), rather than when it rises to it.
+    pub fn lower_is_worse(self) -> bool {
+        matches!(
+            self,
+            Signal::RetentionHeadroomRatio | Signal::RetentionHeadroomSeconds
+        )
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -146,12 +164,14 @@ impl Signal {
             Signal::CommitLatency => "commit_latency_ms",
             Signal::CommitFailures => "commit_failures",
             Signal::CircuitBreaker => "circuit_breaker",
+            Signal::RetentionHeadroomRatio => "retention_headroom_ratio",
+            Signal::RetentionHeadroomSeconds => "retention_headroom_s",
         }
     }
 }
 
 /// One sample of every signal.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Signals {
     pub total_lag_records: f64,
     pub partition_lag_records: f64,
@@ -160,6 +180,26 @@ pub struct Signals {
     pub commit_latency_ms: f64,
     pub commit_failures: f64,
     pub circuit_breaker: f64,
+    pub retention_headroom_ratio: f64,
+    /// Infinite while no partition's headroom is closing.
+    pub retention_headroom_s: f64,
+}
+
+impl Default for Signals {
+    /// Nothing pressing: no lag, no failures, full headroom.
+    fn default() -> Self {
+        Self {
+            total_lag_records: 0.0,
+            partition_lag_records: 0.0,
+            memory_ratio: 0.0,
+            batcher_bytes: 0.0,
+            commit_latency_ms: 0.0,
+            commit_failures: 0.0,
+            circuit_breaker: 0.0,
+            retention_headroom_ratio: 1.0,
+            retention_headroom_s: f64::INFINITY,
+        }
+    }
 }
 
 impl Signals {
@@ -172,6 +212,8 @@ impl Signals {
             Signal::CommitLatency => self.commit_latency_ms,
             Signal::CommitFailures => self.commit_failures,
             Signal::CircuitBreaker => self.circuit_breaker,
+            Signal::RetentionHeadroomRatio => self.retention_headroom_ratio,
+            Signal::RetentionHeadroomSeconds => self.retention_headroom_s,
         }
     }
 }
@@ -179,7 +221,8 @@ impl Signals {
 /// Thresholds of one signal for SOFT, GRACEFUL, AGGRESSIVE and
 /// CIRCUIT_BREAK (in that order). A level is entered when the signal is at
 /// or above its `escalate` value and may be left once the signal stays
-/// below its `recover` value.
+/// below its `recover` value; for a signal where lower is worse
+/// ([`Signal::lower_is_worse`]: headroom), at or below and above.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
@@ -193,36 +236,70 @@ impl Thresholds {
     }
 
     /// The highest level whose escalate threshold `value` reaches.
-    fn level_reached(&self, value: f64) -> DegradationLevel {
-        let reached = self.escalate.iter().take_while(|t| value >= **t).count();
+    fn level_reached(&self, value: f64, lower_is_worse: bool) -> DegradationLevel {
+        let reached = self
+            .escalate
+            .iter()
+            .take_while(|t| {
+                if lower_is_worse {
+                    value <= **t
+                } else {
+                    value >= **t
+                }
+            })
+            .count();
         DegradationLevel::from_index(reached)
     }
 
     /// Whether `value` lets `level` be left (NORMAL is never left).
-    fn allows_leaving(&self, level: DegradationLevel, value: f64) -> bool {
-        level == DegradationLevel::Normal || value < self.recover[level.index() - 1]
+    fn allows_leaving(&self, level: DegradationLevel, value: f64, lower_is_worse: bool) -> bool {
+        if level == DegradationLevel::Normal {
+            return true;
+        }
+        let recover = self.recover[level.index() - 1];
+        if lower_is_worse {
+            value > recover
+        } else {
+            value < recover
+        }
     }
 
-    fn validate(&self, name: &str) -> Result<(), String> {
+    fn validate(&self, name: &str, lower_is_worse: bool) -> Result<(), String> {
         let all = self.escalate.iter().chain(&self.recover);
-        if all.clone().any(|v| v.is_nan() || *v < 0.0) {
+        let never = if lower_is_worse { NEVER_BELOW } else { NEVER };
+        if all.clone().any(|v| v.is_nan() || (*v < 0.0 && *v != never)) {
             return Err(format!("degradation.{name}: thresholds must be numbers >= 0"));
         }
-        if self.escalate.windows(2).any(|w| w[0] > w[1]) {
+        let (order, worse): (&str, fn(f64, f64) -> bool) = if lower_is_worse {
+            ("increase", |a, b| a < b)
+        } else {
+            ("decrease", |a, b| a > b)
+        };
+        if self.escalate.windows(2).any(|w| worse(w[0], w[1])) {
             return Err(format!(
-                "degradation.{name}.escalate must not decrease from SOFT to CIRCUIT_BREAK, got {:?}",
+                "degradation.{name}.escalate must not {order} from SOFT to CIRCUIT_BREAK, got {:?}",
                 self.escalate
             ));
         }
         for (i, (up, down)) in self.escalate.iter().zip(&self.recover).enumerate() {
-            if down > up {
+            if worse(*down, *up) {
                 let level = DegradationLevel::from_index(i + 1);
+                let side = if lower_is_worse { "below" } else { "above" };
                 return Err(format!(
-                    "degradation.{name}: the {level} recover threshold {down} is above its escalate threshold {up} (the level could never settle)"
+                    "degradation.{name}: the {level} recover threshold {down} is {side} its escalate threshold {up} (the level could never settle)"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// Whether `threshold` can ever be reached by the signal.
+    pub fn reachable(threshold: f64, lower_is_worse: bool) -> bool {
+        if lower_is_worse {
+            threshold >= 0.0
+        } else {
+            threshold < NEVER
+        }
     }
 }
 
@@ -246,10 +323,16 @@ pub struct DegradationConfig {
     pub commit_latency_ms: Thresholds,
     pub commit_failures: Thresholds,
     pub circuit_breaker: Thresholds,
+    /// Lower is worse: a level is entered when the headroom falls to it.
+    pub retention_headroom_ratio: Thresholds,
+    /// Lower is worse: a level is entered when the headroom falls to it.
+    pub retention_headroom_s: Thresholds,
 }
 
 /// A threshold no sample reaches: the signal never drives that level.
 pub const NEVER: f64 = 1e18;
+/// The same for a signal where lower is worse (headroom never falls below 0).
+pub const NEVER_BELOW: f64 = -1.0;
 
 impl Default for DegradationConfig {
     fn default() -> Self {
@@ -274,6 +357,8 @@ impl Default for DegradationConfig {
             ),
             commit_failures: Thresholds::new([3.0, 10.0, NEVER, NEVER], [1.0, 1.0, NEVER, NEVER]),
             circuit_breaker: Thresholds::new([2.0, NEVER, NEVER, NEVER], [1.0, NEVER, NEVER, NEVER]),
+            retention_headroom_ratio: Thresholds::new([0.5, 0.35, 0.2, 0.1], [0.6, 0.45, 0.3, 0.2]),
+            retention_headroom_s: Thresholds::new([60.0, 30.0, 15.0, 5.0], [120.0, 60.0, 30.0, 10.0]),
         }
     }
 }
@@ -288,6 +373,8 @@ impl DegradationConfig {
             Signal::CommitLatency => &self.commit_latency_ms,
             Signal::CommitFailures => &self.commit_failures,
             Signal::CircuitBreaker => &self.circuit_breaker,
+            Signal::RetentionHeadroomRatio => &self.retention_headroom_ratio,
+            Signal::RetentionHeadroomSeconds => &self.retention_headroom_s,
         }
     }
 
@@ -303,7 +390,7 @@ impl DegradationConfig {
         }
         Signal::ALL
             .iter()
-            .try_for_each(|s| self.thresholds(*s).validate(s.as_str()))
+            .try_for_each(|s| self.thresholds(*s).validate(s.as_str(), s.lower_is_worse()))
     }
 }
 
@@ -419,7 +506,10 @@ impl Degradation {
     fn step_auto(&mut self, signals: &Signals, now: Instant) -> Option<String> {
         let (mut reached, mut culprit) = (DegradationLevel::Normal, None);
         for signal in Signal::ALL {
-            let level = self.config.thresholds(signal).level_reached(signals.get(signal));
+            let level = self
+                .config
+                .thresholds(signal)
+                .level_reached(signals.get(signal), signal.lower_is_worse());
             if level > reached {
                 (reached, culprit) = (level, Some(signal));
             }
@@ -430,16 +520,17 @@ impl Degradation {
             self.auto = reached;
             self.calm_since = None;
             return Some(format!(
-                "{} {} >= {}",
+                "{} {} {} {}",
                 signal.as_str(),
                 signals.get(signal),
+                if signal.lower_is_worse() { "<=" } else { ">=" },
                 threshold
             ));
         }
         let calm = Signal::ALL.iter().all(|s| {
             self.config
                 .thresholds(*s)
-                .allows_leaving(self.auto, signals.get(*s))
+                .allows_leaving(self.auto, signals.get(*s), s.lower_is_worse())
         });
         if !calm || self.auto == DegradationLevel::Normal {
             self.calm_since = None;
@@ -543,6 +634,78 @@ mod tests {
             self.elapsed += by;
             (self.start + self.elapsed, self.elapsed.as_millis() as i64)
         }
+    }
+
+    fn headroom(ratio: f64) -> Signals {
+        Signals {
+            retention_headroom_ratio: ratio,
+            ..Signals::default()
+        }
+    }
+
+    #[test]
+    fn falling_retention_headroom_raises_the_level_and_it_steps_down_only_above_recover() {
+        let mut d = Degradation::new(config());
+        let mut clock = Clock::new();
+        let (now, ms) = clock.advance(Duration::from_secs(1));
+        assert_eq!(d.observe(headroom(0.9), now, ms), None);
+        let (now, ms) = clock.advance(Duration::from_secs(1));
+        let t = d.observe(headroom(0.15), now, ms).expect("a transition");
+        assert_eq!(t.to, DegradationLevel::Aggressive);
+        assert_eq!(t.cause, "retention_headroom_ratio 0.15 <= 0.2");
+        // Back above AGGRESSIVE's escalate but not above its recover (0.3): stays.
+        for _ in 0..40 {
+            let (now, ms) = clock.advance(Duration::from_secs(1));
+            assert_eq!(d.observe(headroom(0.25), now, ms), None);
+        }
+        // Above recover for the cooldown: one level down.
+        let mut lowered = None;
+        for _ in 0..31 {
+            let (now, ms) = clock.advance(Duration::from_secs(1));
+            lowered = lowered.or(d.observe(headroom(0.5), now, ms));
+        }
+        assert_eq!(lowered.expect("stepped down").to, DegradationLevel::Graceful);
+    }
+
+    #[test]
+    fn seconds_of_headroom_that_are_not_closing_in_never_raise_the_level() {
+        let mut d = Degradation::new(config());
+        let (now, ms) = Clock::new().advance(Duration::from_secs(1));
+        let sample = Signals {
+            retention_headroom_s: f64::INFINITY,
+            ..Signals::default()
+        };
+        assert_eq!(d.observe(sample, now, ms), None);
+        let sample = Signals {
+            retention_headroom_s: 4.5,
+            ..Signals::default()
+        };
+        assert_eq!(
+            d.observe(sample, now, ms).expect("a transition").to,
+            DegradationLevel::CircuitBreak
+        );
+    }
+
+    #[test]
+    fn headroom_thresholds_must_fall_from_soft_to_circuit_break_and_recover_above_them() {
+        let mut config = DegradationConfig::default();
+        config.retention_headroom_ratio.escalate = [0.1, 0.2, 0.3, 0.4];
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.contains("retention_headroom_ratio.escalate must not increase"),
+            "{err}"
+        );
+        let mut config = DegradationConfig::default();
+        config.retention_headroom_s.recover[0] = 10.0;
+        let err = config.validate().unwrap_err();
+        assert!(
+            err.contains("SOFT recover threshold 10 is below its escalate threshold 60 "),
+            "{err}"
+        );
+        let mut config = DegradationConfig::default();
+        config.retention_headroom_s.escalate = [60.0, 30.0, NEVER_BELOW, NEVER_BELOW];
+        config.retention_headroom_s.recover = [120.0, 60.0, NEVER_BELOW, NEVER_BELOW];
+        config.validate().expect("never is allowed");
     }
 
     #[test]

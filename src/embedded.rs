@@ -13,6 +13,46 @@ use std::thread::JoinHandle;
 use anyhow::Context as _;
 use rdkafka::mocking::MockCluster;
 
+/// What the mock cluster keeps per partition before it drops the oldest
+/// records (hard-coded in librdkafka's `rdkafka_mock.c`: 5 MiB of message
+/// sets, or 100,000 of them, whichever comes first).
+pub const RETAINED_BYTES_PER_PARTITION: u64 = 5 * 1024 * 1024;
+
+/// Partitions at most for the embedded topic, however high the rate: each
+/// is a lane of five actors on this machine's cores.
+pub const MAX_PARTITIONS: i32 = 64;
+
+/// How the embedded topic is sized for a rate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopicSizing {
+    pub partitions: i32,
+    /// How far K2 can fall behind, in seconds at the rate, before the broker
+    /// drops records it has not read.
+    pub lag_budget_s: f64,
+    /// False when even [`MAX_PARTITIONS`] cannot hold the wanted lag budget.
+    pub holds_budget: bool,
+}
+
+/// Partitions the embedded topic needs so that `rate` records a second of
+/// `record_bytes` each (key, value and log overhead) leave K2 `lag_budget_s`
+/// of lag before the broker's retention drops unread records: at least
+/// `min_partitions`, at most [`MAX_PARTITIONS`].
+pub fn size_topic(rate: u64, record_bytes: f64, lag_budget_s: f64, min_partitions: i32) -> TopicSizing {
+    let retained_records = RETAINED_BYTES_PER_PARTITION as f64 / record_bytes.max(1.0);
+    let wanted = (rate as f64 * lag_budget_s / retained_records).ceil() as i64;
+    let partitions = wanted.clamp(min_partitions.max(1) as i64, MAX_PARTITIONS as i64) as i32;
+    let budget = if rate == 0 {
+        f64::INFINITY
+    } else {
+        partitions as f64 * retained_records / rate as f64
+    };
+    TopicSizing {
+        partitions,
+        lag_budget_s: budget,
+        holds_budget: budget >= lag_budget_s,
+    }
+}
+
 /// A running embedded broker; stops when dropped.
 pub struct EmbeddedBroker {
     bootstrap: String,
@@ -74,5 +114,23 @@ impl Drop for EmbeddedBroker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_topic_grows_with_the_rate_up_to_the_cap_and_says_when_the_budget_does_not_hold() {
+        // 180 bytes a record: 29,127 records a partition.
+        let slow = size_topic(10_000, 180.0, 30.0, 8);
+        assert_eq!((slow.partitions, slow.holds_budget), (11, true));
+        assert!(slow.lag_budget_s >= 30.0);
+        let idle = size_topic(100, 180.0, 30.0, 8);
+        assert_eq!(idle.partitions, 8, "never below the configured partitions");
+        let flood = size_topic(400_000, 180.0, 30.0, 8);
+        assert_eq!((flood.partitions, flood.holds_budget), (MAX_PARTITIONS, false));
+        assert!((flood.lag_budget_s - 4.66).abs() < 0.01, "{flood:?}");
     }
 }

@@ -6,6 +6,8 @@
 //!   as if the catalog were unreachable.
 //! - `panic_stage`: the named stage of the lane for a partition panics on
 //!   its next chunk (once).
+//! - `slow_stage`: a stage of one partition's lane waits this long per chunk
+//!   (the partition consumer so far: that lane reads slowly).
 //! - `hold_after_commit`: every successful commit waits before its stage
 //!   state is put in force and its lanes are told (a drill aims a kill there).
 //! - `lose_commits`: the catalog answers "committed" to the next commits of
@@ -20,9 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use iceberg::table::Table;
-use iceberg::{Catalog, Namespace, NamespaceIdent, Result, TableCommit, TableCreation, TableIdent};
+use iceberg::Catalog;
 
 use crate::messages::Stage;
 use crate::storage::tables::{K2Table, TableIdents};
@@ -38,6 +38,9 @@ pub struct Faults {
     /// Per table: how many of its next commits are lost.
     lost_commits: Mutex<HashMap<K2Table, u32>>,
     hold_after_commit_ms: AtomicU64,
+    /// Fast path: set while a slow stage is armed.
+    slow_armed: AtomicBool,
+    slow: Mutex<Option<(Stage, i32, Duration)>>,
 }
 
 impl Faults {
@@ -98,6 +101,28 @@ impl Faults {
         take
     }
 
+    /// Makes `stage` of `partition`'s lane wait `delay` per chunk, until cleared.
+    pub fn slow_stage(&self, stage: Stage, partition: i32, delay: Duration) {
+        *self.slow.lock().expect("faults lock") = Some((stage, partition, delay));
+        self.slow_armed.store(true, Relaxed);
+    }
+
+    pub fn clear_slow_stage(&self) {
+        *self.slow.lock().expect("faults lock") = None;
+        self.slow_armed.store(false, Relaxed);
+    }
+
+    /// Called by stages per chunk: how long this stage of this partition's
+    /// lane waits, if it is slowed.
+    pub fn chunk_delay(&self, stage: Stage, partition: i32) -> Option<Duration> {
+        if !self.slow_armed.load(Relaxed) {
+            return None;
+        }
+        let slow = self.slow.lock().expect("faults lock");
+        slow.filter(|(s, p, _)| *s == stage && *p == partition)
+            .map(|(_, _, delay)| delay)
+    }
+
     /// Every successful commit waits `hold` before its stage state is put
     /// in force (zero: no wait).
     pub fn set_hold_after_commit(&self, hold: Duration) {
@@ -147,72 +172,19 @@ impl fmt::Debug for FaultInjectingCatalog {
     }
 }
 
-#[async_trait]
-impl Catalog for FaultInjectingCatalog {
-    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> Result<Vec<NamespaceIdent>> {
-        self.inner.list_namespaces(parent).await
+crate::catalog_wrapper!(FaultInjectingCatalog, inner, |this, commit| {
+    let lost = this
+        .tables
+        .kind(commit.identifier())
+        .is_some_and(|table| this.faults.take_lost_commit(table));
+    if !lost {
+        return this.inner.update_table(commit).await;
     }
-    async fn create_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> Result<Namespace> {
-        self.inner.create_namespace(namespace, properties).await
-    }
-    async fn get_namespace(&self, namespace: &NamespaceIdent) -> Result<Namespace> {
-        self.inner.get_namespace(namespace).await
-    }
-    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> Result<bool> {
-        self.inner.namespace_exists(namespace).await
-    }
-    async fn update_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> Result<()> {
-        self.inner.update_namespace(namespace, properties).await
-    }
-    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> Result<()> {
-        self.inner.drop_namespace(namespace).await
-    }
-    async fn list_tables(&self, namespace: &NamespaceIdent) -> Result<Vec<TableIdent>> {
-        self.inner.list_tables(namespace).await
-    }
-    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> Result<Table> {
-        self.inner.create_table(namespace, creation).await
-    }
-    async fn load_table(&self, table: &TableIdent) -> Result<Table> {
-        self.inner.load_table(table).await
-    }
-    async fn drop_table(&self, table: &TableIdent) -> Result<()> {
-        self.inner.drop_table(table).await
-    }
-    async fn purge_table(&self, table: &TableIdent) -> Result<()> {
-        self.inner.purge_table(table).await
-    }
-    async fn table_exists(&self, table: &TableIdent) -> Result<bool> {
-        self.inner.table_exists(table).await
-    }
-    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> Result<()> {
-        self.inner.rename_table(src, dest).await
-    }
-    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> Result<Table> {
-        self.inner.register_table(table, metadata_location).await
-    }
-    async fn update_table(&self, commit: TableCommit) -> Result<Table> {
-        let lost = self
-            .tables
-            .kind(commit.identifier())
-            .is_some_and(|table| self.faults.take_lost_commit(table));
-        if !lost {
-            return self.inner.update_table(commit).await;
-        }
-        let ident = commit.identifier().clone();
-        let current = self.inner.load_table(&ident).await?;
-        let staged = commit.apply(current)?;
-        let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
-        staged.metadata().write_to(staged.file_io(), &location).await?;
-        tracing::warn!(table = %ident, "injected fault: the catalog reports a commit it did not make");
-        Ok(staged)
-    }
-}
+    let ident = commit.identifier().clone();
+    let current = this.inner.load_table(&ident).await?;
+    let staged = commit.apply(current)?;
+    let location = iceberg::MetadataLocation::from_str(staged.metadata_location_result()?)?;
+    staged.metadata().write_to(staged.file_io(), &location).await?;
+    tracing::warn!(table = %ident, "injected fault: the catalog reports a commit it did not make");
+    Ok(staged)
+});

@@ -17,10 +17,10 @@ use std::time::Duration;
 use actix::Recipient;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
-use rdkafka::types::RDKafkaRespErr;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 use crate::config::{KafkaConfig, StartFrom};
 use crate::messages::{LoadOffsets, PartitionsAssigned, PartitionsRevoked, StrayRecord};
 use crate::metrics as m;
-use crate::supervision::PartitionControl;
+use crate::supervision::{PartitionControl, RetentionLimits};
 
 pub type KafkaConsumer = BaseConsumer<K2ConsumerContext>;
 
@@ -104,20 +104,28 @@ impl ClientContext for K2ConsumerContext {
 }
 
 impl ConsumerContext for K2ConsumerContext {
+    /// K2 uses the cooperative protocol: an assignment adds partitions and a
+    /// revocation takes some away, and the partitions that stay keep their
+    /// lanes, their uncommitted files and their fetch positions. A rebalance
+    /// (another process joining or leaving) therefore never stops the lanes
+    /// it does not move.
     fn rebalance(
         &self,
         base_consumer: &BaseConsumer<Self>,
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let native = base_consumer.client().native_ptr();
+        let cooperative = matches!(base_consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let assigned = self.prepare_assignment(tpl);
-                // SAFETY: both pointers are valid for the duration of the callback.
-                let code = unsafe { rdkafka::bindings::rd_kafka_assign(native, tpl.ptr()) };
-                if code != RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
-                    error!(?code, "failed to apply the partition assignment");
+                let applied = if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                };
+                if let Err(err) = applied {
+                    error!(error = %err, "failed to apply the partition assignment");
                     return;
                 }
                 if let Some(listeners) = self.listeners.get()
@@ -132,7 +140,11 @@ impl ConsumerContext for K2ConsumerContext {
                     .iter()
                     .map(|e| e.partition())
                     .collect();
-                info!(?partitions, "partitions revoked");
+                info!(
+                    ?partitions,
+                    lost = base_consumer.assignment_lost(),
+                    "partitions revoked"
+                );
                 if let Some(listeners) = self.listeners.get() {
                     // Lanes must stop (and drop their queues) before the
                     // partitions can be assigned again.
@@ -144,24 +156,28 @@ impl ConsumerContext for K2ConsumerContext {
                     }
                 }
                 self.queues.remove(&partitions);
-                // SAFETY: a null list means "unassign all"; eager protocol only.
-                unsafe { rdkafka::bindings::rd_kafka_assign(native, std::ptr::null()) };
+                let applied = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                if let Err(err) = applied {
+                    error!(error = %err, "failed to give up the revoked partitions");
+                }
             }
             other => {
                 error!(code = ?other, "rebalance error");
-                unsafe { rdkafka::bindings::rd_kafka_assign(native, std::ptr::null()) };
+                let _ = base_consumer.unassign();
             }
         }
     }
 }
 
 impl K2ConsumerContext {
-    /// Asks the group thread to subscribe again, which revokes and
-    /// reassigns this process's partitions. librdkafka stops fetching a
-    /// partition whose offset is out of range (K2 sets
-    /// `auto.offset.reset=error`) and refuses to seek it afterwards; only a
-    /// new assignment restarts it, and the assignment positions it past what
-    /// retention deleted.
+    /// Asks the group thread to subscribe again and rejoin the group: the
+    /// last resort for a partition that is assigned but cannot be read here
+    /// (its queue could not be split). A partition stopped by retention is
+    /// restarted alone instead ([`restart_partition`]).
     pub fn request_rejoin(&self) {
         self.rejoin.store(true, Ordering::Relaxed);
     }
@@ -323,6 +339,63 @@ pub fn cached_watermarks(consumer: &KafkaConsumer, topic: &str, partition: i32) 
     (code == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some((low, high))
 }
 
+/// Restarts one assigned partition at `offset`, leaving every other
+/// partition alone: gives it up and takes it again (incremental unassign and
+/// assign, the cooperative protocol's per-partition calls) with a new record
+/// queue, which replaces the old one in [`LaneQueues`] and is returned for
+/// the partition's lane. This is how a partition that librdkafka stopped
+/// (its next offset is gone: retention, with `auto.offset.reset=error`) and
+/// refuses to seek starts again. Blocking.
+pub fn restart_partition(
+    consumer: &Arc<KafkaConsumer>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Arc<LaneQueue>, String> {
+    // The old queue handle goes first: dropping it turns off the wake-up
+    // callback of the partition's queue, which the new handle sets again.
+    // (The lane gave up its own handle before calling this.)
+    consumer.context().queues.remove(&[partition]);
+    let mut one = TopicPartitionList::new();
+    one.add_partition(topic, partition);
+    consumer
+        .incremental_unassign(&one)
+        .map_err(|e| format!("cannot give up partition {partition}: {e}"))?;
+    let mut queue = consumer
+        .split_partition_queue(topic, partition)
+        .ok_or_else(|| format!("cannot split the queue of partition {partition}"))?;
+    let ready = Arc::new(Notify::new());
+    let wake = ready.clone();
+    queue.set_nonempty_callback(move || wake.notify_one());
+    let queue = Arc::new(LaneQueue {
+        partition,
+        queue,
+        ready,
+    });
+    consumer.context().queues.insert(queue.clone());
+    let mut at = TopicPartitionList::new();
+    at.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(|e| e.to_string())?;
+    consumer
+        .incremental_assign(&at)
+        .map_err(|e| format!("cannot take partition {partition} again at offset {offset}: {e}"))?;
+    info!(partition, offset, "partition restarted alone");
+    Ok(queue)
+}
+
+/// Restarts `partition` at the earliest offset Kafka still holds (see
+/// [`restart_partition`]); returns that offset and the new queue.
+pub fn restart_at_retained_start(
+    consumer: &Arc<KafkaConsumer>,
+    topic: &str,
+    partition: i32,
+) -> Result<(i64, Arc<LaneQueue>), String> {
+    let (low, _) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(|e| format!("cannot read the log start of partition {partition}: {e}"))?;
+    Ok((low, restart_partition(consumer, topic, partition, low)?))
+}
+
 /// The supervisor's hold on the consumer's partitions (see [`PartitionControl`]).
 pub struct KafkaPartitions {
     pub consumer: Arc<KafkaConsumer>,
@@ -355,15 +428,28 @@ impl PartitionControl for KafkaPartitions {
 
     fn seek_to_start(&self, partition: i32, start: Option<i64>) -> Result<(), String> {
         let offset = start_offset(&self.consumer, &self.topic, partition, start, self.start_from);
-        self.consumer
+        match self
+            .consumer
             .seek(&self.topic, partition, offset, Duration::from_secs(10))
-            .map_err(|err| {
-                // librdkafka refuses to seek a partition it stopped (offset
-                // out of range); a new assignment restarts it and revokes
-                // the lane, superseding this start.
-                self.request_rejoin();
-                err.to_string()
-            })
+        {
+            Ok(()) => Ok(()),
+            // librdkafka refuses to seek a partition it stopped (its offset
+            // was out of range): restart that partition alone there.
+            Err(err) if err.rdkafka_error_code() == Some(RDKafkaErrorCode::State) => {
+                let at = match offset {
+                    Offset::Offset(at) => at,
+                    _ => {
+                        let (low, _) = self
+                            .consumer
+                            .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
+                            .map_err(|e| e.to_string())?;
+                        low
+                    }
+                };
+                restart_partition(&self.consumer, &self.topic, partition, at).map(drop)
+            }
+            Err(err) => Err(err.to_string()),
+        }
     }
 
     fn commit_offsets(&self, offsets: &BTreeMap<i32, i64>) {
@@ -378,20 +464,91 @@ impl PartitionControl for KafkaPartitions {
         }
     }
 
-    fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
-        cached_watermarks(&self.consumer, &self.topic, partition).map(|(_, high)| high)
+    fn cached_watermarks(&self, partition: i32) -> Option<(i64, i64)> {
+        cached_watermarks(&self.consumer, &self.topic, partition)
     }
 
-    fn fetch_high_watermark(&self, partition: i32) -> Option<i64> {
+    fn fetch_watermarks(&self, partition: i32) -> Option<(i64, i64)> {
         self.consumer
             .fetch_watermarks(&self.topic, partition, Duration::from_secs(2))
             .ok()
-            .map(|(_, high)| high)
     }
 
     fn request_rejoin(&self) {
         self.consumer.context().request_rejoin();
     }
+}
+
+/// What the topic retains per partition, for the retention headroom: the
+/// embedded broker's fixed limit; otherwise `kafka.retention_bytes` and
+/// `kafka.retention_ms` where set, and the rest from the topic's own
+/// `retention.bytes` and `retention.ms` (DescribeConfigs). A broker that
+/// cannot say leaves them unknown: the headroom then counts from the
+/// retained range once Kafka starts deleting.
+pub async fn retention_limits(config: &KafkaConfig, brokers: &str) -> RetentionLimits {
+    if config.is_embedded() {
+        return RetentionLimits {
+            bytes_per_partition: Some(crate::embedded::RETAINED_BYTES_PER_PARTITION),
+            ms: None,
+        };
+    }
+    let mut limits = RetentionLimits {
+        bytes_per_partition: config.retention_bytes,
+        ms: config.retention_ms,
+    };
+    if limits.bytes_per_partition.is_some() && limits.ms.is_some() {
+        return limits;
+    }
+    match describe_retention(config, brokers).await {
+        Ok((bytes, ms)) => {
+            limits.bytes_per_partition = limits.bytes_per_partition.or(bytes);
+            limits.ms = limits.ms.or(ms);
+            info!(topic = %config.topic, ?limits, "retention read from the topic's config");
+        }
+        Err(err) => warn!(
+            topic = %config.topic, error = %err,
+            "cannot read the topic's retention (set kafka.retention_bytes / kafka.retention_ms); \
+             retention headroom counts from the retained range once Kafka starts deleting"
+        ),
+    }
+    limits
+}
+
+/// The topic's `retention.bytes` and `retention.ms` (None: unlimited).
+async fn describe_retention(
+    config: &KafkaConfig,
+    brokers: &str,
+) -> anyhow::Result<(Option<u64>, Option<u64>)> {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.client {
+        client.set(key, value);
+    }
+    client.set("bootstrap.servers", brokers);
+    let admin: AdminClient<DefaultClientContext> = client.create()?;
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+    let topic = ResourceSpecifier::Topic(&config.topic);
+    let results = tokio::time::timeout(
+        Duration::from_secs(10),
+        admin.describe_configs([&topic], &options),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("no answer within 10 s"))??;
+    let resource = results
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no answer for the topic"))?
+        .map_err(|code| anyhow::anyhow!("{code:?}"))?;
+    let value = |name: &str| {
+        resource
+            .get(name)
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<i64>().ok())
+            .and_then(|v| u64::try_from(v).ok())
+    };
+    Ok((value("retention.bytes"), value("retention.ms")))
 }
 
 /// Builds the group consumer. `brokers` is a bootstrap list.
@@ -412,8 +569,10 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
         // reported, never silently reset.
         .set("auto.offset.reset", "error")
         .set("enable.partition.eof", "false")
-        // Eager rebalancing: K2's callback assigns and unassigns whole sets.
-        .set("partition.assignment.strategy", "range,roundrobin");
+        // Cooperative rebalancing: a rebalance moves only the partitions it
+        // must, and one partition can be restarted alone (after retention
+        // overtook it) while the others keep running.
+        .set("partition.assignment.strategy", "cooperative-sticky");
     if !config.client.contains_key("queued.max.messages.kbytes") {
         // Bounds what librdkafka prefetches per partition when a lane is slow.
         client.set("queued.max.messages.kbytes", "16384");
@@ -494,9 +653,11 @@ impl GroupDriver {
             .spawn(move || {
                 while !thread_stop.load(Ordering::Relaxed) {
                     if consumer.context().rejoin.swap(false, Ordering::Relaxed) {
-                        // Subscribing again revokes every partition and
-                        // rejoins the group; the callback runs on this thread.
-                        warn!("rejoining the consumer group to restart stopped partitions");
+                        // Unsubscribing revokes every partition of this
+                        // process (the callback runs on this thread, in the
+                        // next polls); subscribing again rejoins the group.
+                        warn!("leaving and rejoining the consumer group");
+                        consumer.unsubscribe();
                         if let Err(err) = consumer.subscribe(&[&topic]) {
                             error!(error = %err, "failed to subscribe again");
                         }

@@ -45,6 +45,8 @@ pub struct LaneShared {
     pub chunk_max_records: usize,
     pub mailbox_capacity: usize,
     pub offset_gaps: OffsetGaps,
+    /// Shed records by their Kafka key before decoding (`shedding.by_key`).
+    pub shed_by_key: bool,
     pub batcher: crate::config::BatcherConfig,
     pub sequence: SequenceConfig,
     pub store: Arc<dyn StateStore>,
@@ -181,21 +183,25 @@ fn spawn_lane(
     let params = PartitionConsumerParams {
         lane,
         topic: shared.topic.clone(),
-        queue,
         consumer: shared.consumer.clone(),
         decoder: shared.decoder.clone(),
         start_offset,
         chunk_max_records: shared.chunk_max_records,
         offset_gaps: shared.offset_gaps,
+        shed_by_key: shared.shed_by_key,
+        tiers: shared.tiers.clone(),
+        level,
         downstream: sink(&sequencer, &shared.failures),
         supervisor: shared.failures.clone(),
         status: status.clone(),
+        faults: shared.faults.clone(),
     };
-    let consumer = PartitionConsumer::start_in_arbiter(arbiter, move |_| PartitionConsumer::new(params));
+    let consumer =
+        PartitionConsumer::start_in_arbiter(arbiter, move |_| PartitionConsumer::new(params, queue));
     LaneHandle {
         stop: vec![consumer.clone().recipient(), batcher.clone().recipient()],
-        flush: consumer.recipient(),
-        level: vec![shedder.recipient(), batcher.recipient()],
+        flush: consumer.clone().recipient(),
+        level: vec![consumer.recipient(), shedder.recipient(), batcher.recipient()],
         status,
     }
 }

@@ -595,6 +595,21 @@ enum Field {
     NumericPrice,
 }
 
+/// Average key + value bytes of the messages `params` generates (a sample
+/// of 1,000), for sizing a topic.
+pub fn average_message_bytes(params: &GeneratorParams) -> f64 {
+    let mut generator = TradeGenerator::new(params.clone());
+    let now = crate::model::now_us();
+    let sample = 1_000;
+    let total: usize = (0..sample)
+        .map(|_| {
+            let message = generator.next_message(now);
+            message.key.len() + message.payload.len()
+        })
+        .sum();
+    total as f64 / sample as f64
+}
+
 /// `{"exchange":"ASX","symbol":"BHP","sequence":123,"trade_id":"BHP-000000123","price":"45.12",
 /// "quantity":"100","side":"buy","event_time":"2026-11-23T10:15:30.123456Z"}`
 fn write_canonical_trade(

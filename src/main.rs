@@ -186,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     format!("{duration} s")
                 }
             );
-            service::run(ServiceOptions {
+            let verdict = service::run(ServiceOptions {
                 config,
                 base_dir: dir.canonicalize()?,
                 duration: (duration > 0).then(|| Duration::from_secs(duration)),
@@ -194,6 +194,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 verdict: true,
             })
             .await?;
+            if let Some(verdict) = verdict
+                && (verdict.lost_anything() || verdict.duplicates > 0)
+            {
+                anyhow::bail!(
+                    "the demo lost {} trades to retention and {} otherwise, with {} duplicates",
+                    verdict.lost_to_retention,
+                    verdict.lost,
+                    verdict.duplicates
+                );
+            }
         }
         Command::Broker { topics } => {
             let topics = topics

@@ -41,6 +41,10 @@ pub const STATE_PROMOTIONS: &str = "k2_state_promotions_total";
 pub const ASSIGNMENT_FAILURES: &str = "k2_assignment_failures_total";
 pub const OFFSET_GAPS: &str = "k2_offset_gaps_total";
 pub const WINDOW_IDS_FORGOTTEN: &str = "k2_dedup_window_ids_forgotten_total";
+pub const RETENTION_HEADROOM_RATIO: &str = "k2_retention_headroom_ratio";
+pub const RETENTION_HEADROOM_SECONDS: &str = "k2_retention_headroom_seconds";
+pub const EARLY_SHED_RECORDS: &str = "k2_early_shed_records_total";
+pub const PARTITION_RESTARTS: &str = "k2_partition_restarts_total";
 
 /// Installs the global Prometheus recorder once and returns its handle.
 /// Later calls (several pipelines in one test process) share it.
@@ -215,6 +219,26 @@ fn describe() {
         OFFSET_GAPS,
         Unit::Count,
         "Offsets Kafka skipped for a reason other than retention, accepted (kafka.offset_gaps = accept)"
+    );
+    describe_gauge!(
+        RETENTION_HEADROOM_RATIO,
+        Unit::Count,
+        "Records retention deletes before it reaches the next record to read, over what the log retains (1 = caught up), per partition"
+    );
+    describe_gauge!(
+        RETENTION_HEADROOM_SECONDS,
+        Unit::Seconds,
+        "Seconds until retention reaches the next record to read at the current rates (+Inf: not closing in), per partition"
+    );
+    describe_counter!(
+        EARLY_SHED_RECORDS,
+        Unit::Count,
+        "Records shed by their Kafka key before decoding, by priority (also counted in k2_shed_records_total)"
+    );
+    describe_counter!(
+        PARTITION_RESTARTS,
+        Unit::Count,
+        "Partitions restarted alone at their log start after retention overtook them"
     );
     describe_counter!(
         WINDOW_IDS_FORGOTTEN,

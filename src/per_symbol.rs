@@ -42,6 +42,10 @@ impl<V> PerSymbol<V> {
         self.exchanges.get(exchange)?.get(symbol)
     }
 
+    pub fn get_mut(&mut self, exchange: &str, symbol: &str) -> Option<&mut V> {
+        self.exchanges.get_mut(exchange)?.get_mut(symbol)
+    }
+
     /// Number of (exchange, symbol) pairs.
     pub fn len(&self) -> usize {
         self.exchanges.values().map(HashMap::len).sum()

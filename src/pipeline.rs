@@ -133,6 +133,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     })
     .start();
 
+    let retention = kafka::retention_limits(&config.kafka, &params.brokers).await;
     let consumer = kafka::create_consumer(&config.kafka, &params.brokers)?;
     let arbiter_count = match config.lanes.arbiters {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -163,6 +164,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 chunk_max_records: config.lanes.chunk_max_records,
                 mailbox_capacity: config.lanes.mailbox_capacity,
                 offset_gaps: config.kafka.offset_gaps,
+                shed_by_key: config.shedding.by_key,
                 batcher: config.batcher.clone(),
                 sequence: config.sequence.clone(),
                 store,
@@ -198,6 +200,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 degradation: config.degradation.clone(),
                 pause_after_failures: config.commit.pause_after_failures,
                 health,
+                retention,
             })
         }
     });

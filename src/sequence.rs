@@ -263,6 +263,19 @@ impl SequenceTracker {
         verdict
     }
 
+    /// Records of (exchange, symbol) were shed before they were decoded, so
+    /// their sequence numbers were never seen: the symbol's next record
+    /// starts its tracking again, and its open windows are dropped (the shed
+    /// records may have filled them). Continuity across a shed run is not
+    /// judged here; `k2 backfill` sequences those records when it ingests
+    /// them.
+    pub fn restart(&mut self, exchange: &str, symbol: &str) {
+        if let Some(state) = self.symbols.get_mut(exchange, symbol) {
+            state.high = None;
+            state.pending.clear();
+        }
+    }
+
     /// Closes every open window now (the lane is flushing), reporting what
     /// is still missing.
     pub fn close_windows(&mut self, events: &mut Vec<SequenceEvent>) {
@@ -280,14 +293,28 @@ impl SequenceTracker {
 
 /// The committed copy of a lane's sequence state replays what records did;
 /// a symbol's state is stored as JSON (small: a number and open gaps).
-impl Replay for SequenceTracker {
-    type Op = (i64, RecordPosition);
+/// What one record (or one shed run of records) did to its symbol's
+/// sequence state, for the epoch log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceOp {
+    Observe(i64, RecordPosition),
+    /// Records of the symbol were shed before decoding: tracking restarts.
+    Restart,
+}
 
-    fn replay(&mut self, exchange: &str, symbol: &str, &(sequence, at): &Self::Op) {
-        let mut events = std::mem::take(&mut self.replayed_events);
-        self.observe(exchange, symbol, sequence, at, &mut events);
-        events.clear();
-        self.replayed_events = events;
+impl Replay for SequenceTracker {
+    type Op = SequenceOp;
+
+    fn replay(&mut self, exchange: &str, symbol: &str, op: &Self::Op) {
+        match *op {
+            SequenceOp::Observe(sequence, at) => {
+                let mut events = std::mem::take(&mut self.replayed_events);
+                self.observe(exchange, symbol, sequence, at, &mut events);
+                events.clear();
+                self.replayed_events = events;
+            }
+            SequenceOp::Restart => self.restart(exchange, symbol),
+        }
     }
 
     fn encode(&self, exchange: &str, symbol: &str) -> Option<Vec<u8>> {
@@ -364,6 +391,44 @@ mod tests {
     }
 
     use Verdict::*;
+
+    #[test]
+    fn a_symbol_shed_unseen_restarts_its_tracking_without_a_false_gap() {
+        let mut t = tracker(4);
+        let (_, events) = feed(&mut t, "ASX", &[("AAA", 1), ("AAA", 2), ("BBB", 1), ("AAA", 5)]);
+        assert!(events.is_empty());
+        // AAA 6..=40 were shed by key: never decoded, never seen here.
+        t.restart("ASX", "AAA");
+        let (verdicts, mut events) = feed(&mut t, "ASX", &[("AAA", 41), ("AAA", 42), ("BBB", 3)]);
+        assert_eq!(verdicts, [InOrder, InOrder, InOrder]);
+        t.close_windows(&mut events);
+        // AAA's open window (3, 4 missing) was dropped with the restart; BBB's gap stands.
+        assert_eq!(events, [gap("BBB", 2, 3, 1, 2)]);
+    }
+
+    #[test]
+    fn a_restart_in_the_epoch_log_replays_to_the_same_state() {
+        let mut live = crate::state::EpochState::new("s".into(), || tracker(4));
+        let mut events = Vec::new();
+        for (offset, seq) in [(0, 1), (1, 2), (3, 9)] {
+            live.working.observe("ASX", "AAA", seq, at(offset), &mut events);
+            live.record(offset, "ASX", "AAA", SequenceOp::Observe(seq, at(offset)));
+        }
+        live.working.restart("ASX", "AAA");
+        live.record(4, "ASX", "AAA", SequenceOp::Restart);
+        live.working.observe("ASX", "AAA", 30, at(5), &mut events);
+        live.record(5, "ASX", "AAA", SequenceOp::Observe(30, at(5)));
+        let staged = live.stage(6);
+        let mut restored = crate::state::EpochState::new("s".into(), || tracker(4));
+        restored.restore(6, &staged.entries).unwrap();
+        let mut after = Vec::new();
+        restored.working.observe("ASX", "AAA", 31, at(6), &mut after);
+        restored.working.close_windows(&mut after);
+        assert!(
+            after.is_empty(),
+            "the restored state has no gap before 30: {after:?}"
+        );
+    }
 
     #[test]
     fn consecutive_numbers_are_in_order_per_symbol_and_cause_no_events() {
@@ -565,7 +630,7 @@ mod tests {
             let position = at(i as i64);
             lane.working
                 .observe("ASX", symbol, *seq, position, &mut Vec::new());
-            lane.record(i as i64, "ASX", symbol, (*seq, position));
+            lane.record(i as i64, "ASX", symbol, SequenceOp::Observe(*seq, position));
         }
         let staged = lane.stage(4);
         let mut rebuilt = EpochState::new("s".into(), || tracker(2));

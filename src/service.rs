@@ -16,7 +16,7 @@ use crate::embedded::EmbeddedBroker;
 use crate::loadgen::{GeneratorParams, LoadgenParams, LoadgenReport, run_loadgen};
 use crate::pipeline::{self, Pipeline, PipelineParams};
 use crate::shedding::LedgerAction;
-use crate::storage::reader::{committed_record_count, scan_shed_ledger, scan_trade_keys};
+use crate::storage::reader::{committed_record_count, scan_dead_letters, scan_shed_ledger, scan_trade_keys};
 use crate::web::{self, AppState};
 
 pub struct ServiceOptions {
@@ -42,6 +42,15 @@ pub struct Verdict {
     /// yet backfilled: deferred, not lost.
     pub shed_ledgered: u64,
     pub duplicates: u64,
+    /// Records Kafka deleted before K2 read them, each range reported in
+    /// `k2.dead_letters` (retention outran the lag).
+    pub lost_to_retention: u64,
+    /// Records still in Kafka past the table's offsets: the demo stopped
+    /// before K2 read them (it waits up to a minute after the generator
+    /// stops). Not lost: the next run reads them.
+    pub unread_in_kafka: u64,
+    /// Produced trades that are nowhere: not committed, not shed, not lost
+    /// to retention, not waiting in Kafka. Anything here is a bug.
     pub lost: u64,
     /// Rows of `k2.sequence_gaps` (gaps and resets).
     pub sequence_events: u64,
@@ -54,8 +63,8 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
     let handle = crate::metrics::install();
     let embedded = config.kafka.is_embedded();
     let broker = if embedded {
-        let broker =
-            EmbeddedBroker::start(&[(config.kafka.topic.clone(), config.kafka.embedded_partitions)])?;
+        let partitions = embedded_partitions(&config);
+        let broker = EmbeddedBroker::start(&[(config.kafka.topic.clone(), partitions)])?;
         info!(
             bootstrap = broker.bootstrap_servers(),
             "embedded Kafka broker started"
@@ -168,7 +177,17 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
         // Let the lanes drain what the generator produced before the final commit.
         wait_until_caught_up(&pipeline, Duration::from_secs(60)).await;
     }
-    let verdict_inputs = (pipeline.catalog.clone(), pipeline.tables.clone());
+    // Where each partition ends: with the generator stopped, what lies
+    // between the table's offsets and these was not read before the stop.
+    let log_ends: std::collections::BTreeMap<i32, i64> = match pipeline.status().await {
+        Ok(status) => status
+            .lanes
+            .iter()
+            .filter_map(|l| Some((l.partition, l.high_watermark?)))
+            .collect(),
+        Err(_) => Default::default(),
+    };
+    let verdict_inputs = (pipeline.catalog.clone(), pipeline.tables.clone(), log_ends);
     pipeline.shutdown().await.context("shutdown failed")?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
@@ -178,13 +197,55 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
 
     match (options.verdict, report) {
         (true, Some(report)) => {
-            let (catalog, tables) = verdict_inputs;
-            let verdict = verdict(&report, &ids_file, catalog.as_ref(), &tables).await?;
+            let (catalog, tables, log_ends) = verdict_inputs;
+            let topic = &config.kafka.topic;
+            let verdict = verdict(&report, &ids_file, catalog.as_ref(), &tables, topic, &log_ends).await?;
             print_verdict(&verdict);
             Ok(Some(verdict))
         }
         _ => Ok(None),
     }
+}
+
+/// Partitions of the embedded topic: enough for the load generator's rate to
+/// leave K2 `kafka.embedded_lag_budget_s` of lag before the broker's
+/// retention drops unread records, with a warning when even the most
+/// partitions the embedded broker takes cannot.
+fn embedded_partitions(config: &K2Config) -> i32 {
+    let minimum = config.kafka.embedded_partitions;
+    if !config.loadgen.enabled {
+        return minimum;
+    }
+    let record_bytes = crate::loadgen::average_message_bytes(&GeneratorParams {
+        seed: config.loadgen.seed,
+        malformed_ratio: config.loadgen.malformed_ratio,
+        ..GeneratorParams::default()
+    }) + crate::supervision::RECORD_OVERHEAD_BYTES;
+    let budget = config.kafka.embedded_lag_budget_s as f64;
+    let sizing = crate::embedded::size_topic(config.loadgen.rate, record_bytes, budget, minimum);
+    if sizing.partitions > minimum {
+        info!(
+            partitions = sizing.partitions,
+            rate = config.loadgen.rate,
+            lag_budget_s = budget,
+            "embedded topic sized for the load generator's rate"
+        );
+    }
+    if !sizing.holds_budget {
+        warn!(
+            rate = config.loadgen.rate,
+            partitions = sizing.partitions,
+            retained_lag_s = format!("{:.1}", sizing.lag_budget_s),
+            "at this rate the embedded broker retains only this much lag (5 MiB per partition); if K2 falls \
+             further behind, the broker drops unread records and K2 reports them as lost to retention"
+        );
+        eprintln!(
+            "k2: warning: at {} trades/s the embedded broker retains {:.1} s of lag ({} partitions × 5 MiB), \
+             less than kafka.embedded_lag_budget_s = {}; beyond it, unread records are dropped and reported",
+            config.loadgen.rate, sizing.lag_budget_s, sizing.partitions, budget
+        );
+    }
+    sizing.partitions
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM (what `docker stop` and Kubernetes
@@ -251,14 +312,26 @@ async fn verdict(
     ids_file: &std::path::Path,
     catalog: &dyn iceberg::Catalog,
     tables: &crate::storage::tables::TableIdents,
+    topic: &str,
+    log_ends: &std::collections::BTreeMap<i32, i64>,
 ) -> anyhow::Result<Verdict> {
     let produced_ids = std::fs::read_to_string(ids_file)
         .with_context(|| format!("failed to read {}", ids_file.display()))?;
     let produced: HashSet<&str> = produced_ids.lines().filter(|l| !l.is_empty()).collect();
     let trades = catalog.load_table(&tables.trades).await?;
     let keys = scan_trade_keys(&trades).await?;
+    let recorded = crate::storage::offsets::TopicOffsets::from_table(&trades, topic)?;
+    let unread: u64 = log_ends
+        .iter()
+        .map(|(p, end)| (end - recorded.next_offset(*p).unwrap_or(0)).max(0) as u64)
+        .sum();
     let committed: HashSet<String> = keys.keys.iter().map(|(e, s, t)| format!("{e},{s},{t}")).collect();
     let dead_letters = catalog.load_table(&tables.dead_letters).await?;
+    let lost_to_retention: u64 = scan_dead_letters(&dead_letters)
+        .await?
+        .iter()
+        .filter_map(|row| retention_loss(&row.reason))
+        .sum();
     let sequence_events = catalog.load_table(&tables.sequence_gaps).await?;
     let probable_duplicates = catalog.load_table(&tables.probable_duplicates).await?;
     let ledger = scan_shed_ledger(&catalog.load_table(&tables.shed_ledger).await?).await?;
@@ -283,14 +356,42 @@ async fn verdict(
         dead_lettered: committed_record_count(&dead_letters),
         shed_ledgered,
         duplicates: (keys.keys.len() - committed.len()) as u64,
-        // A shed trade is missing from the table on purpose, and ledgered.
-        lost: missing.saturating_sub(shed_ledgered),
+        lost_to_retention,
+        unread_in_kafka: unread,
+        // A shed trade is missing from the table on purpose, and ledgered; a
+        // trade lost to retention is missing and reported; one not read
+        // before the demo stopped is still in Kafka.
+        lost: missing.saturating_sub(shed_ledgered + lost_to_retention + unread),
         sequence_events: committed_record_count(&sequence_events),
         probable_duplicates: committed_record_count(&probable_duplicates),
     })
 }
 
+/// The records a retention dead letter reports lost: its reason reads
+/// "retention: Kafka deleted offsets [from, to) (N records) ...".
+fn retention_loss(reason: &str) -> Option<u64> {
+    let rest = reason.strip_prefix("retention: ")?;
+    let count = rest.split_once(") (")?.1.split_once(" records")?.0;
+    count.parse().ok()
+}
+
+impl Verdict {
+    /// Whether anything produced is neither committed, nor deferred by
+    /// shedding, nor a dead letter that failed decoding.
+    pub fn lost_anything(&self) -> bool {
+        self.lost > 0 || self.lost_to_retention > 0
+    }
+}
+
 pub fn print_verdict(v: &Verdict) {
+    use std::io::IsTerminal as _;
+    let colour = std::io::stdout().is_terminal();
+    let (red, green, plain) = if colour {
+        ("\x1b[31m", "\x1b[32m", "\x1b[0m")
+    } else {
+        ("", "", "")
+    };
+    let mark = |bad: bool| if bad { red } else { green };
     println!();
     println!("  verdict                    records");
     println!("  ------------------------- --------");
@@ -300,10 +401,31 @@ pub fn print_verdict(v: &Verdict) {
     println!("  distinct trades committed  {:>8}", v.distinct_trades);
     println!("  dead-lettered              {:>8}", v.dead_lettered);
     println!("  shed (ledgered)            {:>8}", v.shed_ledgered);
-    println!("  duplicates                 {:>8}", v.duplicates);
-    println!("  lost                       {:>8}", v.lost);
+    println!(
+        "{}  duplicates                 {:>8}{plain}",
+        mark(v.duplicates > 0),
+        v.duplicates
+    );
+    println!(
+        "{}  lost to retention          {:>8}{plain}  (reported in k2.dead_letters)",
+        mark(v.lost_to_retention > 0),
+        v.lost_to_retention
+    );
+    println!(
+        "{}  lost, unexplained          {:>8}{plain}",
+        mark(v.lost > 0),
+        v.lost
+    );
     println!("  sequence gaps and resets   {:>8}", v.sequence_events);
     println!("  probable duplicates        {:>8}", v.probable_duplicates);
+    println!();
+    if v.lost_anything() || v.duplicates > 0 {
+        println!("{red}  verdict: FAILED{plain}");
+    } else {
+        println!(
+            "{green}  verdict: every produced trade is committed, deferred (ledgered) or a dead letter{plain}"
+        );
+    }
     println!();
 }
 
@@ -313,4 +435,20 @@ pub fn instance_name() -> String {
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "k2".to_string());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retention_loss;
+
+    #[test]
+    fn the_count_of_a_retention_dead_letter_is_read_from_its_reason() {
+        assert_eq!(
+            retention_loss(
+                "retention: Kafka deleted offsets [1447, 11222) (9775 records) before K2 read them"
+            ),
+            Some(9775)
+        );
+        assert_eq!(retention_loss("invalid JSON at line 1"), None);
+    }
 }

@@ -88,10 +88,14 @@ pub struct ExchangeTiers {
     pub tier_2: Vec<String>,
 }
 
-/// `[shedding]`: symbol tiers per exchange.
+/// `[shedding]`: symbol tiers per exchange, and where shedding happens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SheddingConfig {
+    /// Shed trades by their Kafka message key, `EXCHANGE:SYMBOL`, before they are decoded: a shed
+    /// record then costs a key lookup, not decoding, sequencing and deduplication. Records whose key
+    /// does not name a symbol are decoded and shed after deduplication.
+    pub by_key: bool,
     pub tiers: BTreeMap<String, ExchangeTiers>,
 }
 
@@ -129,7 +133,7 @@ impl Default for SheddingConfig {
                 },
             ),
         ]);
-        Self { tiers }
+        Self { by_key: true, tiers }
     }
 }
 
@@ -179,6 +183,91 @@ impl TierTable {
             .copied()
             .unwrap_or(Priority::Normal)
     }
+}
+
+/// The exchange and symbol of a Kafka key written `EXCHANGE:SYMBOL` (how
+/// K2's load generator and feed handlers key trades, so one symbol's trades
+/// stay in one partition, in order).
+pub fn key_symbol(key: &[u8]) -> Option<(&str, &str)> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (exchange, symbol) = key.split_once(':')?;
+    (!exchange.is_empty() && !symbol.is_empty()).then_some((exchange, symbol))
+}
+
+/// Records shed by their Kafka key before they are decoded: a shed record
+/// costs a key lookup instead of decoding, sequencing, deduplication and
+/// batching, which is what overload is short of. Trades only (their
+/// priority comes from the symbol's tier); a record whose key does not name
+/// a symbol is decoded and left to the load shedder.
+#[derive(Debug, Default)]
+pub struct EarlyShed {
+    by_priority: BTreeMap<Priority, OffsetRanges>,
+    symbols: HashSet<(String, String)>,
+}
+
+impl EarlyShed {
+    /// Sheds the record at `offset` if `level` sheds its key's priority.
+    /// Returns whether it was shed.
+    pub fn offer(
+        &mut self,
+        tiers: &TierTable,
+        level: DegradationLevel,
+        key: Option<&[u8]>,
+        offset: i64,
+    ) -> bool {
+        let Some((exchange, symbol)) = key.and_then(key_symbol) else {
+            return false;
+        };
+        let priority = tiers.trade_priority(exchange, symbol);
+        if !priority.is_shed_at(level) {
+            return false;
+        }
+        self.by_priority.entry(priority).or_default().push(offset);
+        if !self.symbols.contains(&(exchange.to_string(), symbol.to_string())) {
+            self.symbols.insert((exchange.to_string(), symbol.to_string()));
+        }
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_priority.is_empty()
+    }
+
+    /// The ledger entries (one per priority) and the symbols shed.
+    pub fn finish(
+        self,
+        topic: &str,
+        partition: i32,
+        level: DegradationLevel,
+    ) -> (Vec<ShedEntry>, Vec<(String, String)>) {
+        let entries = ledger_entries(topic, partition, level, self.by_priority);
+        (entries, self.symbols.into_iter().collect())
+    }
+}
+
+/// One `"shed"` ledger entry per priority of what `level` left out of a
+/// chunk of `partition`.
+pub fn ledger_entries(
+    topic: &str,
+    partition: i32,
+    level: DegradationLevel,
+    shed: BTreeMap<Priority, OffsetRanges>,
+) -> Vec<ShedEntry> {
+    let now = crate::model::now_us();
+    shed.into_iter()
+        .map(|(priority, offsets)| ShedEntry {
+            entry_id: ShedEntry::entry_id(topic, partition, offsets.first().unwrap_or_default(), priority),
+            action: LedgerAction::Shed,
+            topic: topic.to_string(),
+            partition,
+            records: offsets.count(),
+            offsets,
+            priority,
+            level,
+            detail: None,
+            recorded_at_us: now,
+        })
+        .collect()
 }
 
 /// Offsets as sorted, disjoint inclusive ranges: how the ledger stores what
@@ -341,6 +430,55 @@ impl ShedEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_names_exchange_and_symbol_or_nothing() {
+        assert_eq!(key_symbol(b"ASX:BHP"), Some(("ASX", "BHP")));
+        assert_eq!(key_symbol(b"BINANCE:BTCUSDT"), Some(("BINANCE", "BTCUSDT")));
+        assert_eq!(key_symbol(b"BHP"), None);
+        assert_eq!(key_symbol(b":BHP"), None);
+        assert_eq!(key_symbol(b"ASX:"), None);
+        assert_eq!(key_symbol(&[0xff, b':', b'x']), None);
+    }
+
+    #[test]
+    fn records_are_shed_by_key_at_the_levels_that_shed_their_tier_and_ledgered_per_priority() {
+        let tiers = TierTable::new(&SheddingConfig::default());
+        let mut early = EarlyShed::default();
+        let level = DegradationLevel::CircuitBreak;
+        // BHP is tier 1 (kept), SOLUSDT tier 2 and XYZ tier 3 (shed), no key: decoded.
+        assert!(!early.offer(&tiers, level, Some(b"ASX:BHP"), 10));
+        assert!(early.offer(&tiers, level, Some(b"BINANCE:SOLUSDT"), 11));
+        assert!(early.offer(&tiers, level, Some(b"ASX:XYZ"), 12));
+        assert!(early.offer(&tiers, level, Some(b"ASX:XYZ"), 13));
+        assert!(!early.offer(&tiers, level, None, 14));
+        assert!(early.offer(&tiers, level, Some(b"BINANCE:SOLUSDT"), 16));
+        let (entries, mut symbols) = early.finish("t", 3, level);
+        symbols.sort();
+        assert_eq!(
+            symbols,
+            [
+                ("ASX".to_string(), "XYZ".to_string()),
+                ("BINANCE".to_string(), "SOLUSDT".to_string())
+            ]
+        );
+        let by_priority: Vec<(Priority, String, u64)> = entries
+            .iter()
+            .map(|e| (e.priority, e.offsets.to_string(), e.records))
+            .collect();
+        assert_eq!(
+            by_priority,
+            [
+                (Priority::Normal, "12-13".to_string(), 2),
+                (Priority::High, "11,16".to_string(), 2)
+            ]
+        );
+        assert!(entries.iter().all(|e| e.partition == 3 && e.level == level));
+        // AGGRESSIVE keeps tier 2.
+        let mut early = EarlyShed::default();
+        assert!(!early.offer(&tiers, DegradationLevel::Aggressive, Some(b"BINANCE:SOLUSDT"), 1));
+        assert!(early.offer(&tiers, DegradationLevel::Aggressive, Some(b"ASX:XYZ"), 2));
+    }
 
     #[test]
     fn each_level_sheds_what_the_design_says() {

@@ -147,7 +147,10 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
         ]),
         "{transitions:?}"
     );
-    assert_eq!(body["signals"].as_array().unwrap().len(), 7);
+    assert_eq!(
+        body["signals"].as_array().unwrap().len(),
+        k2::degradation::Signal::ALL.len()
+    );
 
     let report = loadgen.await.unwrap().unwrap();
     let produced = read_ids(&ids);
@@ -262,6 +265,8 @@ async fn ingesting(
     let ids = dir.path().join("ids.csv");
     let mut config = common::config(dir.path(), group);
     config.breaker.open_ms = 500;
+    // These tests are about pausing and waiting, not shedding.
+    common::without_retention_headroom(&mut config);
     tune(&mut config);
     let pipeline = common::start(&config, &broker, dir.path(), group).await;
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, total, 8_000);
@@ -532,19 +537,21 @@ async fn partitions_assigned_while_the_catalog_is_down_start_when_it_returns() {
         loadgen,
     } = ingesting(4, "k2-join-outage", 40_000, |_| {}).await;
 
-    // A second process joins while the first cannot reach the catalog: the
-    // rebalance hands the first partitions whose offsets it cannot read.
-    first.faults.set_catalog_down(true);
+    // A second process joins that cannot reach the catalog: the rebalance
+    // hands it partitions whose offsets it cannot read. (With cooperative
+    // rebalancing the first process keeps its other partitions running.)
     let second = common::start(&config, &broker, dir.path(), "second").await;
+    second.faults.set_catalog_down(true);
     wait_for(
         Duration::from_secs(60),
-        "the group split the partitions; the first process's lanes wait for the catalog",
+        "the group split the partitions; the second process's lanes wait for the catalog",
         || async {
             let (a, b) = (first.status().await.unwrap(), second.status().await.unwrap());
             a.lanes.len() + b.lanes.len() == 4
                 && !a.lanes.is_empty()
                 && !b.lanes.is_empty()
-                && a.lanes.iter().all(|l| {
+                && a.lanes.iter().all(|l| l.state == LaneState::Running)
+                && b.lanes.iter().all(|l| {
                     l.state == LaneState::Restarting
                         && l.last_error
                             .as_deref()
@@ -553,11 +560,11 @@ async fn partitions_assigned_while_the_catalog_is_down_start_when_it_returns() {
         },
     )
     .await;
-    let status = first.status().await.unwrap();
+    let status = second.status().await.unwrap();
     assert_eq!(status.failed_lanes, 0);
     assert!(status.lanes.iter().all(|l| l.restarts == 0), "{:?}", status.lanes);
 
-    first.faults.set_catalog_down(false);
+    second.faults.set_catalog_down(false);
     loadgen.await.unwrap().unwrap();
     let produced = read_ids(&ids);
     let expected = produced.len() as u64;
@@ -565,7 +572,7 @@ async fn partitions_assigned_while_the_catalog_is_down_start_when_it_returns() {
         Duration::from_secs(120),
         "every trade committed by the two processes",
         || async {
-            let running = first
+            let running = second
                 .status()
                 .await
                 .unwrap()

@@ -49,7 +49,8 @@ async fn malformed_records_are_dead_lettered_and_valid_trades_land_exactly_once(
         loaded.malformed
     );
 
-    let config = common::config(dir.path(), "k2-ingest");
+    let mut config = common::config(dir.path(), "k2-ingest");
+    common::without_retention_headroom(&mut config);
     let pipeline = common::start(&config, &broker, dir.path(), "ingest").await;
     let expected_rows = valid.len() as u64;
     wait_for(Duration::from_secs(240), "all valid trades committed", || async {
@@ -81,7 +82,8 @@ async fn stop_without_final_commit_then_restart_loses_and_duplicates_nothing() {
     let ids = dir.path().join("ids.csv");
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 60_000, 15_000);
 
-    let config = common::config(dir.path(), "k2-restart");
+    let mut config = common::config(dir.path(), "k2-restart");
+    common::without_retention_headroom(&mut config);
     let first = common::start(&config, &broker, dir.path(), "first").await;
     wait_for(Duration::from_secs(60), "first commits", || async {
         committed_rows(&first).await >= 5_000
@@ -118,9 +120,12 @@ async fn two_instances_in_one_group_with_a_rebalance_write_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(8);
     let ids = dir.path().join("ids.csv");
-    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 80_000, 10_000);
+    // Production outlasts the cooperative rebalance (two rounds, ~10 s on
+    // the mock broker), so b has something of its own to commit.
+    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 200_000, 10_000);
 
-    let config = common::config(dir.path(), "k2-rebalance");
+    let mut config = common::config(dir.path(), "k2-rebalance");
+    common::without_retention_headroom(&mut config);
     let a = common::start(&config, &broker, dir.path(), "a").await;
     wait_for(Duration::from_secs(60), "instance a commits", || async {
         committed_rows(&a).await > 0
@@ -128,12 +133,15 @@ async fn two_instances_in_one_group_with_a_rebalance_write_exactly_once() {
     .await;
     // Joining mid-stream makes the group rebalance: a gives up half its partitions.
     let b = common::start(&config, &broker, dir.path(), "b").await;
-    wait_for(
-        Duration::from_secs(90),
-        "instance b owns partitions and commits",
-        || async { committed_rows(&b).await > 0 },
-    )
-    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while committed_rows(&b).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance b owns no partitions or commits nothing: {:#?}",
+            b.status().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let a_lanes = a.status().await.unwrap().lanes.len();
     let b_lanes = b.status().await.unwrap().lanes.len();
     assert!(
@@ -143,11 +151,30 @@ async fn two_instances_in_one_group_with_a_rebalance_write_exactly_once() {
     assert_eq!(a_lanes + b_lanes, 8);
 
     let report = loadgen.await.unwrap().unwrap();
-    assert_eq!(report.produced, 80_000);
-    wait_for(Duration::from_secs(180), "every trade committed", || async {
-        read_tables(&config, dir.path()).await.trades.keys.len() >= 80_000
-    })
-    .await;
+    assert_eq!(report.produced, 200_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while read_tables(&config, dir.path()).await.trades.keys.len() < 200_000 {
+        if std::time::Instant::now() > deadline {
+            let lanes = |s: k2::actors::supervisor::PipelineStatus| {
+                s.lanes
+                    .iter()
+                    .map(|l| {
+                        format!(
+                            "p{} {:?} at {:?} of {:?} ({:?})",
+                            l.partition, l.state, l.position, l.high_watermark, l.last_error
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            };
+            panic!(
+                "not every trade committed within 180 s; table offsets {:?}\na: {:?}\nb: {:?}",
+                read_tables(&config, dir.path()).await.offsets.to_json(),
+                lanes(a.status().await.unwrap()),
+                lanes(b.status().await.unwrap())
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     let contents = read_tables(&config, dir.path()).await;

@@ -98,7 +98,8 @@ async fn a_trades_commit_the_catalog_reports_but_never_made_loses_no_trade() {
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(4);
     let ids = dir.path().join("ids.csv");
-    let config = common::config(dir.path(), "k2-lost-trades-commit");
+    let mut config = common::config(dir.path(), "k2-lost-trades-commit");
+    common::without_retention_headroom(&mut config);
     let pipeline = common::start(&config, &broker, dir.path(), "lost-commit").await;
     // The very first commit of the trades table is lost: the table has never
     // seen the partitions when the next commit comes.
@@ -128,7 +129,8 @@ async fn a_ledger_commit_the_catalog_reports_but_never_made_loses_no_shed_offset
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(4);
     let ids = dir.path().join("ids.csv");
-    let config = common::config(dir.path(), "k2-lost-ledger-commit");
+    let mut config = common::config(dir.path(), "k2-lost-ledger-commit");
+    common::without_retention_headroom(&mut config);
     let pipeline = common::start(&config, &broker, dir.path(), "lost-ledger").await;
     // Tier-3 symbols are shed from the start, and the first ledger commit is lost.
     pipeline
@@ -239,6 +241,7 @@ async fn a_restart_superseded_by_a_rejoin_during_its_backoff_does_nothing() {
     let broker = common::broker(4);
     let ids = dir.path().join("ids.csv");
     let mut config = common::config(dir.path(), "k2-superseded-restart");
+    common::without_retention_headroom(&mut config);
     config.lanes.max_restarts = 20;
     let pipeline = common::start(&config, &broker, dir.path(), "superseded").await;
     let loadgen = produce(
@@ -283,6 +286,7 @@ async fn a_catalog_outage_across_a_rejoin_leaves_no_partition_stuck() {
     let broker = common::broker(4);
     let ids = dir.path().join("ids.csv");
     let mut config = common::config(dir.path(), "k2-outage-rejoin");
+    common::without_retention_headroom(&mut config);
     config.lanes.max_restarts = 20;
     let pipeline = common::start(&config, &broker, dir.path(), "outage-rejoin").await;
     let loadgen = produce(
@@ -341,6 +345,7 @@ async fn commits_postgresql_refuses_at_commit_time_are_not_believed() {
     let broker = common::broker(4);
     let ids = dir.path().join("ids.csv");
     let mut config = common::config(dir.path(), "k2-pg-commit-fails");
+    common::without_retention_headroom(&mut config);
     config.catalog.uri = url.clone();
     // A catalog name of its own: the trigger fails this run's commits only.
     let catalog_name = format!("k2test_{}", uuid::Uuid::now_v7().simple());

@@ -16,8 +16,8 @@ use actix::prelude::*;
 use crate::degradation::DegradationLevel;
 use crate::messages::{ChunkSink, Flush, LevelChanged, Stage, TradeChunk};
 use crate::metrics as m;
-use crate::model::{Trade, now_us};
-use crate::shedding::{LedgerAction, OffsetRanges, Priority, ShedEntry, TierTable};
+use crate::model::Trade;
+use crate::shedding::{OffsetRanges, Priority, ShedEntry, TierTable, ledger_entries};
 
 #[derive(Debug, Default)]
 pub struct LoadShedderCounters {
@@ -71,34 +71,18 @@ pub fn shed(
         return (trades, Vec::new());
     }
     let mut kept = Vec::with_capacity(trades.len());
-    let mut shed: BTreeMap<Priority, (i32, OffsetRanges)> = BTreeMap::new();
+    let mut shed: BTreeMap<Priority, OffsetRanges> = BTreeMap::new();
+    let mut partition = 0;
     for trade in trades {
         let priority = tiers.trade_priority(&trade.exchange, &trade.symbol);
         if priority.is_shed_at(level) {
-            shed.entry(priority)
-                .or_insert_with(|| (trade.partition, OffsetRanges::default()))
-                .1
-                .push(trade.offset);
+            partition = trade.partition;
+            shed.entry(priority).or_default().push(trade.offset);
         } else {
             kept.push(trade);
         }
     }
-    let now = now_us();
-    let entries = shed
-        .into_iter()
-        .map(|(priority, (partition, offsets))| ShedEntry {
-            entry_id: ShedEntry::entry_id(topic, partition, offsets.first().unwrap_or_default(), priority),
-            action: LedgerAction::Shed,
-            topic: topic.to_string(),
-            partition,
-            records: offsets.count(),
-            offsets,
-            priority,
-            level,
-            detail: None,
-            recorded_at_us: now,
-        })
-        .collect();
+    let entries = ledger_entries(topic, partition, level, shed);
     (kept, entries)
 }
 

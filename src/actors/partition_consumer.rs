@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use rdkafka::consumer::Consumer;
+
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaErrorCode;
@@ -24,16 +24,19 @@ use tracing::{error, warn};
 
 use crate::config::OffsetGaps;
 use crate::decode::TradeDecoder;
+use crate::degradation::DegradationLevel;
 use crate::kafka::{self, KafkaConsumer, LaneQueue};
-use crate::messages::{ChunkSink, Flush, LaneError, LaneFailed, LaneId, Stage, StopLane, TradeChunk};
+use crate::messages::{
+    ChunkSink, Flush, LaneError, LaneFailed, LaneId, LevelChanged, Stage, StopLane, TradeChunk,
+};
 use crate::metrics as m;
 use crate::model::{DeadLetter, SideRows, now_us};
+use crate::shedding::{EarlyShed, ShedEntry, TierTable};
 use crate::supervision::LaneStatus;
 
 pub struct PartitionConsumerParams {
     pub lane: LaneId,
     pub topic: String,
-    pub queue: Arc<LaneQueue>,
     pub consumer: Arc<KafkaConsumer>,
     pub decoder: Arc<TradeDecoder>,
     /// Offset the lane was positioned at; None when the table has none yet.
@@ -41,26 +44,49 @@ pub struct PartitionConsumerParams {
     pub chunk_max_records: usize,
     /// What a skip of offsets that retention does not explain does.
     pub offset_gaps: OffsetGaps,
+    /// Shed records by their Kafka key (`EXCHANGE:SYMBOL`) before decoding.
+    pub shed_by_key: bool,
+    pub tiers: Arc<TierTable>,
+    /// The level in force when the lane starts.
+    pub level: DegradationLevel,
     pub downstream: ChunkSink,
     pub supervisor: Recipient<LaneFailed>,
     pub status: Arc<LaneStatus>,
+    pub faults: Arc<crate::faults::Faults>,
 }
 
 #[derive(Debug, Default)]
 pub struct PartitionConsumerCounters {
     pub num_consumed: u64,
+    pub num_consumed_bytes: u64,
+    /// Records shed by their Kafka key before decoding.
+    pub num_shed_early: u64,
     pub num_dead_letters: u64,
     pub num_lost: u64,
 }
 
 impl PartitionConsumerCounters {
-    fn record_chunk(&mut self, partition: &str, consumed: usize, dead: &[DeadLetter]) {
+    fn record_chunk(&mut self, partition: &str, consumed: usize, bytes: u64, dead: &[DeadLetter]) {
         self.num_consumed += consumed as u64;
+        self.num_consumed_bytes += bytes;
         metrics::counter!(m::RECORDS_CONSUMED, "partition" => partition.to_string())
             .increment(consumed as u64);
         if !dead.is_empty() {
             self.num_dead_letters += dead.len() as u64;
             metrics::counter!(m::DEAD_LETTERS, "reason" => "decode").increment(dead.len() as u64);
+        }
+    }
+
+    fn record_shed(&mut self, entries: &[ShedEntry]) {
+        for entry in entries {
+            self.num_shed_early += entry.records;
+            let labels = [
+                ("priority", entry.priority.as_str()),
+                ("level", entry.level.as_str()),
+            ];
+            metrics::counter!(m::RECORDS_SHED, &labels).increment(entry.records);
+            metrics::counter!(m::EARLY_SHED_RECORDS, "priority" => entry.priority.as_str())
+                .increment(entry.records);
         }
     }
 
@@ -77,6 +103,14 @@ impl PartitionConsumerCounters {
 
 pub struct PartitionConsumer {
     params: PartitionConsumerParams,
+    /// The partition's record queue; replaced when the partition restarts
+    /// (None meanwhile: the old handle must be gone before the new one is
+    /// made, or dropping it would silence the new one's wake-ups).
+    queue: Option<Arc<LaneQueue>>,
+    /// A queue error that came after records in one poll: handled first on
+    /// the next (librdkafka does not deliver it twice).
+    deferred: Option<QueueError>,
+    level: DegradationLevel,
     /// The next offset this lane accounts for.
     position: Option<i64>,
     draining: bool,
@@ -85,7 +119,7 @@ pub struct PartitionConsumer {
 }
 
 impl PartitionConsumer {
-    pub fn new(params: PartitionConsumerParams) -> Self {
+    pub fn new(params: PartitionConsumerParams, queue: Arc<LaneQueue>) -> Self {
         let position = params.start_offset;
         if let Some(p) = position {
             params
@@ -95,6 +129,9 @@ impl PartitionConsumer {
         }
         Self {
             partition_label: params.lane.partition.to_string(),
+            queue: Some(queue),
+            deferred: None,
+            level: params.level,
             params,
             position,
             draining: false,
@@ -105,6 +142,12 @@ impl PartitionConsumer {
     /// Takes what the queue holds right now (up to a chunk). Returns None
     /// when the queue is empty.
     fn drain_ready(&mut self) -> Result<Option<TradeChunk>, QueueError> {
+        if let Some(err) = self.deferred.take() {
+            return Err(err);
+        }
+        let Some(queue) = self.queue.clone() else {
+            return Ok(None);
+        };
         let mut trades = Vec::new();
         let mut dead_letters = Vec::new();
         let first_offset = self.position;
@@ -112,17 +155,22 @@ impl PartitionConsumer {
         // record of a lane that starts where the table has nothing).
         let mut expected = self.position;
         let mut first_read = None;
+        let mut read = 0usize;
+        let mut read_bytes = 0u64;
+        let mut last_timestamp = None;
+        let mut early = EarlyShed::default();
+        let shed_by_key = self.params.shed_by_key && self.level >= DegradationLevel::Graceful;
         let now = now_us();
         let decoder = self.params.decoder.clone();
-        let queue = self.params.queue.clone();
         let partition = self.params.lane.partition;
-        while trades.len() + dead_letters.len() < self.params.chunk_max_records {
+        while read < self.params.chunk_max_records {
             let message = match queue.queue.poll(Duration::ZERO) {
                 None => break,
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
                     if first_read.is_some() {
-                        // Hand over what was read; the error comes back on the next poll.
+                        // Hand over what was read; the error is handled on the next poll.
+                        self.deferred = Some(classify(err));
                         break;
                     }
                     return Err(classify(err));
@@ -147,7 +195,13 @@ impl PartitionConsumer {
             }
             first_read.get_or_insert(offset);
             expected = Some(offset + 1);
+            read += 1;
             let payload = message.payload().unwrap_or_default();
+            read_bytes += (payload.len() + message.key().map_or(0, <[u8]>::len)) as u64;
+            last_timestamp = message.timestamp().to_millis().or(last_timestamp);
+            if shed_by_key && early.offer(&self.params.tiers, self.level, message.key(), offset) {
+                continue;
+            }
             match decoder.decode(payload, partition, offset, now) {
                 Ok(trade) => trades.push(trade),
                 Err(err) => dead_letters.push(DeadLetter {
@@ -164,18 +218,30 @@ impl PartitionConsumer {
             return Ok(None);
         };
         let first_offset = first_offset.unwrap_or(first_read);
-        self.counters.record_chunk(
-            &self.partition_label,
-            trades.len() + dead_letters.len(),
-            &dead_letters,
-        );
+        self.counters
+            .record_chunk(&self.partition_label, read, read_bytes, &dead_letters);
+        if let Some(ts) = last_timestamp {
+            self.params
+                .status
+                .last_timestamp_ms
+                .store(ts, std::sync::atomic::Ordering::Relaxed);
+        }
+        let (shed, shed_symbols) = if early.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            let (entries, symbols) = early.finish(&self.params.topic, partition, self.level);
+            self.counters.record_shed(&entries);
+            (entries, symbols)
+        };
         Ok(Some(TradeChunk {
             lane: self.params.lane,
             first_offset,
             next_offset,
             trades,
+            shed_symbols,
             side: SideRows {
                 dead_letters,
+                shed,
                 ..SideRows::default()
             },
         }))
@@ -221,6 +287,9 @@ impl PartitionConsumer {
             status.position.store(p, Relaxed);
         }
         status.consumed.store(self.counters.num_consumed, Relaxed);
+        status
+            .consumed_bytes
+            .store(self.counters.num_consumed_bytes, Relaxed);
         status.dead_letters.store(self.counters.num_dead_letters, Relaxed);
         status.lost_records.store(self.counters.num_lost, Relaxed);
     }
@@ -236,29 +305,54 @@ impl PartitionConsumer {
     }
 
     /// The next offset is gone from Kafka and librdkafka stopped fetching
-    /// the partition. Only a new assignment restarts it: ask the group
-    /// thread to rejoin. The new lane starts at the earliest retained offset
-    /// and records the lost range (`retention_gap`).
+    /// the partition. It restarts alone at the earliest offset Kafka still
+    /// holds; this lane goes on with a new queue (what it read and wrote so
+    /// far stays), and its first record past its position records the lost
+    /// range (`retention_gap`). The other partitions are not touched.
     fn retention_loss(&mut self, ctx: &mut Context<Self>) {
         error!(
             lane = %self.params.lane,
             position = ?self.position,
-            "the partition's next offset is gone from Kafka (retention outran lag); rejoining the group to resume"
+            "the partition's next offset is gone from Kafka (retention outran lag); restarting the partition at its log start"
         );
-        self.params.consumer.context().request_rejoin();
-        // The rejoin revokes this lane; until then, look again now and then.
-        ctx.run_later(Duration::from_secs(5), |_, ctx| ctx.notify(Poll));
+        let consumer = self.params.consumer.clone();
+        let topic = self.params.topic.clone();
+        let partition = self.params.lane.partition;
+        self.queue = None;
+        metrics::counter!(m::PARTITION_RESTARTS).increment(1);
+        let restart = tokio::task::spawn_blocking(move || {
+            kafka::restart_at_retained_start(&consumer, &topic, partition)
+        });
+        ctx.wait(restart.into_actor(self).map(|result, act, ctx| {
+            match result.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok((low, queue)) => {
+                    warn!(lane = %act.params.lane, restarted_at = low, "partition restarted at its log start");
+                    act.queue = Some(queue);
+                    ctx.notify(Poll);
+                }
+                Err(err) => act.fail(ctx, LaneError::Restart(err)),
+            }
+        }));
     }
 
     /// Sends a chunk downstream, holding further polls until it is accepted.
     fn forward(&mut self, chunk: TradeChunk, ctx: &mut Context<Self>) {
         let sink = self.params.downstream.chunks.clone();
-        ctx.wait(async move { sink.send(chunk).await }.into_actor(self).map(
-            |result, act, ctx| match result {
-                Ok(()) => ctx.notify(Poll),
-                Err(err) => act.fail(ctx, LaneError::NextStageGone(err.to_string())),
-            },
-        ));
+        // The injected `slow_stage` fault: this lane reads slowly.
+        let delay = self
+            .params
+            .faults
+            .chunk_delay(Stage::PartitionConsumer, self.params.lane.partition);
+        let send = async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            sink.send(chunk).await
+        };
+        ctx.wait(send.into_actor(self).map(|result, act, ctx| match result {
+            Ok(()) => ctx.notify(Poll),
+            Err(err) => act.fail(ctx, LaneError::NextStageGone(err.to_string())),
+        }));
     }
 }
 
@@ -308,7 +402,9 @@ impl Handler<Poll> for PartitionConsumer {
                 self.forward(chunk, ctx);
             }
             Ok(None) => {
-                let ready = self.params.queue.ready.clone();
+                let Some(ready) = self.queue.as_ref().map(|q| q.ready.clone()) else {
+                    return;
+                };
                 // Not `wait`: a flush or stop may arrive while the queue is idle.
                 ctx.spawn(
                     async move {
@@ -339,6 +435,14 @@ impl Handler<Flush> for PartitionConsumer {
                 .downstream
                 .forward_flush(self.params.lane, Stage::PartitionConsumer),
         )
+    }
+}
+
+impl Handler<LevelChanged> for PartitionConsumer {
+    type Result = ();
+
+    fn handle(&mut self, msg: LevelChanged, _: &mut Context<Self>) {
+        self.level = msg.level;
     }
 }
 

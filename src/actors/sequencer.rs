@@ -17,7 +17,7 @@ use crate::actors::stage_state::{StateLoad, load_before_first_chunk};
 use crate::messages::{ChunkSink, Flush, LaneFailed, LaneId, Stage, TradeChunk};
 use crate::metrics as m;
 use crate::model::{SequenceEventRow, now_us};
-use crate::sequence::{RecordPosition, SequenceEvent, Verdict};
+use crate::sequence::{RecordPosition, SequenceEvent, SequenceOp, Verdict};
 use crate::state::{StateStore, lock};
 
 pub use crate::sequence::SequenceState;
@@ -201,6 +201,12 @@ impl Handler<TradeChunk> for Sequencer {
         let now = now_us();
         let state = self.params.state.clone();
         let mut state = lock(&state);
+        // Symbols whose records were shed before decoding: their numbers
+        // were never seen, so their tracking restarts (no false gap).
+        for (exchange, symbol) in std::mem::take(&mut chunk.shed_symbols) {
+            state.working.restart(&exchange, &symbol);
+            state.record(chunk.first_offset, &exchange, &symbol, SequenceOp::Restart);
+        }
         let mut rows = Vec::new();
         for trade in &chunk.trades {
             let at = RecordPosition {
@@ -216,7 +222,12 @@ impl Handler<TradeChunk> for Sequencer {
                 at,
                 &mut self.events,
             );
-            state.record(trade.offset, &trade.exchange, &trade.symbol, (trade.sequence, at));
+            state.record(
+                trade.offset,
+                &trade.exchange,
+                &trade.symbol,
+                SequenceOp::Observe(trade.sequence, at),
+            );
             match verdict {
                 Verdict::InOrder | Verdict::Reset => {}
                 Verdict::LateFill => self.counters.num_late_fills += 1,
@@ -257,6 +268,7 @@ impl Handler<Flush> for Sequencer {
                     first_offset: next_offset,
                     next_offset,
                     trades: Vec::new(),
+                    shed_symbols: Vec::new(),
                     side: crate::model::SideRows {
                         sequence_events: rows,
                         ..Default::default()

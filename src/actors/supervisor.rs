@@ -36,7 +36,7 @@ use tracing::{debug, error, info, warn};
 use crate::actors::iceberg_committer::{CommitHealth, CommitterStatus, GetCommitterStatus};
 use crate::breaker::{BreakerState, CircuitBreaker};
 use crate::degradation::{
-    Degradation, DegradationConfig, DegradationLevel, Mode, NEVER, Signal, Signals, Transition,
+    Degradation, DegradationConfig, DegradationLevel, Mode, Signal, Signals, Thresholds, Transition,
 };
 use crate::messages::{
     Committed, Flush, LaneError, LaneFailed, LaneId, LevelChanged, PartitionsAssigned, PartitionsRevoked,
@@ -44,8 +44,9 @@ use crate::messages::{
 };
 use crate::metrics as m;
 use crate::supervision::{
-    CommitState, LaneHandle, LaneSpawner, LaneStates, PartitionControl, RestartBudget, RestartDecision,
-    RestartPolicy, partition_lag, should_pause,
+    CommitState, Headroom, HeadroomTracker, LaneHandle, LaneSpawner, LaneStates, PartitionControl,
+    PartitionSample, RestartBudget, RestartDecision, RestartPolicy, RetentionLimits, partition_lag,
+    should_pause,
 };
 
 /// How often a lane that cannot read the table's offsets (catalog down)
@@ -102,6 +103,10 @@ struct Lane {
     /// process last saw it.
     committed: Option<i64>,
     high_watermark: Option<i64>,
+    low_watermark: Option<i64>,
+    retention: HeadroomTracker,
+    /// As of the last tick; None while the lane's position is unknown.
+    headroom: Option<Headroom>,
 }
 
 impl Lane {
@@ -114,6 +119,9 @@ impl Lane {
             last_error: None,
             committed,
             high_watermark: None,
+            low_watermark: None,
+            retention: HeadroomTracker::default(),
+            headroom: None,
         }
     }
 
@@ -133,6 +141,34 @@ impl Lane {
     /// This process's one definition of lag (see [`partition_lag`]).
     fn lag(&self) -> Option<i64> {
         partition_lag(self.high_watermark, self.committed, self.position())
+    }
+
+    /// Follows the partition's retention headroom (see [`HeadroomTracker`]).
+    fn observe_retention(&mut self, now: Instant, limits: RetentionLimits) {
+        let (Some(high), Some(low), Some(handle)) = (self.high_watermark, self.low_watermark, &self.handle)
+        else {
+            self.headroom = None;
+            return;
+        };
+        let Some(position) = self.position() else {
+            self.headroom = None;
+            return;
+        };
+        let status = &handle.status;
+        let consumed = status.consumed.load(Relaxed);
+        let record_bytes =
+            (consumed > 0).then(|| status.consumed_bytes.load(Relaxed) as f64 / consumed as f64);
+        let last_ts = status.last_timestamp_ms.load(Relaxed);
+        let last_record_age_ms = (last_ts > 0).then(|| chrono::Utc::now().timestamp_millis() - last_ts);
+        let sample = PartitionSample {
+            at: now,
+            low,
+            high,
+            position,
+            record_bytes,
+            last_record_age_ms,
+        };
+        self.headroom = Some(self.retention.observe(sample, limits));
     }
 }
 
@@ -162,6 +198,8 @@ pub struct SupervisorParams {
     pub degradation: DegradationConfig,
     pub pause_after_failures: u64,
     pub health: Health,
+    /// What the topic retains per partition (for the retention headroom).
+    pub retention: RetentionLimits,
 }
 
 pub struct Supervisor {
@@ -182,6 +220,7 @@ pub struct Supervisor {
     lanes: BTreeMap<i32, Lane>,
     next_incarnation: u64,
     instance: String,
+    retention: RetentionLimits,
     pub counters: SupervisorCounters,
 }
 
@@ -205,6 +244,7 @@ impl Supervisor {
             lanes: BTreeMap::new(),
             next_incarnation: 1,
             instance: params.instance,
+            retention: params.retention,
             counters: SupervisorCounters::default(),
         }
     }
@@ -212,10 +252,15 @@ impl Supervisor {
     /// Samples every signal.
     fn sample(&self) -> Signals {
         let (mut total_lag, mut max_lag, mut batcher_bytes) = (0i64, 0i64, 0u64);
+        let mut headroom = Headroom::UNBOUNDED;
         for lane in self.lanes.values() {
             if let Some(lag) = lane.lag() {
                 total_lag += lag;
                 max_lag = max_lag.max(lag);
+            }
+            if let Some(h) = lane.headroom {
+                headroom.ratio = headroom.ratio.min(h.ratio);
+                headroom.seconds = headroom.seconds.min(h.seconds);
             }
             if let Some(handle) = &lane.handle {
                 batcher_bytes += handle.status.buffered_bytes.load(Relaxed);
@@ -236,6 +281,8 @@ impl Supervisor {
             commit_latency_ms: commits.latency_ms(now_ms) as f64,
             commit_failures: commits.consecutive_failures.load(Relaxed) as f64,
             circuit_breaker: breaker.as_f64(),
+            retention_headroom_ratio: headroom.ratio,
+            retention_headroom_s: headroom.seconds,
         }
     }
 
@@ -328,14 +375,15 @@ impl Supervisor {
         let query = tokio::task::spawn_blocking(move || {
             partitions
                 .into_iter()
-                .filter_map(|p| Some((p, control.fetch_high_watermark(p)?)))
+                .filter_map(|p| Some((p, control.fetch_watermarks(p)?)))
                 .collect::<Vec<_>>()
         });
         ctx.spawn(query.into_actor(self).map(|result, act, _| {
             act.watermark_query_in_flight = false;
-            for (partition, high) in result.unwrap_or_default() {
+            for (partition, (low, high)) in result.unwrap_or_default() {
                 if let Some(lane) = act.lanes.get_mut(&partition) {
                     lane.high_watermark = Some(lane.high_watermark.map_or(high, |h| h.max(high)));
+                    lane.low_watermark = Some(lane.low_watermark.map_or(low, |l| l.max(low)));
                 }
             }
         }));
@@ -350,7 +398,8 @@ impl Supervisor {
     fn degradation_view(&self) -> DegradationView {
         let d = &self.degradation;
         let config = d.config();
-        let finite = |values: &[f64; 4]| values.map(|v| (v < NEVER).then_some(v));
+        let finite =
+            |values: &[f64; 4], lower: bool| values.map(|v| Thresholds::reachable(v, lower).then_some(v));
         DegradationView {
             level: d.level(),
             auto_level: d.auto_level(),
@@ -360,8 +409,9 @@ impl Supervisor {
                 .map(|s| SignalView {
                     name: s.as_str(),
                     value: d.last_signals().get(*s),
-                    escalate: finite(&config.thresholds(*s).escalate),
-                    recover: finite(&config.thresholds(*s).recover),
+                    escalate: finite(&config.thresholds(*s).escalate, s.lower_is_worse()),
+                    recover: finite(&config.thresholds(*s).recover, s.lower_is_worse()),
+                    lower_is_worse: s.lower_is_worse(),
                 })
                 .collect(),
             cooldown_s: config.cooldown_s,
@@ -540,15 +590,25 @@ impl Supervisor {
     /// Reads each lane's high watermark from librdkafka's cache (updated by
     /// every fetch response; no broker round trip) and publishes the lag.
     fn refresh_watermarks(&mut self) {
+        let now = Instant::now();
         for (&partition, lane) in &mut self.lanes {
-            let Some(high) = self.partitions.cached_high_watermark(partition) else {
-                continue;
-            };
-            // A paused partition's cache stands still; `query_paused_watermarks`
-            // may have seen further.
-            lane.high_watermark = Some(lane.high_watermark.map_or(high, |h| h.max(high)));
+            if let Some((low, high)) = self.partitions.cached_watermarks(partition) {
+                // A paused partition's cache stands still; `query_paused_watermarks`
+                // may have seen further.
+                lane.high_watermark = Some(lane.high_watermark.map_or(high, |h| h.max(high)));
+                if low >= 0 {
+                    lane.low_watermark = Some(lane.low_watermark.map_or(low, |l| l.max(low)));
+                }
+            }
+            lane.observe_retention(now, self.retention);
+            let label = partition.to_string();
             if let Some(lag) = lane.lag() {
-                metrics::gauge!(m::CONSUMER_LAG, "partition" => partition.to_string()).set(lag as f64);
+                metrics::gauge!(m::CONSUMER_LAG, "partition" => label.clone()).set(lag as f64);
+            }
+            if let Some(headroom) = lane.headroom {
+                metrics::gauge!(m::RETENTION_HEADROOM_RATIO, "partition" => label.clone())
+                    .set(headroom.ratio);
+                metrics::gauge!(m::RETENTION_HEADROOM_SECONDS, "partition" => label).set(headroom.seconds);
             }
         }
     }
@@ -731,6 +791,11 @@ pub struct LaneView {
     pub high_watermark: Option<i64>,
     /// Records not durable in Iceberg yet; null while unknown.
     pub lag: Option<i64>,
+    /// How far retention is from the next record to read: a fraction of
+    /// what the log retains (1 = caught up), and seconds at the current
+    /// rates (null: not closing in). Null while unknown.
+    pub retention_headroom_ratio: Option<f64>,
+    pub retention_headroom_s: Option<f64>,
     /// Consumption paused because commits are failing.
     pub paused: bool,
     pub consumed: u64,
@@ -775,6 +840,8 @@ impl Handler<GetPipelineStatus> for Supervisor {
                     committed_offset: l.committed,
                     high_watermark: l.high_watermark,
                     lag: l.lag(),
+                    retention_headroom_ratio: l.headroom.map(|h| h.ratio),
+                    retention_headroom_s: l.headroom.map(|h| h.seconds).filter(|s| s.is_finite()),
                     paused: self.paused.contains(&l.id.partition),
                     consumed: status.map_or(0, |s| s.consumed.load(Relaxed)),
                     dead_letters: status.map_or(0, |s| s.dead_letters.load(Relaxed)),
@@ -836,7 +903,10 @@ pub struct DegradationView {
 #[derive(Debug, Clone, Serialize)]
 pub struct SignalView {
     pub name: &'static str,
+    /// null: unbounded (a headroom that is not closing in).
     pub value: f64,
+    /// The level rises as the value falls (headroom).
+    pub lower_is_worse: bool,
     /// SOFT, GRACEFUL, AGGRESSIVE, CIRCUIT_BREAK; null: this signal never
     /// drives that level.
     pub escalate: [Option<f64>; 4],

@@ -185,11 +185,11 @@ impl PartitionControl for FakePartitions {
         Ok(())
     }
     fn commit_offsets(&self, _: &BTreeMap<i32, i64>) {}
-    fn cached_high_watermark(&self, _: i32) -> Option<i64> {
-        Some(1_000)
+    fn cached_watermarks(&self, _: i32) -> Option<(i64, i64)> {
+        Some((0, 1_000))
     }
-    fn fetch_high_watermark(&self, _: i32) -> Option<i64> {
-        Some(1_000)
+    fn fetch_watermarks(&self, _: i32) -> Option<(i64, i64)> {
+        Some((0, 1_000))
     }
     fn request_rejoin(&self) {
         self.seen.lock().unwrap().rejoins += 1;
@@ -277,6 +277,7 @@ fn harness(restart: RestartPolicy) -> Harness {
             storage: Arc::new(CircuitBreaker::new("storage", &breaker)),
             commits: commits.clone(),
         },
+        retention: RetentionLimits::default(),
     })
     .start();
     Harness {

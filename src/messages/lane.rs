@@ -62,6 +62,8 @@ pub enum LaneError {
     StrayRecord { offset: i64 },
     #[error("the lane could not start: {0}")]
     Start(String),
+    #[error("the partition could not be restarted after retention overtook it: {0}")]
+    Restart(String),
 }
 
 /// Stop a lane stage now, dropping anything it holds. The lane is being

@@ -18,6 +18,10 @@ pub struct TradeChunk {
     pub first_offset: i64,
     pub next_offset: i64,
     pub trades: Vec<Trade>,
+    /// (exchange, symbol) of records shed by their Kafka key before they
+    /// were decoded (their offsets are in `side.shed`); the sequencer
+    /// restarts their tracking.
+    pub shed_symbols: Vec<(String, String)>,
     pub side: SideRows,
 }
 

@@ -14,13 +14,9 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use iceberg::io::LocalFsStorageFactory;
 use iceberg::table::Table;
-use iceberg::{
-    Catalog, CatalogBuilder, Error, ErrorKind, Namespace, NamespaceIdent, Result, TableCommit, TableCreation,
-    TableIdent,
-};
+use iceberg::{Catalog, CatalogBuilder, Error, ErrorKind};
 use iceberg_catalog_sql::{
     SQL_CATALOG_PROP_BIND_STYLE, SQL_CATALOG_PROP_URI, SQL_CATALOG_PROP_WAREHOUSE, SqlBindStyle,
     SqlCatalogBuilder,
@@ -147,73 +143,114 @@ pub fn is_fence_error(err: &Error) -> bool {
     err.message() == FENCE_MESSAGE
 }
 
-#[async_trait]
-impl Catalog for FencedCatalog<'_> {
-    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> Result<Vec<NamespaceIdent>> {
-        self.inner.list_namespaces(parent).await
-    }
-    async fn create_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> Result<Namespace> {
-        self.inner.create_namespace(namespace, properties).await
-    }
-    async fn get_namespace(&self, namespace: &NamespaceIdent) -> Result<Namespace> {
-        self.inner.get_namespace(namespace).await
-    }
-    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> Result<bool> {
-        self.inner.namespace_exists(namespace).await
-    }
-    async fn update_namespace(
-        &self,
-        namespace: &NamespaceIdent,
-        properties: HashMap<String, String>,
-    ) -> Result<()> {
-        self.inner.update_namespace(namespace, properties).await
-    }
-    async fn drop_namespace(&self, namespace: &NamespaceIdent) -> Result<()> {
-        self.inner.drop_namespace(namespace).await
-    }
-    async fn list_tables(&self, namespace: &NamespaceIdent) -> Result<Vec<TableIdent>> {
-        self.inner.list_tables(namespace).await
-    }
-    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> Result<Table> {
-        self.inner.create_table(namespace, creation).await
-    }
-    async fn load_table(&self, table: &TableIdent) -> Result<Table> {
-        self.inner.load_table(table).await
-    }
-    async fn drop_table(&self, table: &TableIdent) -> Result<()> {
-        self.inner.drop_table(table).await
-    }
-    async fn purge_table(&self, table: &TableIdent) -> Result<()> {
-        self.inner.purge_table(table).await
-    }
-    async fn table_exists(&self, table: &TableIdent) -> Result<bool> {
-        self.inner.table_exists(table).await
-    }
-    async fn rename_table(&self, src: &TableIdent, dest: &TableIdent) -> Result<()> {
-        self.inner.rename_table(src, dest).await
-    }
-    async fn register_table(&self, table: &TableIdent, metadata_location: String) -> Result<Table> {
-        self.inner.register_table(table, metadata_location).await
-    }
-    async fn update_table(&self, commit: TableCommit) -> Result<Table> {
-        let current = self.inner.load_table(commit.identifier()).await?;
-        let current_id = current.metadata().current_snapshot_id();
-        if current_id != self.expected_snapshot_id {
-            return Err(Error::new(ErrorKind::CatalogCommitConflicts, FENCE_MESSAGE)
-                .with_context("expected_snapshot_id", format!("{:?}", self.expected_snapshot_id))
-                .with_context("current_snapshot_id", format!("{current_id:?}"))
-                .with_retryable(false));
+/// Implements [`Catalog`] for a wrapper around another catalog (its field
+/// `$inner`): every method is delegated except `update_table`, whose body is
+/// given. The wrappers that change one thing (the fence, injected faults)
+/// read as that one thing.
+#[macro_export]
+macro_rules! catalog_wrapper {
+    ($ty:ty, $inner:ident, |$this:ident, $commit:ident| $update:block) => {
+        #[async_trait::async_trait]
+        impl iceberg::Catalog for $ty {
+            async fn list_namespaces(
+                &self,
+                parent: Option<&iceberg::NamespaceIdent>,
+            ) -> iceberg::Result<Vec<iceberg::NamespaceIdent>> {
+                self.$inner.list_namespaces(parent).await
+            }
+            async fn create_namespace(
+                &self,
+                namespace: &iceberg::NamespaceIdent,
+                properties: std::collections::HashMap<String, String>,
+            ) -> iceberg::Result<iceberg::Namespace> {
+                self.$inner.create_namespace(namespace, properties).await
+            }
+            async fn get_namespace(
+                &self,
+                namespace: &iceberg::NamespaceIdent,
+            ) -> iceberg::Result<iceberg::Namespace> {
+                self.$inner.get_namespace(namespace).await
+            }
+            async fn namespace_exists(&self, namespace: &iceberg::NamespaceIdent) -> iceberg::Result<bool> {
+                self.$inner.namespace_exists(namespace).await
+            }
+            async fn update_namespace(
+                &self,
+                namespace: &iceberg::NamespaceIdent,
+                properties: std::collections::HashMap<String, String>,
+            ) -> iceberg::Result<()> {
+                self.$inner.update_namespace(namespace, properties).await
+            }
+            async fn drop_namespace(&self, namespace: &iceberg::NamespaceIdent) -> iceberg::Result<()> {
+                self.$inner.drop_namespace(namespace).await
+            }
+            async fn list_tables(
+                &self,
+                namespace: &iceberg::NamespaceIdent,
+            ) -> iceberg::Result<Vec<iceberg::TableIdent>> {
+                self.$inner.list_tables(namespace).await
+            }
+            async fn create_table(
+                &self,
+                namespace: &iceberg::NamespaceIdent,
+                creation: iceberg::TableCreation,
+            ) -> iceberg::Result<iceberg::table::Table> {
+                self.$inner.create_table(namespace, creation).await
+            }
+            async fn load_table(
+                &self,
+                table: &iceberg::TableIdent,
+            ) -> iceberg::Result<iceberg::table::Table> {
+                self.$inner.load_table(table).await
+            }
+            async fn drop_table(&self, table: &iceberg::TableIdent) -> iceberg::Result<()> {
+                self.$inner.drop_table(table).await
+            }
+            async fn purge_table(&self, table: &iceberg::TableIdent) -> iceberg::Result<()> {
+                self.$inner.purge_table(table).await
+            }
+            async fn table_exists(&self, table: &iceberg::TableIdent) -> iceberg::Result<bool> {
+                self.$inner.table_exists(table).await
+            }
+            async fn rename_table(
+                &self,
+                src: &iceberg::TableIdent,
+                dest: &iceberg::TableIdent,
+            ) -> iceberg::Result<()> {
+                self.$inner.rename_table(src, dest).await
+            }
+            async fn register_table(
+                &self,
+                table: &iceberg::TableIdent,
+                metadata_location: String,
+            ) -> iceberg::Result<iceberg::table::Table> {
+                self.$inner.register_table(table, metadata_location).await
+            }
+            async fn update_table(
+                &self,
+                $commit: iceberg::TableCommit,
+            ) -> iceberg::Result<iceberg::table::Table> {
+                let $this = self;
+                $update
+            }
         }
-        // The inner SQL catalog still compare-and-swaps the metadata location,
-        // and the transaction's own requirement pins the snapshot id, so a
-        // writer that slips in after this check makes the update fail too.
-        self.inner.update_table(commit).await
-    }
+    };
 }
+
+catalog_wrapper!(FencedCatalog<'_>, inner, |this, commit| {
+    let current = this.inner.load_table(commit.identifier()).await?;
+    let current_id = current.metadata().current_snapshot_id();
+    if current_id != this.expected_snapshot_id {
+        return Err(Error::new(ErrorKind::CatalogCommitConflicts, FENCE_MESSAGE)
+            .with_context("expected_snapshot_id", format!("{:?}", this.expected_snapshot_id))
+            .with_context("current_snapshot_id", format!("{current_id:?}"))
+            .with_retryable(false));
+    }
+    // The inner SQL catalog still compare-and-swaps the metadata location,
+    // and the transaction's own requirement pins the snapshot id, so a
+    // writer that slips in after this check makes the update fail too.
+    this.inner.update_table(commit).await
+});
 
 #[cfg(test)]
 mod tests {

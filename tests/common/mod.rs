@@ -39,6 +39,21 @@ pub fn config(dir: &Path, group: &str) -> K2Config {
     config
 }
 
+/// Keeps the retention headroom from raising the level. For tests of faults
+/// that stall lanes long enough to come close to what the mock broker
+/// retains (~5 MiB a partition): the level would rightly climb and shed, and
+/// those tests check that every trade is committed (tests/overload.rs covers
+/// the headroom).
+pub fn without_retention_headroom(config: &mut K2Config) {
+    for headroom in [
+        &mut config.degradation.retention_headroom_ratio,
+        &mut config.degradation.retention_headroom_s,
+    ] {
+        headroom.escalate = [k2::degradation::NEVER_BELOW; 4];
+        headroom.recover = [k2::degradation::NEVER_BELOW; 4];
+    }
+}
+
 /// Logs go to the test's captured output (shown when it fails); `K2_LOG`
 /// sets the filter, as for the binary.
 pub fn init_logs() {
@@ -157,7 +172,8 @@ pub fn assert_exactly_once(contents: &TableContents, expected: &HashSet<TradeKey
 }
 
 /// Writes `<dir>/k2.toml` for `k2 run`: the broker, a SQLite catalog under
-/// `dir`, fast commits, HTTP on a free port, then `extra` (more sections).
+/// `dir`, fast commits, HTTP on a free port, no level raised by retention
+/// headroom, then `extra` (more sections).
 pub fn write_run_config(dir: &Path, bootstrap: &str, group: &str, extra: &str) -> std::path::PathBuf {
     let path = dir.join("k2.toml");
     let text = format!(
@@ -184,6 +200,17 @@ warehouse = "{dir}/warehouse"
 
 [http]
 listen = "127.0.0.1:0"
+
+# These tests check that every trade is committed; a kill or an outage that
+# comes close to what the mock broker retains would rightly raise the level
+# and shed (tests/overload.rs covers that).
+[degradation.retention_headroom_ratio]
+escalate = [-1.0, -1.0, -1.0, -1.0]
+recover = [-1.0, -1.0, -1.0, -1.0]
+
+[degradation.retention_headroom_s]
+escalate = [-1.0, -1.0, -1.0, -1.0]
+recover = [-1.0, -1.0, -1.0, -1.0]
 {extra}"#,
         dir = dir.display()
     );
