@@ -107,6 +107,39 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(take(DegradationLevel::Normal)))
     });
     group.finish();
+
+    // Only the records CIRCUIT_BREAK sheds (tiers 2 and 3): how fast a lane
+    // skips what it does not ingest.
+    let shed_only: Vec<&(String, Vec<u8>)> = messages
+        .iter()
+        .filter(|(key, _)| {
+            EarlyShed::default().offer(&tiers, DegradationLevel::CircuitBreak, Some(key.as_bytes()), 0)
+        })
+        .collect();
+    let mut group = c.benchmark_group("EarlyShed skip");
+    group.throughput(Throughput::Elements(shed_only.len() as u64));
+    group.bench_function("circuit_break_shed_records", |b| {
+        b.iter(|| {
+            let mut early = EarlyShed::default();
+            for (offset, (key, _)) in shed_only.iter().enumerate() {
+                black_box(early.offer(
+                    &tiers,
+                    DegradationLevel::CircuitBreak,
+                    Some(key.as_bytes()),
+                    offset as i64,
+                ));
+            }
+            black_box(early.finish("t", 0, DegradationLevel::CircuitBreak))
+        })
+    });
+    group.bench_function("decode_the_same_records", |b| {
+        b.iter(|| {
+            for (offset, (_, payload)) in shed_only.iter().enumerate() {
+                black_box(decoder.decode(payload, 0, offset as i64, now)).ok();
+            }
+        })
+    });
+    group.finish();
 }
 
 criterion_group!(benches, bench);

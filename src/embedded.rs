@@ -27,24 +27,42 @@ pub const MAX_PARTITIONS: i32 = 64;
 pub struct TopicSizing {
     pub partitions: i32,
     /// How far K2 can fall behind, in seconds at the rate, before the broker
-    /// drops records it has not read.
+    /// drops records it has not read: on the partition of the hottest key,
+    /// which no number of partitions spreads.
     pub lag_budget_s: f64,
-    /// False when even [`MAX_PARTITIONS`] cannot hold the wanted lag budget.
+    /// False when the wanted lag budget does not hold, because even
+    /// [`MAX_PARTITIONS`] are too few or the hottest key's partition fills
+    /// faster.
     pub holds_budget: bool,
 }
 
-/// Partitions the embedded topic needs so that `rate` records a second of
-/// `record_bytes` each (key, value and log overhead) leave K2 `lag_budget_s`
-/// of lag before the broker's retention drops unread records: at least
-/// `min_partitions`, at most [`MAX_PARTITIONS`].
-pub fn size_topic(rate: u64, record_bytes: f64, lag_budget_s: f64, min_partitions: i32) -> TopicSizing {
-    let retained_records = RETAINED_BYTES_PER_PARTITION as f64 / record_bytes.max(1.0);
-    let wanted = (rate as f64 * lag_budget_s / retained_records).ceil() as i64;
+/// What the topic is sized for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopicLoad {
+    /// Records a second.
+    pub rate: u64,
+    /// Bytes a record takes in the log (key, value and overhead).
+    pub record_bytes: f64,
+    /// The largest share of the rate that carries one key, so goes to one
+    /// partition (1 / partitions when keys spread evenly).
+    pub hottest_key_share: f64,
+}
+
+/// Partitions the embedded topic needs so that `load` leaves K2
+/// `lag_budget_s` of lag on every partition before the broker's retention
+/// drops unread records: at least `min_partitions`, at most
+/// [`MAX_PARTITIONS`]. The partition of the hottest key takes at least its
+/// share of the rate however many partitions there are.
+pub fn size_topic(load: TopicLoad, lag_budget_s: f64, min_partitions: i32) -> TopicSizing {
+    let retained_records = RETAINED_BYTES_PER_PARTITION as f64 / load.record_bytes.max(1.0);
+    let rate = load.rate as f64;
+    let wanted = (rate * lag_budget_s / retained_records).ceil() as i64;
     let partitions = wanted.clamp(min_partitions.max(1) as i64, MAX_PARTITIONS as i64) as i32;
-    let budget = if rate == 0 {
+    let hottest_partition_rate = rate * load.hottest_key_share.max(1.0 / partitions as f64);
+    let budget = if load.rate == 0 {
         f64::INFINITY
     } else {
-        partitions as f64 * retained_records / rate as f64
+        retained_records / hottest_partition_rate
     };
     TopicSizing {
         partitions,
@@ -121,16 +139,41 @@ impl Drop for EmbeddedBroker {
 mod tests {
     use super::*;
 
+    fn even(rate: u64) -> TopicLoad {
+        TopicLoad {
+            rate,
+            record_bytes: 180.0,
+            hottest_key_share: 0.0,
+        }
+    }
+
     #[test]
     fn the_topic_grows_with_the_rate_up_to_the_cap_and_says_when_the_budget_does_not_hold() {
         // 180 bytes a record: 29,127 records a partition.
-        let slow = size_topic(10_000, 180.0, 30.0, 8);
+        let slow = size_topic(even(10_000), 30.0, 8);
         assert_eq!((slow.partitions, slow.holds_budget), (11, true));
         assert!(slow.lag_budget_s >= 30.0);
-        let idle = size_topic(100, 180.0, 30.0, 8);
+        let idle = size_topic(even(100), 30.0, 8);
         assert_eq!(idle.partitions, 8, "never below the configured partitions");
-        let flood = size_topic(400_000, 180.0, 30.0, 8);
+        let flood = size_topic(even(400_000), 30.0, 8);
         assert_eq!((flood.partitions, flood.holds_budget), (MAX_PARTITIONS, false));
         assert!((flood.lag_budget_s - 4.66).abs() < 0.01, "{flood:?}");
+    }
+
+    #[test]
+    fn the_hottest_key_bounds_the_budget_whatever_the_partitions() {
+        // One key carries 20% of 10,000/s: its partition fills at 2,000/s and
+        // holds 14.6 s, though 11 partitions would hold 30 s for an even spread.
+        let skewed = size_topic(
+            TopicLoad {
+                hottest_key_share: 0.2,
+                ..even(10_000)
+            },
+            30.0,
+            8,
+        );
+        assert_eq!(skewed.partitions, 11);
+        assert!(!skewed.holds_budget);
+        assert!((skewed.lag_budget_s - 14.56).abs() < 0.01, "{skewed:?}");
     }
 }

@@ -47,6 +47,9 @@ pub struct LaneShared {
     pub offset_gaps: OffsetGaps,
     /// Shed records by their Kafka key before decoding (`shedding.by_key`).
     pub shed_by_key: bool,
+    /// `kafka.start_from = "earliest"`: a lane with no table offset owes
+    /// every record from the log start it began at.
+    pub from_log_start: bool,
     pub batcher: crate::config::BatcherConfig,
     pub sequence: SequenceConfig,
     pub store: Arc<dyn StateStore>,
@@ -189,6 +192,7 @@ fn spawn_lane(
         chunk_max_records: shared.chunk_max_records,
         offset_gaps: shared.offset_gaps,
         shed_by_key: shared.shed_by_key,
+        from_log_start: shared.from_log_start,
         tiers: shared.tiers.clone(),
         level,
         downstream: sink(&sequencer, &shared.failures),

@@ -11,7 +11,7 @@
 //! exchange. A Binance trade id is Binance's `t`, which is also the per-symbol sequence number, so on
 //! Binance an id is unique per (exchange, symbol) only, as it is on the real exchange.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write as _};
@@ -595,19 +595,34 @@ enum Field {
     NumericPrice,
 }
 
-/// Average key + value bytes of the messages `params` generates (a sample
-/// of 1,000), for sizing a topic.
-pub fn average_message_bytes(params: &GeneratorParams) -> f64 {
+/// What a topic that takes the generator's messages must hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MessageProfile {
+    /// Average key + value bytes of a message.
+    pub average_bytes: f64,
+    /// The largest share of messages that carry one key. A key's messages
+    /// all go to one partition, so however many partitions a topic has,
+    /// one of them takes at least this share of the rate.
+    pub hottest_key_share: f64,
+}
+
+/// The [`MessageProfile`] of what `params` generates (a sample of 10,000),
+/// for sizing a topic.
+pub fn message_profile(params: &GeneratorParams) -> MessageProfile {
     let mut generator = TradeGenerator::new(params.clone());
     let now = crate::model::now_us();
-    let sample = 1_000;
-    let total: usize = (0..sample)
-        .map(|_| {
-            let message = generator.next_message(now);
-            message.key.len() + message.payload.len()
-        })
-        .sum();
-    total as f64 / sample as f64
+    let sample = 10_000;
+    let mut bytes = 0usize;
+    let mut per_key: HashMap<String, u32> = HashMap::new();
+    for _ in 0..sample {
+        let message = generator.next_message(now);
+        bytes += message.key.len() + message.payload.len();
+        *per_key.entry(message.key).or_default() += 1;
+    }
+    MessageProfile {
+        average_bytes: bytes as f64 / sample as f64,
+        hottest_key_share: per_key.values().copied().max().unwrap_or(0) as f64 / sample as f64,
+    }
 }
 
 /// `{"exchange":"ASX","symbol":"BHP","sequence":123,"trade_id":"BHP-000000123","price":"45.12",
@@ -844,7 +859,7 @@ pub fn preload(
         bail!("preload needs blocks of at least one trade");
     }
     // Blocks: trades seen so far per key, and where the key's first run went.
-    let mut per_key: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+    let mut per_key: HashMap<String, (u64, u64)> = HashMap::new();
     generator
         .validate()
         .context("invalid load generator parameters")?;

@@ -165,6 +165,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 mailbox_capacity: config.lanes.mailbox_capacity,
                 offset_gaps: config.kafka.offset_gaps,
                 shed_by_key: config.shedding.by_key,
+                from_log_start: config.kafka.start_from == crate::config::StartFrom::Earliest,
                 batcher: config.batcher.clone(),
                 sequence: config.sequence.clone(),
                 store,

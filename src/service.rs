@@ -47,7 +47,8 @@ pub struct Verdict {
     pub lost_to_retention: u64,
     /// Records still in Kafka past the table's offsets: the demo stopped
     /// before K2 read them (it waits up to a minute after the generator
-    /// stops). Not lost: the next run reads them.
+    /// stops). Shown apart from losses: against an external Kafka the next
+    /// run reads them; the embedded broker ends with the demo.
     pub unread_in_kafka: u64,
     /// Produced trades that are nowhere: not committed, not shed, not lost
     /// to retention, not waiting in Kafka. Anything here is a bug.
@@ -62,8 +63,8 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
     let config = options.config.clone();
     let handle = crate::metrics::install();
     let embedded = config.kafka.is_embedded();
-    let broker = if embedded {
-        let partitions = embedded_partitions(&config);
+    let partitions = embedded.then(|| embedded_partitions(&config));
+    let broker = if let Some(partitions) = partitions {
         let broker = EmbeddedBroker::start(&[(config.kafka.topic.clone(), partitions)])?;
         info!(
             bootstrap = broker.bootstrap_servers(),
@@ -101,7 +102,8 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let ids_file = options.base_dir.join("data").join("produced-trade-ids.csv");
-    let loadgen = if embedded && config.loadgen.enabled {
+    let loadgen = if let Some(partitions) = partitions.filter(|_| config.loadgen.enabled) {
+        wait_for_lanes(&pipeline, partitions as usize, Duration::from_secs(60)).await;
         if options.verdict {
             std::fs::create_dir_all(ids_file.parent().expect("has a parent"))?;
             let _ = std::fs::remove_file(&ids_file);
@@ -216,13 +218,18 @@ fn embedded_partitions(config: &K2Config) -> i32 {
     if !config.loadgen.enabled {
         return minimum;
     }
-    let record_bytes = crate::loadgen::average_message_bytes(&GeneratorParams {
+    let profile = crate::loadgen::message_profile(&GeneratorParams {
         seed: config.loadgen.seed,
         malformed_ratio: config.loadgen.malformed_ratio,
         ..GeneratorParams::default()
-    }) + crate::supervision::RECORD_OVERHEAD_BYTES;
+    });
+    let load = crate::embedded::TopicLoad {
+        rate: config.loadgen.rate,
+        record_bytes: profile.average_bytes + crate::supervision::RECORD_OVERHEAD_BYTES,
+        hottest_key_share: profile.hottest_key_share,
+    };
     let budget = config.kafka.embedded_lag_budget_s as f64;
-    let sizing = crate::embedded::size_topic(config.loadgen.rate, record_bytes, budget, minimum);
+    let sizing = crate::embedded::size_topic(load, budget, minimum);
     if sizing.partitions > minimum {
         info!(
             partitions = sizing.partitions,
@@ -232,16 +239,21 @@ fn embedded_partitions(config: &K2Config) -> i32 {
         );
     }
     if !sizing.holds_budget {
+        let hottest = format!("{:.0}%", 100.0 * profile.hottest_key_share);
         warn!(
             rate = config.loadgen.rate,
             partitions = sizing.partitions,
+            hottest_key_share = hottest,
             retained_lag_s = format!("{:.1}", sizing.lag_budget_s),
-            "at this rate the embedded broker retains only this much lag (5 MiB per partition); if K2 falls \
-             further behind, the broker drops unread records and K2 reports them as lost to retention"
+            "at this rate the embedded broker retains only this much lag on its fullest partition (5 MiB per \
+             partition); if K2 falls further behind, it sheds by priority, and what the broker drops unread \
+             is reported as lost to retention"
         );
         eprintln!(
-            "k2: warning: at {} trades/s the embedded broker retains {:.1} s of lag ({} partitions × 5 MiB), \
-             less than kafka.embedded_lag_budget_s = {}; beyond it, unread records are dropped and reported",
+            "k2: warning: at {} trades/s the embedded broker retains {:.1} s of lag on its fullest partition \
+             (5 MiB a partition, {} partitions, the most popular symbol {hottest} of the trades), less than \
+             kafka.embedded_lag_budget_s = {}; K2 sheds by priority to stay inside it, and reports anything \
+             the broker drops unread",
             config.loadgen.rate, sizing.lag_budget_s, sizing.partitions, budget
         );
     }
@@ -266,6 +278,26 @@ pub async fn shutdown_signal() -> &'static str {
 }
 
 /// Waits until every lane's committed offset reaches its high watermark.
+/// Holds the load generator until every partition of the embedded topic has
+/// a lane: trades produced during the group join would pile up unread, and
+/// on the fullest partition the broker's retention could delete them before
+/// any lane began (a lane owes only what its partition holds when it starts).
+async fn wait_for_lanes(pipeline: &Pipeline, partitions: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(status) = pipeline.status().await
+            && status.lanes.len() >= partitions
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    warn!(
+        partitions,
+        "not every partition had a lane within {limit:?}; starting the load generator anyway"
+    );
+}
+
 async fn wait_until_caught_up(pipeline: &Pipeline, limit: Duration) {
     let deadline = Instant::now() + limit;
     let mut previous_positions = None;
@@ -279,11 +311,14 @@ async fn wait_until_caught_up(pipeline: &Pipeline, limit: Duration) {
             .iter()
             .map(|l| (l.position, l.high_watermark))
             .collect();
+        // A lane with no position read nothing: caught up only while its
+        // partition is empty (keys may leave some partitions without records).
         let caught_up = !status.lanes.is_empty()
-            && status
-                .lanes
-                .iter()
-                .all(|l| l.high_watermark.is_some() && l.position >= l.high_watermark);
+            && status.lanes.iter().all(|l| match (l.position, l.high_watermark) {
+                (Some(position), Some(high)) => position >= high,
+                (None, Some(high)) => high == 0,
+                (_, None) => false,
+            });
         if caught_up && previous_positions.as_ref() == Some(&positions) {
             return;
         }
@@ -401,6 +436,10 @@ pub fn print_verdict(v: &Verdict) {
     println!("  distinct trades committed  {:>8}", v.distinct_trades);
     println!("  dead-lettered              {:>8}", v.dead_lettered);
     println!("  shed (ledgered)            {:>8}", v.shed_ledgered);
+    println!(
+        "  unread in Kafka            {:>8}  (the demo stopped before K2 read them)",
+        v.unread_in_kafka
+    );
     println!(
         "{}  duplicates                 {:>8}{plain}",
         mark(v.duplicates > 0),

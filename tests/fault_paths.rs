@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use common::{TOPIC, assert_exactly_once, read_ids, read_tables, wait_for};
+use common::{TOPIC, assert_exactly_once, read_ids, read_tables, table_offsets, wait_for};
 use k2::actors::supervisor::{ForceLevel, LaneState, PipelineStatus};
 use k2::config::K2Config;
 use k2::degradation::DegradationLevel;
@@ -61,25 +61,6 @@ fn produce(
         },
         futures::future::pending(),
     ))
-}
-
-/// The next offset the trades table records for each partition (empty
-/// while no process has created the catalog and tables yet).
-async fn table_offsets(config: &K2Config, dir: &std::path::Path) -> BTreeMap<i32, i64> {
-    let sqlite_without_file = config.catalog.uri.starts_with("sqlite:") && !dir.join("catalog.db").exists();
-    if sqlite_without_file {
-        return BTreeMap::new();
-    }
-    let Ok(catalog) = open_catalog(&config.catalog, dir).await else {
-        return BTreeMap::new();
-    };
-    let idents = TableIdents::new(&config.catalog.namespace);
-    let Ok(table) = catalog.load_table(&idents.trades).await else {
-        return BTreeMap::new();
-    };
-    k2::storage::offsets::TopicOffsets::from_table(&table, TOPIC)
-        .map(|offsets| offsets.iter().map(|(p, o)| (p, o.next_offset)).collect())
-        .unwrap_or_default()
 }
 
 /// Waits until the table records `produced` offsets in all (partitions

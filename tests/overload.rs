@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
-use common::{TOPIC, read_ids, read_tables, wait_for};
+use common::{TOPIC, read_ids, read_tables, table_offsets, wait_for};
 use k2::backfill::{BackfillOptions, backfill};
 use k2::config::K2Config;
 use k2::degradation::{DegradationLevel, NEVER};
@@ -21,19 +21,6 @@ use k2::shedding::LedgerAction;
 use k2::storage::catalog::open_catalog;
 use k2::storage::reader::{DeadLetterRow, scan_dead_letters, scan_shed_ledger};
 use k2::storage::tables::TableIdents;
-
-/// The next offset the trades table records for each partition.
-async fn table_offsets(config: &K2Config, dir: &std::path::Path) -> BTreeMap<i32, i64> {
-    if common::committed_trades(config, dir).await == 0 {
-        return BTreeMap::new();
-    }
-    read_tables(config, dir)
-        .await
-        .offsets
-        .iter()
-        .map(|(p, o)| (p, o.next_offset))
-        .collect()
-}
 
 /// What K2's own tables say about every offset of the topic.
 struct Accounting {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
+use rdkafka::consumer::Consumer as _;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaErrorCode;
@@ -46,6 +47,10 @@ pub struct PartitionConsumerParams {
     pub offset_gaps: OffsetGaps,
     /// Shed records by their Kafka key (`EXCHANGE:SYMBOL`) before decoding.
     pub shed_by_key: bool,
+    /// A lane with no table offset reads from the log start
+    /// (`kafka.start_from = "earliest"`): what retention deletes from there
+    /// before its first record is a loss too.
+    pub from_log_start: bool,
     pub tiers: Arc<TierTable>,
     /// The level in force when the lane starts.
     pub level: DegradationLevel,
@@ -113,6 +118,9 @@ pub struct PartitionConsumer {
     level: DegradationLevel,
     /// The next offset this lane accounts for.
     position: Option<i64>,
+    /// For a lane with no position: the log start when it began. A first
+    /// record past it that retention explains records the lost range.
+    floor: Option<i64>,
     draining: bool,
     partition_label: String,
     counters: PartitionConsumerCounters,
@@ -134,6 +142,7 @@ impl PartitionConsumer {
             level: params.level,
             params,
             position,
+            floor: None,
             draining: false,
             counters: PartitionConsumerCounters::default(),
         }
@@ -177,6 +186,16 @@ impl PartitionConsumer {
                 }
             };
             let offset = message.offset();
+            if expected.is_none()
+                && let Some(floor) = self.floor.take()
+                && offset > floor
+                && let Some(lost) = self.retention_gap(floor, offset, now)
+            {
+                // Retention deleted the log start before the lane's first
+                // record: the chunk accounts for the lost range too.
+                dead_letters.push(lost);
+                first_read = Some(floor);
+            }
             if let Some(position) = expected {
                 if offset < position {
                     return Err(QueueError::Lane(LaneError::BelowPosition { position, offset }));
@@ -377,7 +396,31 @@ impl Actor for PartitionConsumer {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4);
-        ctx.notify(Poll);
+        if self.position.is_some() || !self.params.from_log_start {
+            ctx.notify(Poll);
+            return;
+        }
+        // A lane that starts where the table has nothing reads from the log
+        // start: note where that is before the first poll, so that retention
+        // deleting it before the lane reads a record is seen as a loss.
+        let consumer = self.params.consumer.clone();
+        let topic = self.params.topic.clone();
+        let partition = self.params.lane.partition;
+        let query = tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        });
+        ctx.wait(query.into_actor(self).map(|result, act, ctx| {
+            match result {
+                Ok(Ok((low, _))) => act.floor = Some(low),
+                Ok(Err(err)) => warn!(
+                    lane = %act.params.lane,
+                    error = %err,
+                    "could not read the log start; a retention loss before the first record would go unseen"
+                ),
+                Err(err) => warn!(lane = %act.params.lane, error = %err, "log start query failed"),
+            }
+            ctx.notify(Poll);
+        }));
     }
 }
 

@@ -316,3 +316,22 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
         .unwrap_or_default();
     (status, body)
 }
+
+/// The next offset the trades table records for each partition (empty
+/// while no process has created the catalog and tables yet).
+pub async fn table_offsets(config: &K2Config, dir: &Path) -> std::collections::BTreeMap<i32, i64> {
+    let sqlite_without_file = config.catalog.uri.starts_with("sqlite:") && !dir.join("catalog.db").exists();
+    if sqlite_without_file {
+        return Default::default();
+    }
+    let Ok(catalog) = open_catalog(&config.catalog, dir).await else {
+        return Default::default();
+    };
+    let idents = TableIdents::new(&config.catalog.namespace);
+    let Ok(table) = catalog.load_table(&idents.trades).await else {
+        return Default::default();
+    };
+    TopicOffsets::from_table(&table, TOPIC)
+        .map(|offsets| offsets.iter().map(|(p, o)| (p, o.next_offset)).collect())
+        .unwrap_or_default()
+}
