@@ -12,6 +12,7 @@ use std::thread::JoinHandle;
 
 use anyhow::Context as _;
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 /// What the mock cluster keeps per partition before it drops the oldest
 /// records (hard-coded in librdkafka's `rdkafka_mock.c`: 5 MiB of message
@@ -80,6 +81,7 @@ pub struct EmbeddedBroker {
 
 enum Command {
     Stop,
+    RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
 }
 
 impl EmbeddedBroker {
@@ -107,7 +109,9 @@ impl EmbeddedBroker {
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
                 // Keep the cluster alive until told to stop or the handle is gone.
-                let _stop: Result<Command, _> = command_rx.recv();
+                while let Ok(Command::RequestErrors(api, errors)) = command_rx.recv() {
+                    cluster.request_errors(api, &errors);
+                }
                 drop(cluster);
             })
             .context("failed to start the embedded broker thread")?;
@@ -123,6 +127,13 @@ impl EmbeddedBroker {
 
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// The next requests of kind `api`, from any client, fail with `errors`,
+    /// one each, in order (fault drills and tests: a consumer whose fetches
+    /// fail for a while).
+    pub fn request_errors(&self, api: RDKafkaApiKey, errors: Vec<RDKafkaRespErr>) {
+        let _ = self.commands.send(Command::RequestErrors(api, errors));
     }
 }
 

@@ -14,6 +14,7 @@ use k2::loadgen::{GeneratorParams, Spread, preload};
 use k2::storage::catalog::open_catalog;
 use k2::storage::reader::{scan_dead_letters, scan_trade_keys};
 use k2::storage::tables::TableIdents;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
 const BEFORE: i64 = 20_000;
 const AFTER: i64 = 120_000;
@@ -152,6 +153,52 @@ async fn a_lane_paused_while_retention_overtakes_it_resumes_at_the_log_start_and
     );
 
     assert_only_the_lost_range_is_missing(&config, dir.path(), resumed, lost, total).await;
+}
+
+/// A lane of a partition the table has never seen starts at the log start.
+/// If retention deletes that before the lane reads its first record (here
+/// its fetches fail while far more than the partition keeps arrives), the
+/// lost range counts from where the lane began: before, the lane took the
+/// first record it got as its start, and the range vanished without a trace.
+#[actix_rt::test]
+async fn retention_deleting_a_new_partitions_first_records_before_its_lane_reads_one_is_a_lost_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(1);
+    let mut config = common::config(dir.path(), "k2-retention-fresh");
+    common::without_retention_headroom(&mut config);
+    let pipeline = common::start(&config, &broker, dir.path(), "fresh").await;
+    wait_for(Duration::from_secs(60), "the lane running", || async {
+        let status = pipeline.status().await.unwrap();
+        status.lanes.len() == 1 && status.lanes[0].state == k2::actors::supervisor::LaneState::Running
+    })
+    .await;
+    // The lane has noted the log start (0) before its first poll.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Every fetch fails for a while (each error costs librdkafka a fetch
+    // backoff), while ~17 MiB arrive in a partition that keeps 5 MiB.
+    broker.request_errors(
+        RDKafkaApiKey::Fetch,
+        vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 40],
+    );
+    produce(broker.bootstrap_servers().to_string(), AFTER, 41).await;
+    assert_eq!(
+        pipeline.status().await.unwrap().lanes[0].position,
+        None,
+        "the lane read a record before retention deleted the first ones: the drill needs longer fetch failures"
+    );
+
+    let status = catch_up_and_stop(pipeline, AFTER).await;
+    let lost = status.lanes[0].lost_records as i64;
+    assert!(
+        lost > 0,
+        "retention must have deleted records the lane had not read"
+    );
+    assert!(
+        lost < AFTER,
+        "the mock keeps the newest records ({lost} reported lost)"
+    );
+    assert_only_the_lost_range_is_missing(&config, dir.path(), 0, lost, AFTER).await;
 }
 
 /// Waits until partition 0's committed offset reaches `total`, then stops
