@@ -770,17 +770,7 @@ impl<'a> Run<'a> {
         if rows.is_empty() {
             return Ok(());
         }
-        let writer = TableWriter::new(
-            &table,
-            self.config.batcher.zstd_level,
-            self.config.batcher.target_file_size_bytes,
-        )?;
-        let files = writer
-            .write(dead_letter_batch(&rows, writer.arrow_schema())?)
-            .await
-            .with_context(|| format!("failed to write data files for {ident}"))?;
-        self.committer
-            .append_keeping_offsets_retrying(&ident, files, &self.properties)
+        self.append_rows(&ident, &table, |schema| dead_letter_batch(&rows, schema))
             .await
             .with_context(|| format!("failed to commit {} dead letters to {ident}", rows.len()))?;
         info!(
@@ -868,25 +858,17 @@ impl<'a> Run<'a> {
             outcomes.push(outcome);
         }
         let table = self.load(&self.idents.shed_ledger).await?;
-        let writer = TableWriter::new(
-            &table,
-            self.config.batcher.zstd_level,
-            self.config.batcher.target_file_size_bytes,
-        )?;
-        let files = writer
-            .write(shed_ledger_batch(&rows, writer.arrow_schema())?)
-            .await
-            .with_context(|| format!("failed to write data files for {}", self.idents.shed_ledger))?;
-        self.committer
-            .append_keeping_offsets_retrying(&self.idents.shed_ledger, files, &self.properties)
-            .await
-            .with_context(|| {
-                format!(
-                    "failed to close {} entries in {} (their trades are committed; a rerun closes them)",
-                    rows.len(),
-                    self.idents.shed_ledger
-                )
-            })?;
+        self.append_rows(&self.idents.shed_ledger, &table, |schema| {
+            shed_ledger_batch(&rows, schema)
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "failed to close {} entries in {} (their trades are committed; a rerun closes them)",
+                rows.len(),
+                self.idents.shed_ledger
+            )
+        })?;
 
         let (mut dead_letters, mut expired) = (0, 0);
         for outcome in &outcomes {
@@ -908,6 +890,30 @@ impl<'a> Run<'a> {
         metrics::counter!(m::BACKFILL_RECORDS, "outcome" => "dead_letter").increment(dead_letters);
         metrics::counter!(m::BACKFILL_RECORDS, "outcome" => "expired").increment(expired);
         info!(entries = rows.len(), "shed entries closed");
+        Ok(())
+    }
+
+    /// Writes the rows `batch` builds (for the table's Arrow schema) as data
+    /// files of `table` and appends them, carrying its offsets summary
+    /// forward.
+    async fn append_rows(
+        &self,
+        ident: &TableIdent,
+        table: &Table,
+        batch: impl FnOnce(&arrow_schema::SchemaRef) -> Result<arrow_array::RecordBatch, arrow_schema::ArrowError>,
+    ) -> anyhow::Result<()> {
+        let writer = TableWriter::new(
+            table,
+            self.config.batcher.zstd_level,
+            self.config.batcher.target_file_size_bytes,
+        )?;
+        let files = writer
+            .write(batch(writer.arrow_schema())?)
+            .await
+            .with_context(|| format!("failed to write data files for {ident}"))?;
+        self.committer
+            .append_keeping_offsets_retrying(ident, files, &self.properties)
+            .await?;
         Ok(())
     }
 

@@ -435,19 +435,10 @@ impl PartitionControl for KafkaPartitions {
             Ok(()) => Ok(()),
             // librdkafka refuses to seek a partition it stopped (its offset
             // was out of range): restart that partition alone there.
-            Err(err) if err.rdkafka_error_code() == Some(RDKafkaErrorCode::State) => {
-                let at = match offset {
-                    Offset::Offset(at) => at,
-                    _ => {
-                        let (low, _) = self
-                            .consumer
-                            .fetch_watermarks(&self.topic, partition, Duration::from_secs(10))
-                            .map_err(|e| e.to_string())?;
-                        low
-                    }
-                };
-                restart_partition(&self.consumer, &self.topic, partition, at).map(drop)
-            }
+            Err(err) if err.rdkafka_error_code() == Some(RDKafkaErrorCode::State) => match offset {
+                Offset::Offset(at) => restart_partition(&self.consumer, &self.topic, partition, at).map(drop),
+                _ => restart_at_retained_start(&self.consumer, &self.topic, partition).map(drop),
+            },
             Err(err) => Err(err.to_string()),
         }
     }
