@@ -86,6 +86,8 @@ pub struct K2Config {
     pub commit: CommitConfig,
     /// The Iceberg catalog and warehouse.
     pub catalog: CatalogConfig,
+    /// Table maintenance: manifest merging, compaction, snapshot expiry, file cleanup.
+    pub maintenance: MaintenanceConfig,
     /// The circuit breaker around catalog and storage calls.
     pub breaker: BreakerConfig,
     /// Degradation levels: the signals' thresholds, the cooldown.
@@ -109,6 +111,10 @@ pub struct FaultsConfig {
     /// lanes are told, logging "commit landed; holding" first: a drill that kills the process at that
     /// moment aims its kill there. 0: off.
     pub hold_after_commit_ms: u64,
+    /// Hold table maintenance this long at each step boundary (files written, snapshot committed,
+    /// snapshots expired), logging "maintenance holding" first: a drill that kills the process there
+    /// aims its kill inside a compaction or a manifest merge. 0: off.
+    pub hold_in_maintenance_ms: u64,
 }
 
 /// Kafka consumer settings.
@@ -284,16 +290,43 @@ pub struct CommitConfig {
     /// Bytes of files written but not yet committed above which lanes wait for a commit (backpressure
     /// when the catalog is slow or down).
     pub max_pending_bytes: u64,
-    /// Snapshots kept when old ones are expired.
-    pub retain_snapshots: usize,
-    /// Expire old snapshots every this many commits.
-    pub expire_every_commits: u64,
     /// Wait before retrying a failed or conflicting commit.
     pub retry_backoff_ms: u64,
     /// After this many failed commits in a row, while files wait for a commit (or while the catalog
     /// or storage circuit breaker refuses calls), the partitions pause consumption until a commit
     /// succeeds again.
     pub pause_after_failures: u64,
+}
+
+/// Table maintenance, run by one background actor (and by `k2 maintain`): keeps commit time, file
+/// count and metadata size flat however long K2 runs. Paused at SOFT and above.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaintenanceConfig {
+    /// Run a maintenance pass over K2's tables this often. 0: never in the background (`k2 maintain`
+    /// still runs one on demand).
+    pub interval_ms: u64,
+    /// Merge the current snapshot's manifests into one once it has more than this many (every
+    /// ingestion commit adds one; every scan reads them all).
+    pub max_manifests: usize,
+    /// Data files smaller than this are compacted with the other small files of their partition.
+    pub small_file_bytes: u64,
+    /// Compacted files are rolled at this size.
+    pub target_file_size_bytes: u64,
+    /// A partition is compacted once it has at least this many small files.
+    pub min_files_to_compact: usize,
+    /// Bytes of small files one pass rewrites at most (bounds its memory and CPU; the rest waits for
+    /// the next pass).
+    pub max_rewrite_bytes: u64,
+    /// Snapshots kept when old ones are expired (how far back readers can time-travel). Files only
+    /// expired snapshots referenced are deleted.
+    pub retain_snapshots: usize,
+    /// metadata.json files kept, the current one included; older ones are deleted.
+    pub keep_metadata_files: usize,
+    /// Files under a table that no snapshot references (written by a commit that never happened: a
+    /// kill, a fence, a lost race) are deleted once they are this old. Keep it well above the longest
+    /// a file can wait for its commit (a catalog outage), across every process writing the table.
+    pub orphan_min_age_ms: u64,
 }
 
 /// The Iceberg catalog and warehouse.
@@ -403,10 +436,24 @@ impl Default for CommitConfig {
             max_rows: 1_000_000,
             max_bytes: 256 * MIB,
             max_pending_bytes: 1024 * MIB,
-            retain_snapshots: 100,
-            expire_every_commits: 50,
             retry_backoff_ms: 500,
             pause_after_failures: 2,
+        }
+    }
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            interval_ms: 60_000,
+            max_manifests: 16,
+            small_file_bytes: 32 * MIB,
+            target_file_size_bytes: 128 * MIB,
+            min_files_to_compact: 4,
+            max_rewrite_bytes: 512 * MIB,
+            retain_snapshots: 20,
+            keep_metadata_files: 20,
+            orphan_min_age_ms: 24 * 3_600_000,
         }
     }
 }
@@ -517,6 +564,7 @@ impl K2Config {
         self.batcher.validate()?;
         self.commit.validate()?;
         self.catalog.validate()?;
+        self.maintenance.validate()?;
         self.breaker
             .validate()
             .map_err(|reason| invalid("breaker", &reason))?;
@@ -611,9 +659,31 @@ impl CommitConfig {
         positive("commit.max_rows", self.max_rows)?;
         positive("commit.max_bytes", self.max_bytes)?;
         positive("commit.max_pending_bytes", self.max_pending_bytes)?;
-        positive("commit.retain_snapshots", self.retain_snapshots)?;
-        positive("commit.expire_every_commits", self.expire_every_commits)?;
         positive("commit.retry_backoff_ms", self.retry_backoff_ms)
+    }
+}
+
+impl MaintenanceConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("maintenance.max_manifests", self.max_manifests)?;
+        positive("maintenance.small_file_bytes", self.small_file_bytes)?;
+        positive("maintenance.target_file_size_bytes", self.target_file_size_bytes)?;
+        positive("maintenance.max_rewrite_bytes", self.max_rewrite_bytes)?;
+        positive("maintenance.retain_snapshots", self.retain_snapshots)?;
+        positive("maintenance.keep_metadata_files", self.keep_metadata_files)?;
+        if self.min_files_to_compact < 2 {
+            return Err(invalid(
+                "maintenance.min_files_to_compact",
+                "must be at least 2 (one file compacts into itself)",
+            ));
+        }
+        if self.small_file_bytes > self.target_file_size_bytes {
+            return Err(invalid(
+                "maintenance.small_file_bytes",
+                "must not exceed maintenance.target_file_size_bytes",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -1125,8 +1195,8 @@ mod tests {
             error_line(result),
             format!(
                 "config key `commit.intervall_ms` in {}: unknown key, expected one of \
-                 `interval_ms`, `max_rows`, `max_bytes`, `max_pending_bytes`, `retain_snapshots`, \
-                 `expire_every_commits`, `retry_backoff_ms`, `pause_after_failures`",
+                 `interval_ms`, `max_rows`, `max_bytes`, `max_pending_bytes`, `retry_backoff_ms`, \
+                 `pause_after_failures`",
                 path.display()
             )
         );
@@ -1364,10 +1434,6 @@ mod tests {
             "commit.max_pending_bytes"
         );
         assert_eq!(
-            rejected_key(|c| c.commit.expire_every_commits = 0),
-            "commit.expire_every_commits"
-        );
-        assert_eq!(
             rejected_key(|c| c.commit.retry_backoff_ms = 0),
             "commit.retry_backoff_ms"
         );
@@ -1376,8 +1442,20 @@ mod tests {
     #[test]
     fn zero_retained_snapshots_is_rejected() {
         assert_eq!(
-            rejected_key(|c| c.commit.retain_snapshots = 0),
-            "commit.retain_snapshots"
+            rejected_key(|c| c.maintenance.retain_snapshots = 0),
+            "maintenance.retain_snapshots"
+        );
+    }
+
+    #[test]
+    fn maintenance_that_could_not_compact_is_rejected() {
+        assert_eq!(
+            rejected_key(|c| c.maintenance.min_files_to_compact = 1),
+            "maintenance.min_files_to_compact"
+        );
+        assert_eq!(
+            rejected_key(|c| c.maintenance.small_file_bytes = c.maintenance.target_file_size_bytes + 1),
+            "maintenance.small_file_bytes"
         );
     }
 

@@ -16,6 +16,7 @@ pub mod faults;
 pub mod kafka;
 pub mod lane;
 pub mod loadgen;
+pub mod maintain;
 pub mod messages;
 pub mod metrics;
 pub mod model;

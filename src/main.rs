@@ -95,6 +95,17 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Run one table-maintenance pass now: merge manifests, compact small files, expire old
+    /// snapshots and delete the files only they referenced, delete old metadata and orphans.
+    /// Safe beside a running `k2 run` (its commits and this one's retry against each other).
+    Maintain {
+        /// Config file (TOML) of the pipeline whose tables to maintain (`[catalog]`, `[maintenance]`).
+        #[arg(long, short, env = "K2_CONFIG", default_value = "config/k2.toml")]
+        config: PathBuf,
+        /// Print the report as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
+    },
     /// End-to-end benchmark on the embedded broker: pipeline vs. raw consume.
     /// Build with --release for meaningful numbers.
     Bench {
@@ -281,6 +292,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 k2::backfill::backfill(&config, &config.kafka.brokers, &std::env::current_dir()?, options)
                     .await?;
             k2::backfill::print_report(&report);
+        }
+        Command::Maintain { config: path, json } => {
+            let config = load_config(Some(&path))?;
+            let report = k2::maintain::maintain(&config, &std::env::current_dir()?, !json).await?;
+            k2::maintain::print_report(&report);
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            if report.end == k2::storage::maintenance::PassEnd::Failed {
+                anyhow::bail!("table maintenance failed for at least one table (see above)");
+            }
         }
         Command::Bench {
             messages,

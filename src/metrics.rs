@@ -35,6 +35,14 @@ pub const DEGRADATION_SIGNAL: &str = "k2_degradation_signal";
 pub const CIRCUIT_BREAKER_STATE: &str = "k2_circuit_breaker_state";
 pub const BACKFILL_RECORDS: &str = "k2_backfill_records_total";
 pub const COMMIT_VERIFY_DURATION: &str = "k2_commit_verify_duration_seconds";
+pub const TABLE_MANIFESTS: &str = "k2_table_manifests";
+pub const TABLE_DATA_FILES: &str = "k2_table_data_files";
+pub const TABLE_METADATA_BYTES: &str = "k2_table_metadata_bytes";
+pub const MAINTENANCE_RUNS: &str = "k2_maintenance_runs_total";
+pub const MAINTENANCE_DURATION: &str = "k2_maintenance_duration_seconds";
+pub const MAINTENANCE_FILES_DELETED: &str = "k2_maintenance_files_deleted_total";
+pub const MAINTENANCE_FILES_COMPACTED: &str = "k2_maintenance_files_compacted_total";
+pub const MAINTENANCE_LAST_COMPACTION: &str = "k2_maintenance_last_compaction_timestamp_seconds";
 pub const STALE_PARTITIONS: &str = "k2_commit_stale_partitions_total";
 pub const LANE_STARTS_SUPERSEDED: &str = "k2_lane_starts_superseded_total";
 pub const STATE_PROMOTIONS: &str = "k2_state_promotions_total";
@@ -66,6 +74,46 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_gauge!(
+        TABLE_MANIFESTS,
+        Unit::Count,
+        "Manifests in the current snapshot of each K2 table (every scan reads them all), by table"
+    );
+    describe_gauge!(
+        TABLE_DATA_FILES,
+        Unit::Count,
+        "Live data files of each K2 table, by table"
+    );
+    describe_gauge!(
+        TABLE_METADATA_BYTES,
+        Unit::Bytes,
+        "Bytes under each K2 table's metadata directory, by table"
+    );
+    describe_counter!(
+        MAINTENANCE_RUNS,
+        Unit::Count,
+        "Table maintenance passes, by outcome (done, paused, error)"
+    );
+    describe_histogram!(
+        MAINTENANCE_DURATION,
+        Unit::Seconds,
+        "Duration of a table maintenance pass over every K2 table"
+    );
+    describe_counter!(
+        MAINTENANCE_FILES_DELETED,
+        Unit::Count,
+        "Files deleted by table maintenance, by kind (data, manifest, manifest_list, metadata, orphan)"
+    );
+    describe_counter!(
+        MAINTENANCE_FILES_COMPACTED,
+        Unit::Count,
+        "Small data files rewritten into larger ones by table maintenance"
+    );
+    describe_gauge!(
+        MAINTENANCE_LAST_COMPACTION,
+        Unit::Seconds,
+        "Unix time of the last replace snapshot table maintenance committed (a compaction or a manifest merge)"
+    );
     describe_counter!(
         PROBABLE_DUPLICATES,
         Unit::Count,

@@ -6,7 +6,9 @@
 //! ```
 //!
 //! [`start`] opens the catalog and tables, starts the committer (the sink)
-//! first, then the supervisor, then joins the Kafka group. The supervisor
+//! first, then table maintenance (on an arbiter of its own), then the
+//! supervisor (which tells both of level changes), then joins the Kafka
+//! group. The supervisor
 //! builds lanes through [`ActorLanes`] (`lane.rs`: sink first, one arbiter
 //! per lane) whenever the group assigns a partition or a failed lane is
 //! rebuilt.
@@ -27,7 +29,8 @@ use crate::actors::iceberg_committer::{
 use crate::actors::supervisor::{
     CommitterLink, DrainLanes, GetPipelineStatus, Health, PipelineStatus, StopLanes, SupervisorParams,
 };
-use crate::actors::{IcebergCommitter, Supervisor};
+use crate::actors::table_maintainer::{MaintenanceStatus, OpenMaintainer, TableMaintainerParams};
+use crate::actors::{IcebergCommitter, Supervisor, TableMaintainer};
 use crate::breaker::CircuitBreaker;
 use crate::config::K2Config;
 use crate::decode::{DecoderConfig, TradeDecoder};
@@ -38,8 +41,9 @@ use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, KafkaPartit
 use crate::lane::{ActorLanes, LaneShared};
 use crate::shedding::TierTable;
 use crate::state::open_store;
-use crate::storage::catalog::open_catalog;
+use crate::storage::catalog::{CatalogDb, open_catalog};
 use crate::storage::commit::Committer;
+use crate::storage::maintenance::{Maintainer, MetadataSwap};
 use crate::storage::tables::{TableIdents, ensure_tables};
 use crate::storage::writer::TableWriter;
 use crate::supervision::RestartPolicy;
@@ -62,6 +66,8 @@ pub struct Pipeline {
     pub tables: TableIdents,
     /// Switches for injected faults (tests, drills).
     pub faults: Arc<Faults>,
+    /// What table maintenance did last, for `/v1/pipeline`.
+    pub maintenance: Arc<MaintenanceStatus>,
     consumer: Arc<KafkaConsumer>,
     group: GroupDriver,
     arbiters: Vec<Arbiter>,
@@ -118,8 +124,6 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             max_rows: config.commit.max_rows,
             max_bytes: config.commit.max_bytes,
             max_pending_bytes: config.commit.max_pending_bytes,
-            retain_snapshots: config.commit.retain_snapshots,
-            expire_every_commits: config.commit.expire_every_commits,
             retry_backoff: Duration::from_millis(config.commit.retry_backoff_ms),
         },
         state: StateSink {
@@ -139,7 +143,20 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let arbiters: Vec<Arbiter> = (0..arbiter_count).map(|_| Arbiter::new()).collect();
+    let mut arbiters: Vec<Arbiter> = (0..arbiter_count).map(|_| Arbiter::new()).collect();
+    let maintenance = Arc::new(MaintenanceStatus::default());
+    let maintenance_arbiter = Arbiter::new();
+    let maintainer = TableMaintainer::start_in_arbiter(&maintenance_arbiter.handle(), {
+        let params = TableMaintainerParams {
+            open: open_maintainer(config, &params.base_dir, faults.clone(), tables.clone()),
+            tables: tables.all(),
+            interval: Duration::from_millis(config.maintenance.interval_ms),
+            status: maintenance.clone(),
+            faults: faults.clone(),
+        };
+        move |_| TableMaintainer::new(params)
+    });
+
     let decoder = TradeDecoder::new(DecoderConfig {
         format: config.decode.format,
         max_event_time_skew_ms: config.decode.max_event_time_skew_ms,
@@ -202,6 +219,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 pause_after_failures: config.commit.pause_after_failures,
                 health,
                 retention,
+                level_observers: vec![maintainer.clone().recipient()],
             })
         }
     });
@@ -222,15 +240,56 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             stray: supervisor.clone().recipient(),
         },
     )?;
+    arbiters.push(maintenance_arbiter);
     Ok(Pipeline {
         supervisor,
         committer,
+        maintenance,
         catalog,
         tables,
         faults,
         consumer,
         group,
         arbiters,
+    })
+}
+
+/// Opens table maintenance's own catalog connection, on the maintainer's
+/// arbiter: the pipeline's catalog pool belongs to the system's runtime.
+fn open_maintainer(
+    config: &K2Config,
+    base_dir: &std::path::Path,
+    faults: Arc<Faults>,
+    tables: TableIdents,
+) -> OpenMaintainer {
+    let (catalog_config, maintenance, zstd_level) = (
+        config.catalog.clone(),
+        config.maintenance.clone(),
+        config.batcher.zstd_level,
+    );
+    let hold = Duration::from_millis(config.faults.hold_in_maintenance_ms);
+    let base_dir = base_dir.to_path_buf();
+    Box::new(move || {
+        let (catalog_config, maintenance, base_dir) =
+            (catalog_config.clone(), maintenance.clone(), base_dir.clone());
+        let (faults, tables) = (faults.clone(), tables.clone());
+        Box::pin(async move {
+            let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(
+                open_catalog(&catalog_config, &base_dir).await?,
+                faults,
+                tables,
+            ));
+            let swap = MetadataSwap::connect(CatalogDb::new(&catalog_config, &base_dir)?)
+                .await
+                .context("failed to connect table maintenance to the catalog database")?;
+            Ok(Maintainer {
+                catalog,
+                swap,
+                config: maintenance,
+                zstd_level,
+                hold,
+            })
+        })
     })
 }
 

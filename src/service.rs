@@ -91,6 +91,7 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
             metrics: handle,
             catalog: pipeline.catalog.clone(),
             tables: pipeline.tables.clone(),
+            maintenance: pipeline.maintenance.clone(),
             api_key: config.http.mutation_key().map(str::to_string),
         },
         &config.http.listen,

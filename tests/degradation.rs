@@ -33,6 +33,7 @@ fn serve(pipeline: &Pipeline, api_key: Option<&str>) -> String {
             metrics: k2::metrics::install(),
             catalog: pipeline.catalog.clone(),
             tables: pipeline.tables.clone(),
+            maintenance: pipeline.maintenance.clone(),
             api_key: api_key.map(str::to_string),
         },
         "127.0.0.1:0",

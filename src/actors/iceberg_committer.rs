@@ -68,8 +68,6 @@ pub struct CommitPolicy {
     pub max_rows: u64,
     pub max_bytes: u64,
     pub max_pending_bytes: u64,
-    pub retain_snapshots: usize,
-    pub expire_every_commits: u64,
     pub retry_backoff: Duration,
 }
 
@@ -430,29 +428,6 @@ impl IcebergCommitter {
         }
     }
 
-    fn maybe_expire(&mut self, ctx: &mut Context<Self>) {
-        if self.level >= DegradationLevel::Soft
-            || self.policy.expire_every_commits == 0
-            || !self
-                .counters
-                .num_commits
-                .is_multiple_of(self.policy.expire_every_commits)
-        {
-            return;
-        }
-        let committer = self.committer.clone();
-        let breaker = self.breaker.clone();
-        let retain = self.policy.retain_snapshots;
-        ctx.wait(
-            async move {
-                if let Err(err) = breaker.call(committer.expire_snapshots(retain)).await {
-                    warn!(error = %err, "snapshot expiry failed; will try again later");
-                }
-            }
-            .into_actor(self),
-        );
-    }
-
     /// Reads the trades table's recorded offsets, through the catalog breaker.
     fn load_offsets(&self) -> impl Future<Output = Result<TopicOffsets, OffsetsUnavailable>> + 'static {
         let (committer, breaker, faults) =
@@ -656,12 +631,7 @@ impl Handler<CommitNow> for IcebergCommitter {
         if self.book.is_empty() {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Ok(()))));
         }
-        AtomicResponse::new(Box::pin(self.commit_future().map(|result, act, ctx| {
-            if result.is_ok() {
-                act.maybe_expire(ctx);
-            }
-            result
-        })))
+        AtomicResponse::new(Box::pin(self.commit_future()))
     }
 }
 

@@ -10,6 +10,7 @@ pub mod partition_consumer;
 pub mod sequencer;
 mod stage_state;
 pub mod supervisor;
+pub mod table_maintainer;
 
 pub use batcher::Batcher;
 pub use deduplicator::Deduplicator;
@@ -19,3 +20,4 @@ pub(crate) use panic_report::PanicReport;
 pub use partition_consumer::PartitionConsumer;
 pub use sequencer::Sequencer;
 pub use supervisor::Supervisor;
+pub use table_maintainer::TableMaintainer;

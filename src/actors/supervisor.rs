@@ -200,6 +200,8 @@ pub struct SupervisorParams {
     pub health: Health,
     /// What the topic retains per partition (for the retention headroom).
     pub retention: RetentionLimits,
+    /// Actors outside the lanes told of every level change (table maintenance).
+    pub level_observers: Vec<Recipient<LevelChanged>>,
 }
 
 pub struct Supervisor {
@@ -221,6 +223,7 @@ pub struct Supervisor {
     next_incarnation: u64,
     instance: String,
     retention: RetentionLimits,
+    level_observers: Vec<Recipient<LevelChanged>>,
     pub counters: SupervisorCounters,
 }
 
@@ -245,6 +248,7 @@ impl Supervisor {
             next_incarnation: 1,
             instance: params.instance,
             retention: params.retention,
+            level_observers: params.level_observers,
             counters: SupervisorCounters::default(),
         }
     }
@@ -315,6 +319,9 @@ impl Supervisor {
         metrics::gauge!(m::DEGRADATION_LEVEL).set(t.to.index() as f64);
         let msg = LevelChanged { level: t.to };
         self.committer.level.do_send(msg);
+        for observer in &self.level_observers {
+            observer.do_send(msg);
+        }
         for handle in self.lanes.values().filter_map(|l| l.handle.as_ref()) {
             handle.set_level(msg);
         }

@@ -278,6 +278,7 @@ fn harness(restart: RestartPolicy) -> Harness {
             commits: commits.clone(),
         },
         retention: RetentionLimits::default(),
+        level_observers: Vec::new(),
     })
     .start();
     Harness {

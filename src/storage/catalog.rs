@@ -32,19 +32,12 @@ pub const FENCE_MESSAGE: &str = "k2 commit fence: table changed since its offset
 pub async fn open_catalog(config: &CatalogConfig, base_dir: &Path) -> anyhow::Result<Arc<dyn Catalog>> {
     use anyhow::Context as _;
 
-    let (uri, bind_style) = if let Some((path, query)) = sqlite_path(config, base_dir) {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("failed to create catalog directory {}", parent.display()))?;
-        }
-        let query = if query.is_empty() {
-            "mode=rwc".to_string()
-        } else {
-            query.to_string()
-        };
-        (format!("sqlite:{}?{query}", path.display()), SqlBindStyle::QMark)
+    let db = CatalogDb::new(config, base_dir)?;
+    let uri = db.uri.clone();
+    let bind_style = if db.dollar_placeholders {
+        SqlBindStyle::DollarNumeric
     } else {
-        (config.uri.clone(), SqlBindStyle::DollarNumeric)
+        SqlBindStyle::QMark
     };
     let warehouse = config
         .warehouse
@@ -71,6 +64,62 @@ pub async fn open_catalog(config: &CatalogConfig, base_dir: &Path) -> anyhow::Re
         .await
         .with_context(|| format!("failed to open the Iceberg SQL catalog at {}", redact(&uri)))?;
     Ok(Arc::new(catalog))
+}
+
+/// Where the SQL catalog keeps its tables' metadata pointers: what table
+/// maintenance needs to swap a pointer itself (see `storage::maintenance`).
+#[derive(Debug, Clone)]
+pub struct CatalogDb {
+    /// sqlx URI (a SQLite path resolved against the config's directory).
+    pub uri: String,
+    /// PostgreSQL's `$1..$N` placeholders instead of `?`.
+    pub dollar_placeholders: bool,
+    /// `catalog_name` column of the catalog's rows.
+    pub catalog_name: String,
+}
+
+impl CatalogDb {
+    pub fn new(config: &CatalogConfig, base_dir: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+
+        let (uri, dollar_placeholders) = if let Some((path, query)) = sqlite_path(config, base_dir) {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("failed to create catalog directory {}", parent.display()))?;
+            }
+            let query = if query.is_empty() {
+                "mode=rwc".to_string()
+            } else {
+                query.to_string()
+            };
+            (format!("sqlite:{}?{query}", path.display()), false)
+        } else {
+            (config.uri.clone(), true)
+        };
+        Ok(Self {
+            uri,
+            dollar_placeholders,
+            catalog_name: config.name.clone(),
+        })
+    }
+
+    /// `sql` written with `?` placeholders, in this database's bind style.
+    pub fn bind(&self, sql: &str) -> String {
+        if !self.dollar_placeholders {
+            return sql.to_string();
+        }
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
 }
 
 /// Opens a catalog that must already exist: tools that only read or amend

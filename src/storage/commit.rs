@@ -26,7 +26,7 @@ use iceberg::spec::DataFile;
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, TableIdent};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::catalog::{FencedCatalog, is_fence_error};
 use super::offsets::{OffsetsError, TopicOffsets, summary_key};
@@ -338,21 +338,6 @@ impl Committer {
         Ok(())
     }
 
-    /// Drops all but the newest `retain` snapshots of K2's tables, so commit
-    /// cost and metadata size stay flat. Data files are not deleted.
-    pub async fn expire_snapshots(&self, retain: usize) -> Result<(), CommitError> {
-        for ident in [
-            &self.idents.trades,
-            &self.idents.dead_letters,
-            &self.idents.sequence_gaps,
-            &self.idents.probable_duplicates,
-            &self.idents.shed_ledger,
-        ] {
-            expire(self.catalog.as_ref(), ident, retain).await?;
-        }
-        Ok(())
-    }
-
     /// Appends `files` to `base` in a snapshot whose summary carries every
     /// `k2.offsets.*` key of `base`'s snapshot forward unchanged, plus
     /// `properties`. For writers that add rows without consuming Kafka
@@ -414,21 +399,4 @@ impl Committer {
         }
         Err(CommitError::TooManyConflicts(MAX_FENCE_RETRIES))
     }
-}
-
-async fn expire(catalog: &dyn Catalog, ident: &TableIdent, retain: usize) -> Result<(), CommitError> {
-    let table = catalog.load_table(ident).await?;
-    let count = table.metadata().snapshots().count();
-    if count <= retain {
-        return Ok(());
-    }
-    let tx = Transaction::new(&table);
-    let tx = tx
-        .expire_snapshots()
-        .expire_older_than_ms(chrono::Utc::now().timestamp_millis())
-        .retain_last(retain)
-        .apply(tx)?;
-    tx.commit(catalog).await?;
-    info!(table = %ident, before = count, retain, "expired old snapshots");
-    Ok(())
 }

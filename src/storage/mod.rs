@@ -6,6 +6,7 @@
 
 pub mod catalog;
 pub mod commit;
+pub mod maintenance;
 pub mod offsets;
 pub mod reader;
 pub mod tables;

@@ -52,6 +52,11 @@ impl TableIdents {
         }
     }
 
+    /// Every table, trades first.
+    pub fn all(&self) -> Vec<TableIdent> {
+        K2Table::ALL.into_iter().map(|t| self.get(t).clone()).collect()
+    }
+
     /// Which of the tables `ident` names, if any.
     pub fn kind(&self, ident: &TableIdent) -> Option<K2Table> {
         K2Table::ALL.into_iter().find(|&t| self.get(t) == ident)

@@ -27,6 +27,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub catalog: Arc<dyn Catalog>,
     pub tables: TableIdents,
+    /// What table maintenance did last (`/v1/pipeline` shows it).
+    pub maintenance: Arc<crate::actors::table_maintainer::MaintenanceStatus>,
     /// Required by mutating endpoints (`X-API-Key`); None refuses them.
     pub api_key: Option<String>,
 }

@@ -1,0 +1,1015 @@
+//! Keeping K2's tables healthy however long K2 runs: every ingestion commit
+//! adds a manifest, a handful of small data files, a manifest list and a
+//! metadata.json, and left alone each commit costs more than the last.
+//!
+//! A maintenance pass over one table:
+//! 1. **rewrite**: one `replace` snapshot that merges the current snapshot's
+//!    manifests into one per partition spec (Java's RewriteManifests) and
+//!    compacts small data files, per partition, into files near the target
+//!    size (Java's RewriteDataFiles). Readers see the same rows before and
+//!    after; the `k2.offsets.*` summary keys are carried forward unchanged.
+//! 2. **expire**: all but the newest `retain_snapshots` snapshots are dropped,
+//!    and the manifest lists, manifests and data files that only they
+//!    referenced are deleted.
+//! 3. **metadata**: metadata.json files older than the newest
+//!    `keep_metadata_files` are deleted.
+//! 4. **orphans**: files under the table's location that no snapshot
+//!    references and that are older than `orphan_min_age_ms` (written by a
+//!    commit that never happened: a kill, a fence, a lost race) are deleted.
+//!
+//! `iceberg` 0.10.1 has no public way to commit a snapshot it did not build
+//! itself (its actions and `TableCommit`'s builder are crate-private), so the
+//! rewrite writes its manifests and manifest list with the public spec
+//! writers and swaps the table's metadata pointer in the SQL catalog with the
+//! same compare-and-swap the catalog itself uses ([`MetadataSwap`]). The
+//! swap succeeds only if the table still points at the metadata the rewrite
+//! was based on: that is the fence, stronger than the snapshot check
+//! ingestion's [`super::catalog::FencedCatalog`] makes. A lost race rebases
+//! the rewrite onto the new snapshot (ingestion only adds manifests) and
+//! tries again; ingestion commits that lose to a rewrite re-merge as they do
+//! against any writer. See `docs/adr/0008-table-maintenance.md`.
+//!
+//! Nothing here knows about actix.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arrow_array::RecordBatch;
+use iceberg::spec::{
+    DataContentType, DataFile, MAIN_BRANCH, ManifestContentType, ManifestFile, ManifestListWriter,
+    ManifestWriterBuilder, Operation, Snapshot, SnapshotRef, Summary, TableMetadataBuilder,
+};
+use iceberg::table::Table;
+use iceberg::{Catalog, MetadataLocation, TableIdent};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use tracing::{info, warn};
+
+use super::catalog::CatalogDb;
+use super::offsets::OFFSETS_KEY_PREFIX;
+use super::writer::TableWriter;
+use crate::config::MaintenanceConfig;
+
+/// Attempts of one rewrite against concurrent commits before it gives up
+/// for this pass (ingestion commits every couple of seconds; a rewrite
+/// commits in milliseconds once its files are written).
+const MAX_REWRITE_ATTEMPTS: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error("iceberg: {0}")]
+    Iceberg(#[from] iceberg::Error),
+    #[error("catalog database: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading a data file to compact: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("rebuilding a batch to compact: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error("{table}: the rewrite lost the commit race {attempts} times in a row; it will be tried again")]
+    TooManyConflicts { table: String, attempts: usize },
+    #[error(
+        "{table}: the catalog swapped to {location} but the table does not hold snapshot {snapshot_id}: \
+         the rewrite was not made"
+    )]
+    NotPersisted {
+        table: String,
+        location: String,
+        snapshot_id: i64,
+    },
+    #[error("{table}: holds delete files; K2 writes none, so maintenance leaves this table alone")]
+    HasDeleteFiles { table: String },
+}
+
+/// What one step of a pass did to one table (for logs, metrics and `k2 maintain`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RewriteReport {
+    /// Manifests in the current snapshot before and after.
+    pub manifests_before: usize,
+    pub manifests_after: usize,
+    /// Small data files replaced, and the files that replaced them.
+    pub files_compacted: usize,
+    pub files_written: usize,
+    pub rows_rewritten: u64,
+    pub bytes_rewritten: u64,
+    /// The replace snapshot, when one was committed.
+    pub snapshot_id: Option<i64>,
+    /// Commit races lost (and rebased) on the way.
+    pub conflicts: usize,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CleanupReport {
+    pub snapshots_expired: usize,
+    pub manifest_lists_deleted: usize,
+    pub manifests_deleted: usize,
+    pub data_files_deleted: usize,
+    pub metadata_files_deleted: usize,
+    pub orphans_deleted: usize,
+}
+
+/// Size of a table as a reader pays for it.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TableHealth {
+    pub snapshots: usize,
+    /// Manifests of the current snapshot (each one read by every scan).
+    pub manifests: usize,
+    /// Bytes of the current snapshot's manifest list.
+    pub manifest_list_bytes: u64,
+    /// Live data files and their bytes.
+    pub data_files: u64,
+    pub data_bytes: u64,
+    pub rows: u64,
+    /// Everything under the table's `metadata/` directory.
+    pub metadata_files: u64,
+    pub metadata_bytes: u64,
+}
+
+/// What one pass did to one table, and how the table stands after it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct TableReport {
+    pub table: String,
+    pub rewrite: RewriteReport,
+    pub cleanup: CleanupReport,
+    pub health: TableHealth,
+    /// The step that failed (the pass goes on with the next table).
+    pub error: Option<String>,
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassEnd {
+    Done,
+    /// `keep_going` said stop (the level rose): the rest waits for the next pass.
+    Paused,
+    /// At least one table's step failed.
+    Failed,
+}
+
+impl PassEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassEnd::Done => "done",
+            PassEnd::Paused => "paused",
+            PassEnd::Failed => "error",
+        }
+    }
+}
+
+/// Swaps a table's metadata pointer in the SQL catalog, but only if it
+/// still points where the caller's base did: the statement the SQL catalog
+/// itself runs for every commit.
+pub struct MetadataSwap {
+    db: CatalogDb,
+    pool: sqlx::AnyPool,
+}
+
+impl MetadataSwap {
+    pub async fn connect(db: CatalogDb) -> Result<Self, MaintenanceError> {
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&db.uri)
+            .await?;
+        Ok(Self { db, pool })
+    }
+
+    /// True when the pointer moved from `expected` to `new`; false when the
+    /// table had moved on (another writer committed).
+    pub async fn swap(
+        &self,
+        ident: &TableIdent,
+        expected: &str,
+        new: &str,
+    ) -> Result<bool, MaintenanceError> {
+        let sql = self.db.bind(
+            "UPDATE iceberg_tables SET metadata_location = ?, previous_metadata_location = ? \
+             WHERE catalog_name = ? AND table_name = ? AND table_namespace = ? \
+             AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL) AND metadata_location = ?",
+        );
+        let done = sqlx::query(&sql)
+            .bind(new)
+            .bind(expected)
+            .bind(&self.db.catalog_name)
+            .bind(ident.name())
+            .bind(ident.namespace().as_ref().join("."))
+            .bind(expected)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// Runs maintenance steps against one catalog.
+pub struct Maintainer {
+    pub catalog: Arc<dyn Catalog>,
+    pub swap: MetadataSwap,
+    pub config: MaintenanceConfig,
+    pub zstd_level: i32,
+    /// Held at each step boundary of a rewrite (a drill's kill lands inside
+    /// it; `[faults] hold_in_maintenance_ms`). Zero: off.
+    pub hold: Duration,
+}
+
+/// One small file chosen for compaction, with what its replacement must keep.
+struct Candidate {
+    entry_file: DataFile,
+    snapshot_id: Option<i64>,
+    sequence_number: i64,
+    file_sequence_number: Option<i64>,
+}
+
+/// A rewrite's written files, kept across attempts against newer snapshots.
+struct Staged {
+    /// The replace snapshot's id, which the merged manifests carry.
+    snapshot_id: i64,
+    /// Manifest paths of the base snapshot the merged manifests replace.
+    replaced_manifests: HashSet<String>,
+    /// The merged manifests (sequence numbers unassigned until the list is written).
+    manifests: Vec<ManifestFile>,
+    added: Vec<DataFile>,
+    removed: Vec<DataFile>,
+    /// Every file this rewrite wrote, deleted if it never commits.
+    written: Vec<String>,
+}
+
+impl Maintainer {
+    /// One pass over `tables`: rewrite, expire, clean files, then measure.
+    /// `keep_going` is asked before every step; `on_table` hears each
+    /// table's report as it finishes (progress for `k2 maintain`).
+    pub async fn run_pass(
+        &self,
+        tables: &[TableIdent],
+        keep_going: impl Fn() -> bool,
+        mut on_table: impl FnMut(&TableReport),
+    ) -> (PassEnd, Vec<TableReport>) {
+        let mut end = PassEnd::Done;
+        let mut reports = Vec::new();
+        for ident in tables {
+            let mut report = TableReport {
+                table: ident.to_string(),
+                ..TableReport::default()
+            };
+            let steps = async {
+                if !keep_going() {
+                    return Ok(false);
+                }
+                report.rewrite = self.rewrite(ident).await.map_err(|e| ("rewrite", e))?;
+                if !keep_going() {
+                    return Ok(false);
+                }
+                report.cleanup = self.expire(ident).await.map_err(|e| ("expire", e))?;
+                if !keep_going() {
+                    return Ok(false);
+                }
+                let files = self.clean_files(ident).await.map_err(|e| ("clean files", e))?;
+                report.cleanup.metadata_files_deleted = files.metadata_files_deleted;
+                report.cleanup.orphans_deleted = files.orphans_deleted;
+                Ok(true)
+            };
+            let finished = match steps.await {
+                Ok(finished) => finished,
+                Err((step, err)) => {
+                    warn!(table = %ident, step, error = %err, "table maintenance step failed");
+                    report.error = Some(format!("{step}: {err}"));
+                    end = PassEnd::Failed;
+                    true
+                }
+            };
+            match self.health(ident).await {
+                Ok(health) => report.health = health,
+                Err(err) if report.error.is_none() => {
+                    report.error = Some(format!("health: {err}"));
+                    end = PassEnd::Failed;
+                }
+                Err(_) => {}
+            }
+            on_table(&report);
+            reports.push(report);
+            if !finished {
+                return (PassEnd::Paused, reports);
+            }
+        }
+        (end, reports)
+    }
+
+    /// Merges the current snapshot's manifests and compacts its small data
+    /// files in one replace snapshot, when there is anything to gain:
+    /// more than `max_manifests` manifests, or a partition with at least
+    /// `min_files_to_compact` small files.
+    pub async fn rewrite(&self, ident: &TableIdent) -> Result<RewriteReport, MaintenanceError> {
+        let base = self.catalog.load_table(ident).await?;
+        let mut report = RewriteReport::default();
+        let Some(snapshot) = base.metadata().current_snapshot().cloned() else {
+            return Ok(report);
+        };
+        let list = base.manifest_list_reader(&snapshot).load().await?;
+        report.manifests_before = list.entries().len();
+        if list
+            .entries()
+            .iter()
+            .any(|m| m.content == ManifestContentType::Deletes)
+        {
+            return Err(MaintenanceError::HasDeleteFiles {
+                table: ident.to_string(),
+            });
+        }
+        // Live entries, by partition spec.
+        let mut live: BTreeMap<i32, Vec<Candidate>> = BTreeMap::new();
+        for manifest in list.entries() {
+            let loaded = manifest.load_manifest(base.file_io()).await?;
+            for entry in loaded.entries() {
+                if !entry.is_alive() {
+                    continue;
+                }
+                if entry.content_type() != DataContentType::Data {
+                    return Err(MaintenanceError::HasDeleteFiles {
+                        table: ident.to_string(),
+                    });
+                }
+                live.entry(manifest.partition_spec_id)
+                    .or_default()
+                    .push(Candidate {
+                        entry_file: entry.data_file().clone(),
+                        snapshot_id: entry.snapshot_id(),
+                        sequence_number: entry.sequence_number().unwrap_or(0),
+                        file_sequence_number: entry.file_sequence_number,
+                    });
+            }
+        }
+        let compact = self.pick_small_files(&base, &live);
+        let merge = report.manifests_before > self.config.max_manifests;
+        if compact.is_empty() && !merge {
+            report.manifests_after = report.manifests_before;
+            return Ok(report);
+        }
+        let staged = self.stage(&base, &snapshot, &live, &compact, &mut report).await?;
+        self.held("rewrite files written").await;
+        match self.commit_staged(ident, &staged, &mut report).await {
+            Ok(()) => Ok(report),
+            Err(err) => {
+                delete_quietly(base.file_io(), &staged.written).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Per partition, the small files worth rewriting, within the pass's
+    /// byte budget. Files of the default spec only: a table that evolved its
+    /// spec keeps older files as they are.
+    fn pick_small_files(&self, base: &Table, live: &BTreeMap<i32, Vec<Candidate>>) -> Vec<usize> {
+        let spec_id = base.metadata().default_partition_spec_id();
+        let Some(files) = live.get(&spec_id) else {
+            return Vec::new();
+        };
+        let small = self.config.small_file_bytes;
+        let mut by_partition: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (index, candidate) in files.iter().enumerate() {
+            if candidate.entry_file.file_size_in_bytes() < small {
+                by_partition
+                    .entry(format!("{:?}", candidate.entry_file.partition()))
+                    .or_default()
+                    .push(index);
+            }
+        }
+        let mut picked = Vec::new();
+        let mut budget = self.config.max_rewrite_bytes;
+        for indexes in by_partition.into_values() {
+            if indexes.len() < self.config.min_files_to_compact {
+                continue;
+            }
+            for index in indexes {
+                let size = files[index].entry_file.file_size_in_bytes();
+                if size > budget {
+                    return picked;
+                }
+                budget -= size;
+                picked.push(index);
+            }
+        }
+        picked
+    }
+
+    /// Writes the compacted data files and the merged manifests.
+    async fn stage(
+        &self,
+        base: &Table,
+        snapshot: &SnapshotRef,
+        live: &BTreeMap<i32, Vec<Candidate>>,
+        compact: &[usize],
+        report: &mut RewriteReport,
+    ) -> Result<Staged, MaintenanceError> {
+        let metadata = base.metadata();
+        let file_io = base.file_io();
+        let snapshot_id = new_snapshot_id(base);
+        let default_spec = metadata.default_partition_spec_id();
+        let compact: HashSet<usize> = compact.iter().copied().collect();
+        let mut staged = Staged {
+            snapshot_id,
+            replaced_manifests: base
+                .manifest_list_reader(snapshot)
+                .load()
+                .await?
+                .entries()
+                .iter()
+                .map(|m| m.manifest_path.clone())
+                .collect(),
+            manifests: Vec::new(),
+            added: Vec::new(),
+            removed: Vec::new(),
+            written: Vec::new(),
+        };
+        let result = async {
+            if !compact.is_empty() {
+                let files = &live[&default_spec];
+                let inputs: Vec<&DataFile> = compact.iter().map(|&i| &files[i].entry_file).collect();
+                let added = self.compact(base, &inputs).await?;
+                staged
+                    .written
+                    .extend(added.iter().map(|f| f.file_path().to_string()));
+                report.files_compacted = inputs.len();
+                report.files_written = added.len();
+                report.rows_rewritten = inputs.iter().map(|f| f.record_count()).sum();
+                report.bytes_rewritten = inputs.iter().map(|f| f.file_size_in_bytes()).sum();
+                staged.added = added;
+            }
+            for (&spec_id, files) in live {
+                let spec = metadata
+                    .partition_spec_by_id(spec_id)
+                    .ok_or_else(|| {
+                        iceberg::Error::new(
+                            iceberg::ErrorKind::DataInvalid,
+                            format!("manifest of unknown partition spec {spec_id}"),
+                        )
+                    })?
+                    .as_ref()
+                    .clone();
+                let path = format!(
+                    "{}/metadata/{}-m0.avro",
+                    metadata.location(),
+                    uuid::Uuid::now_v7()
+                );
+                staged.written.push(path.clone());
+                let mut writer = ManifestWriterBuilder::new(
+                    file_io.new_output(&path)?,
+                    Some(snapshot_id),
+                    metadata.current_schema().clone(),
+                    spec,
+                )
+                .build_v2_data();
+                for (index, candidate) in files.iter().enumerate() {
+                    let file = candidate.entry_file.clone();
+                    if spec_id == default_spec && compact.contains(&index) {
+                        writer.add_delete_file(
+                            file,
+                            candidate.sequence_number,
+                            candidate.file_sequence_number,
+                        )?;
+                        staged.removed.push(candidate.entry_file.clone());
+                    } else {
+                        writer.add_existing_file(
+                            file,
+                            candidate.snapshot_id.unwrap_or(snapshot.snapshot_id()),
+                            candidate.sequence_number,
+                            candidate.file_sequence_number,
+                        )?;
+                    }
+                }
+                if spec_id == default_spec {
+                    for file in &staged.added {
+                        // A negative sequence number: inherited from the snapshot.
+                        writer.add_file(file.clone(), -1)?;
+                    }
+                }
+                staged.manifests.push(writer.write_manifest_file().await?);
+            }
+            Ok::<_, MaintenanceError>(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(staged),
+            Err(err) => {
+                delete_quietly(file_io, &staged.written).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Reads `inputs` and writes their rows again into files near the target size.
+    async fn compact(&self, base: &Table, inputs: &[&DataFile]) -> Result<Vec<DataFile>, MaintenanceError> {
+        let writer = TableWriter::new(base, self.zstd_level, self.config.target_file_size_bytes)?;
+        let schema = writer.arrow_schema().clone();
+        let mut batches = Vec::new();
+        for file in inputs {
+            let bytes = base.file_io().new_input(file.file_path())?.read().await?;
+            for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
+                let batch = batch?;
+                // Parquet may hand back a timezone or field metadata spelled
+                // differently from the table's Arrow schema; the values are the same.
+                let columns = schema
+                    .fields()
+                    .iter()
+                    .zip(batch.columns())
+                    .map(|(field, column)| {
+                        if column.data_type() == field.data_type() {
+                            Ok(column.clone())
+                        } else {
+                            arrow_cast::cast(column, field.data_type())
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                batches.push(RecordBatch::try_new(schema.clone(), columns)?);
+            }
+        }
+        let batch = arrow_select::concat::concat_batches(&schema, &batches)?;
+        Ok(writer.write(batch).await?)
+    }
+
+    /// Commits `staged` on top of the newest snapshot, rebasing when other
+    /// writers committed in between; gives up if one removed what the
+    /// rewrite replaces (another maintainer got there first).
+    async fn commit_staged(
+        &self,
+        ident: &TableIdent,
+        staged: &Staged,
+        report: &mut RewriteReport,
+    ) -> Result<(), MaintenanceError> {
+        for attempt in 0..MAX_REWRITE_ATTEMPTS {
+            let base = self.catalog.load_table(ident).await?;
+            let Some(current) = base.metadata().current_snapshot().cloned() else {
+                return Err(abandoned(ident, "the table lost its snapshot"));
+            };
+            let list = base.manifest_list_reader(&current).load().await?;
+            let paths: HashSet<&str> = list.entries().iter().map(|m| m.manifest_path.as_str()).collect();
+            if staged
+                .replaced_manifests
+                .iter()
+                .any(|p| !paths.contains(p.as_str()))
+            {
+                return Err(abandoned(ident, "another writer rewrote the manifests first"));
+            }
+            let newer: Vec<ManifestFile> = list
+                .entries()
+                .iter()
+                .filter(|m| !staged.replaced_manifests.contains(&m.manifest_path))
+                .cloned()
+                .collect();
+            let snapshot_id = staged.snapshot_id;
+            let sequence_number = base.metadata().next_sequence_number();
+            let list_path = format!(
+                "{}/metadata/snap-{snapshot_id}-{attempt}-{}.avro",
+                base.metadata().location(),
+                uuid::Uuid::now_v7()
+            );
+            let mut writer = ManifestListWriter::v2(
+                base.file_io().new_output(&list_path)?.writer().await?,
+                snapshot_id,
+                Some(current.snapshot_id()),
+                sequence_number,
+            );
+            writer.add_manifests(staged.manifests.iter().cloned().chain(newer.iter().cloned()))?;
+            writer.close().await?;
+            let snapshot = Snapshot::builder()
+                .with_snapshot_id(snapshot_id)
+                .with_parent_snapshot_id(Some(current.snapshot_id()))
+                .with_sequence_number(sequence_number)
+                .with_timestamp_ms(chrono::Utc::now().timestamp_millis())
+                .with_manifest_list(list_path.clone())
+                .with_summary(replace_summary(current.summary(), &staged.added, &staged.removed))
+                .with_schema_id(base.metadata().current_schema_id())
+                .build();
+            match self.commit_snapshot(&base, snapshot).await {
+                Ok(true) => {
+                    report.snapshot_id = Some(snapshot_id);
+                    report.manifests_after = staged.manifests.len() + newer.len();
+                    report.conflicts = attempt;
+                    info!(
+                        table = %ident, snapshot_id,
+                        manifests_before = report.manifests_before,
+                        manifests_after = report.manifests_after,
+                        files_compacted = report.files_compacted,
+                        files_written = report.files_written,
+                        "table rewritten"
+                    );
+                    return Ok(());
+                }
+                Ok(false) => {
+                    delete_quietly(base.file_io(), &[list_path]).await;
+                    warn!(table = %ident, attempt, "rewrite lost a commit race, rebasing onto the new snapshot");
+                }
+                Err(err) => {
+                    delete_quietly(base.file_io(), &[list_path]).await;
+                    return Err(err);
+                }
+            }
+        }
+        Err(MaintenanceError::TooManyConflicts {
+            table: ident.to_string(),
+            attempts: MAX_REWRITE_ATTEMPTS,
+        })
+    }
+
+    /// Adds `snapshot` to `base` as the main branch's head through the
+    /// catalog's compare-and-swap, then reads the table back: Ok(false) when
+    /// another writer moved the table first.
+    async fn commit_snapshot(&self, base: &Table, snapshot: Snapshot) -> Result<bool, MaintenanceError> {
+        let ident = base.identifier();
+        let base_location = base.metadata_location_result()?.to_string();
+        let snapshot_id = snapshot.snapshot_id();
+        let metadata =
+            TableMetadataBuilder::new_from_metadata(base.metadata().clone(), Some(base_location.clone()))
+                .set_branch_snapshot(snapshot, MAIN_BRANCH)?
+                .build()?
+                .metadata;
+        let location = MetadataLocation::from_str(&base_location)?.with_new_metadata(&metadata);
+        metadata.write_to(base.file_io(), &location).await?;
+        let location = location.to_string();
+        if !self.swap.swap(ident, &base_location, &location).await? {
+            delete_quietly(base.file_io(), std::slice::from_ref(&location)).await;
+            return Ok(false);
+        }
+        self.held("rewrite committed").await;
+        let current = self.catalog.load_table(ident).await?;
+        if current.metadata().snapshot_by_id(snapshot_id).is_none() {
+            return Err(MaintenanceError::NotPersisted {
+                table: ident.to_string(),
+                location,
+                snapshot_id,
+            });
+        }
+        Ok(true)
+    }
+
+    /// Expires all but the newest `retain_snapshots` snapshots and deletes
+    /// the files only they referenced.
+    pub async fn expire(&self, ident: &TableIdent) -> Result<CleanupReport, MaintenanceError> {
+        let mut report = CleanupReport::default();
+        let base = self.catalog.load_table(ident).await?;
+        let before: Vec<SnapshotRef> = base.metadata().snapshots().cloned().collect();
+        if before.len() <= self.config.retain_snapshots {
+            return Ok(report);
+        }
+        let tx = iceberg::transaction::Transaction::new(&base);
+        let tx = iceberg::transaction::ApplyTransactionAction::apply(
+            tx.expire_snapshots()
+                .expire_older_than_ms(chrono::Utc::now().timestamp_millis())
+                .retain_last(self.config.retain_snapshots),
+            tx,
+        )?;
+        let after = tx.commit(self.catalog.as_ref()).await?;
+        let retained: HashSet<i64> = after.metadata().snapshots().map(|s| s.snapshot_id()).collect();
+        let expired: Vec<SnapshotRef> = before
+            .into_iter()
+            .filter(|s| !retained.contains(&s.snapshot_id()))
+            .collect();
+        report.snapshots_expired = expired.len();
+        if expired.is_empty() {
+            return Ok(report);
+        }
+        self.held("snapshots expired").await;
+        let keep = referenced_files(&after, after.metadata().snapshots().cloned()).await?;
+        let gone = referenced_files(&after, expired.into_iter()).await?;
+        let gc_data = after.metadata().table_properties()?.gc_enabled;
+        let lists: Vec<String> = gone
+            .manifest_lists
+            .difference(&keep.manifest_lists)
+            .cloned()
+            .collect();
+        let manifests: Vec<String> = gone.manifests.difference(&keep.manifests).cloned().collect();
+        let data: Vec<String> = if gc_data {
+            gone.data_files.difference(&keep.data_files).cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let io = after.file_io();
+        report.data_files_deleted = delete_all(io, &data).await?;
+        report.manifests_deleted = delete_all(io, &manifests).await?;
+        report.manifest_lists_deleted = delete_all(io, &lists).await?;
+        info!(
+            table = %ident, expired = report.snapshots_expired,
+            manifest_lists = report.manifest_lists_deleted, manifests = report.manifests_deleted,
+            data_files = report.data_files_deleted, "expired old snapshots and deleted their files"
+        );
+        Ok(report)
+    }
+
+    /// Deletes metadata.json files older than the newest `keep_metadata_files`
+    /// and, past `orphan_min_age_ms`, every file under the table that no
+    /// snapshot references.
+    pub async fn clean_files(&self, ident: &TableIdent) -> Result<CleanupReport, MaintenanceError> {
+        let mut report = CleanupReport::default();
+        let table = self.catalog.load_table(ident).await?;
+        let Some(root) = local_path(table.metadata().location()) else {
+            warn!(table = %ident, location = table.metadata().location(), "not a local warehouse; files are not cleaned");
+            return Ok(report);
+        };
+        let current = table.metadata_location_result()?;
+        let current_version = metadata_version(current).unwrap_or(0);
+        let keep_from =
+            current_version.saturating_sub(self.config.keep_metadata_files.saturating_sub(1) as u64);
+        let listed = list_files(&root)?;
+        let mut old_metadata = Vec::new();
+        let mut others = Vec::new();
+        for file in listed {
+            let uri = format!("file://{}", file.path.display());
+            match file
+                .path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(metadata_version)
+            {
+                Some(version) if version < keep_from => old_metadata.push(uri),
+                Some(_) => {}
+                None => others.push((uri, file.modified)),
+            }
+        }
+        let io = table.file_io();
+        report.metadata_files_deleted = delete_all(io, &old_metadata).await?;
+
+        let min_age = Duration::from_millis(self.config.orphan_min_age_ms);
+        let now = SystemTime::now();
+        let old_enough: Vec<String> = others
+            .into_iter()
+            .filter(|(_, modified)| now.duration_since(*modified).unwrap_or_default() >= min_age)
+            .map(|(uri, _)| uri)
+            .collect();
+        if !old_enough.is_empty() {
+            // Reload: the listing above may be newer than `table`.
+            let table = self.catalog.load_table(ident).await?;
+            let live = referenced_files(&table, table.metadata().snapshots().cloned()).await?;
+            let orphans: Vec<String> = old_enough.into_iter().filter(|uri| !live.contains(uri)).collect();
+            report.orphans_deleted = delete_all(io, &orphans).await?;
+        }
+        if report.metadata_files_deleted + report.orphans_deleted > 0 {
+            info!(
+                table = %ident, metadata_files = report.metadata_files_deleted,
+                orphans = report.orphans_deleted, "deleted files no reader needs"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Counts what the table's current state costs a reader.
+    pub async fn health(&self, ident: &TableIdent) -> Result<TableHealth, MaintenanceError> {
+        table_health(&self.catalog.load_table(ident).await?).await
+    }
+
+    async fn held(&self, at: &str) {
+        if !self.hold.is_zero() {
+            info!(
+                at,
+                hold_ms = self.hold.as_millis() as u64,
+                "maintenance holding (drill)"
+            );
+            tokio::time::sleep(self.hold).await;
+        }
+    }
+}
+
+/// Counts what `table`'s current state costs a reader.
+pub async fn table_health(table: &Table) -> Result<TableHealth, MaintenanceError> {
+    let mut health = TableHealth {
+        snapshots: table.metadata().snapshots().count(),
+        ..TableHealth::default()
+    };
+    if let Some(snapshot) = table.metadata().current_snapshot() {
+        let list = table.manifest_list_reader(snapshot).load().await?;
+        health.manifests = list.entries().len();
+        health.manifest_list_bytes = table
+            .file_io()
+            .new_input(snapshot.manifest_list())?
+            .metadata()
+            .await?
+            .size;
+        for manifest in list.entries() {
+            let loaded = manifest.load_manifest(table.file_io()).await?;
+            for entry in loaded.entries().iter().filter(|e| e.is_alive()) {
+                health.data_files += 1;
+                health.data_bytes += entry.file_size_in_bytes();
+                health.rows += entry.record_count();
+            }
+        }
+    }
+    if let Some(root) = local_path(table.metadata().location()) {
+        for file in list_files(&root.join("metadata"))? {
+            health.metadata_files += 1;
+            health.metadata_bytes += file.bytes;
+        }
+    }
+    Ok(health)
+}
+
+fn abandoned(ident: &TableIdent, why: &str) -> MaintenanceError {
+    MaintenanceError::Iceberg(iceberg::Error::new(
+        iceberg::ErrorKind::DataInvalid,
+        format!("{ident}: rewrite abandoned, {why}; its files are deleted"),
+    ))
+}
+
+/// A positive snapshot id the table has not used.
+fn new_snapshot_id(table: &Table) -> i64 {
+    loop {
+        let id = (uuid::Uuid::new_v4().as_u64_pair().0 & (i64::MAX as u64)) as i64;
+        if id != 0 && table.metadata().snapshot_by_id(id).is_none() {
+            return id;
+        }
+    }
+}
+
+/// A replace snapshot's summary: the parent's totals (unchanged rows),
+/// what moved, and every `k2.offsets.*` key of the parent unchanged.
+fn replace_summary(parent: &Summary, added: &[DataFile], removed: &[DataFile]) -> Summary {
+    let sum = |files: &[DataFile], f: fn(&DataFile) -> u64| files.iter().map(f).sum::<u64>();
+    let added_files = added.len() as i64;
+    let removed_files = removed.len() as i64;
+    let added_bytes = sum(added, DataFile::file_size_in_bytes) as i64;
+    let removed_bytes = sum(removed, DataFile::file_size_in_bytes) as i64;
+    let records = sum(added, DataFile::record_count);
+    let mut properties: HashMap<String, String> = parent
+        .additional_properties
+        .iter()
+        .filter(|(key, _)| key.starts_with("total-") || key.starts_with(OFFSETS_KEY_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut adjust = |key: &str, delta: i64| {
+        if let Some(value) = properties.get_mut(key)
+            && let Ok(total) = value.parse::<i64>()
+        {
+            *value = (total + delta).to_string();
+        }
+    };
+    adjust("total-data-files", added_files - removed_files);
+    adjust("total-files-size", added_bytes - removed_bytes);
+    if added_files + removed_files > 0 {
+        properties.extend([
+            ("added-data-files".to_string(), added_files.to_string()),
+            ("deleted-data-files".to_string(), removed_files.to_string()),
+            ("added-records".to_string(), records.to_string()),
+            ("deleted-records".to_string(), records.to_string()),
+            ("added-files-size".to_string(), added_bytes.to_string()),
+            ("removed-files-size".to_string(), removed_bytes.to_string()),
+        ]);
+    }
+    Summary {
+        operation: Operation::Replace,
+        additional_properties: properties,
+    }
+}
+
+/// Files a set of snapshots reference.
+#[derive(Default)]
+struct Referenced {
+    manifest_lists: HashSet<String>,
+    manifests: HashSet<String>,
+    data_files: HashSet<String>,
+}
+
+impl Referenced {
+    fn contains(&self, uri: &str) -> bool {
+        self.manifest_lists.contains(uri) || self.manifests.contains(uri) || self.data_files.contains(uri)
+    }
+}
+
+async fn referenced_files(
+    table: &Table,
+    snapshots: impl Iterator<Item = SnapshotRef>,
+) -> Result<Referenced, MaintenanceError> {
+    let mut out = Referenced::default();
+    for snapshot in snapshots {
+        out.manifest_lists.insert(snapshot.manifest_list().to_string());
+        let list = table.manifest_list_reader(&snapshot).load().await?;
+        for manifest in list.entries() {
+            if !out.manifests.insert(manifest.manifest_path.clone()) {
+                continue;
+            }
+            let loaded = manifest.load_manifest(table.file_io()).await?;
+            // Live entries only: a file a snapshot marks deleted is read by
+            // the snapshots before it, whose own manifests list it as live.
+            out.data_files.extend(
+                loaded
+                    .entries()
+                    .iter()
+                    .filter(|e| e.is_alive())
+                    .map(|e| e.file_path().to_string()),
+            );
+        }
+    }
+    Ok(out)
+}
+
+async fn delete_all(io: &iceberg::io::FileIO, paths: &[String]) -> Result<usize, MaintenanceError> {
+    for path in paths {
+        io.delete(path).await?;
+    }
+    Ok(paths.len())
+}
+
+/// Deletes files a failed step wrote; a file left behind is an orphan the
+/// next cleanup takes.
+async fn delete_quietly(io: &iceberg::io::FileIO, paths: &[String]) {
+    for path in paths {
+        if let Err(err) = io.delete(path).await {
+            warn!(path, error = %err, "could not delete a file of a failed rewrite; orphan cleanup will");
+        }
+    }
+}
+
+/// The version number a metadata.json file name starts with
+/// (`00042-<uuid>.metadata.json`).
+fn metadata_version(name: &str) -> Option<u64> {
+    let name = name.rsplit('/').next()?;
+    if !name.ends_with(".metadata.json") && !name.ends_with(".metadata.json.gz") {
+        return None;
+    }
+    name.split('-').next()?.parse().ok()
+}
+
+fn local_path(location: &str) -> Option<PathBuf> {
+    location.strip_prefix("file://").map(PathBuf::from)
+}
+
+struct ListedFile {
+    path: PathBuf,
+    bytes: u64,
+    modified: SystemTime,
+}
+
+fn list_files(root: &Path) -> Result<Vec<ListedFile>, MaintenanceError> {
+    let io = |context: String| move |source| MaintenanceError::Io { context, source };
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(io(format!("failed to list {}", dir.display()))(err)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(io(format!("failed to list {}", dir.display())))?;
+            let meta = entry
+                .metadata()
+                .map_err(io(format!("failed to stat {}", entry.path().display())))?;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else {
+                out.push(ListedFile {
+                    path: entry.path(),
+                    bytes: meta.len(),
+                    modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_version_is_read_from_the_file_name() {
+        assert_eq!(metadata_version("00042-0b1c.metadata.json"), Some(42));
+        assert_eq!(
+            metadata_version("file:///w/t/metadata/00007-ab.metadata.json"),
+            Some(7)
+        );
+        assert_eq!(metadata_version("snap-1-0-ab.avro"), None);
+        assert_eq!(metadata_version("ab-m0.avro"), None);
+    }
+
+    #[test]
+    fn replace_summary_keeps_offsets_and_totals_and_counts_the_move() {
+        let parent = Summary {
+            operation: Operation::Append,
+            additional_properties: HashMap::from([
+                (
+                    "k2.offsets.trades".to_string(),
+                    r#"{"0":{"next":10}}"#.to_string(),
+                ),
+                ("total-records".to_string(), "100".to_string()),
+                ("total-data-files".to_string(), "10".to_string()),
+                ("total-files-size".to_string(), "1000".to_string()),
+                ("added-records".to_string(), "7".to_string()),
+            ]),
+        };
+        let summary = replace_summary(&parent, &[], &[]);
+        assert_eq!(summary.operation, Operation::Replace);
+        let props = &summary.additional_properties;
+        assert_eq!(props["k2.offsets.trades"], r#"{"0":{"next":10}}"#);
+        assert_eq!(props["total-records"], "100");
+        assert_eq!(props["total-data-files"], "10");
+        assert!(
+            !props.contains_key("added-records"),
+            "a manifest-only rewrite adds nothing"
+        );
+    }
+}
