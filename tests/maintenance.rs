@@ -69,7 +69,10 @@ struct Fixture {
 
 impl Fixture {
     async fn new(dir: &Path, config: MaintenanceConfig) -> Fixture {
-        let catalog_config = catalog_config(dir);
+        Fixture::with_catalog(dir, catalog_config(dir), config).await
+    }
+
+    async fn with_catalog(dir: &Path, catalog_config: CatalogConfig, config: MaintenanceConfig) -> Fixture {
         let catalog = open_catalog(&catalog_config, dir).await.expect("catalog opens");
         let idents = TableIdents::new(&catalog_config.namespace);
         ensure_tables(catalog.as_ref(), &idents).await.expect("tables");
@@ -81,7 +84,7 @@ impl Fixture {
                 writer_id: "test".into(),
                 zstd_level: 1,
             },
-            maintainer: maintainer(dir, config).await,
+            maintainer: maintainer_on(dir, &catalog_config, config).await,
             catalog,
             idents,
             next: BTreeMap::new(),
@@ -145,10 +148,13 @@ impl Fixture {
 }
 
 async fn maintainer(dir: &Path, config: MaintenanceConfig) -> Maintainer {
-    let catalog_config = catalog_config(dir);
+    maintainer_on(dir, &catalog_config(dir), config).await
+}
+
+async fn maintainer_on(dir: &Path, catalog_config: &CatalogConfig, config: MaintenanceConfig) -> Maintainer {
     Maintainer {
-        catalog: open_catalog(&catalog_config, dir).await.expect("catalog opens"),
-        swap: MetadataSwap::connect(CatalogDb::new(&catalog_config, dir).expect("catalog db"))
+        catalog: open_catalog(catalog_config, dir).await.expect("catalog opens"),
+        swap: MetadataSwap::connect(CatalogDb::new(catalog_config, dir).expect("catalog db"))
             .await
             .expect("catalog database"),
         config,
@@ -437,6 +443,7 @@ async fn a_rewrite_rebases_onto_commits_made_while_it_worked() {
     let mut slow = maintainer(dir.path(), maintenance_config()).await;
     slow.hold = Duration::from_millis(1_500);
     let trades = fx.idents.trades.clone();
+    let before = fx.trades().await;
     let (report, ()) = futures::join!(slow.rewrite(&trades), async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         fx.commit(0, 40).await;
@@ -452,6 +459,25 @@ async fn a_rewrite_rebases_onto_commits_made_while_it_worked() {
     fx.assert_exact().await;
     let table = fx.trades().await;
     assert_eq!(table_health(&table).await.unwrap().manifests, 3);
+    let version = |t: &iceberg::table::Table| {
+        let name = t
+            .metadata_location()
+            .unwrap()
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .to_string();
+        name[..5].parse::<u32>().unwrap()
+    };
+    assert_eq!(
+        version(&table),
+        version(&before) + 3,
+        "two ingestion commits and the rewrite, each a new metadata file"
+    );
+    assert!(
+        table.metadata().metadata_log().len() >= 3,
+        "the previous metadata files are logged"
+    );
     assert_eq!(
         table.metadata().current_snapshot().unwrap().summary().operation,
         Operation::Replace
@@ -514,6 +540,36 @@ async fn the_metadata_swap_refuses_a_table_that_moved() {
         now.metadata_location(),
         "nothing changed"
     );
+    fx.assert_exact().await;
+}
+
+#[actix_rt::test]
+#[ignore = "needs K2_TEST_POSTGRES_URL; ./scripts/test runs it"]
+async fn maintenance_swaps_the_pointer_on_a_postgresql_catalog_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = CatalogConfig {
+        uri: required_env("K2_TEST_POSTGRES_URL"),
+        // A catalog name of its own keeps this run's tables apart from earlier runs'.
+        name: format!("k2test_{}", uuid::Uuid::now_v7().simple()),
+        ..catalog_config(dir.path())
+    };
+    let mut fx = Fixture::with_catalog(dir.path(), catalog, maintenance_config()).await;
+    for i in 0..10 {
+        fx.commit(i % 2, 30).await;
+    }
+    let before = fx.trades().await;
+    let swapped = fx
+        .maintainer
+        .swap
+        .swap(&fx.idents.trades, "not-where-it-points", "anywhere")
+        .await
+        .unwrap();
+    assert!(!swapped, "a stale expected location does not swap");
+    let report = fx.maintainer.rewrite(&fx.idents.trades).await.expect("rewrite");
+    assert_eq!((report.manifests_before, report.manifests_after), (10, 1));
+    assert_ne!(fx.trades().await.metadata_location(), before.metadata_location());
+    fx.assert_exact().await;
+    fx.commit(0, 30).await;
     fx.assert_exact().await;
 }
 
@@ -595,4 +651,82 @@ async fn sigkill_at_every_step_of_k2_maintain_leaves_the_table_exact() {
     assert_eq!(data_on_disk, live, "no orphan data file is left");
     assert_eq!(table_health(&table).await.unwrap().manifests, 1);
     assert_pyiceberg_reads(dir.path(), &fx.committed);
+}
+
+#[actix_rt::test]
+async fn a_running_pipeline_maintains_its_tables_in_the_background_and_stands_aside_at_soft() {
+    use k2::actors::supervisor::{ClearForce, ForceLevel};
+    use k2::degradation::DegradationLevel;
+
+    common::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(4);
+    let ids = dir.path().join("ids.csv");
+    let mut config = common::config(dir.path(), "k2-maintain");
+    config.commit.interval_ms = 100;
+    config.batcher.max_age_ms = 100;
+    config.maintenance = MaintenanceConfig {
+        interval_ms: 300,
+        retain_snapshots: 5,
+        orphan_min_age_ms: 3_600_000,
+        ..maintenance_config()
+    };
+    let pipeline = common::start(&config, &broker, dir.path(), "maintain").await;
+    let loadgen = common::spawn_loadgen(broker.bootstrap_servers(), &ids, 30_000, 5_000);
+    let status = pipeline.maintenance.clone();
+    common::wait_for(Duration::from_secs(60), "a pass that compacted", || {
+        let view = status.view();
+        async move { view.last_compaction_at.is_some() && view.passes >= 3 }
+    })
+    .await;
+    let view = status.view();
+    assert!(view.last_error.is_none(), "{view:?}");
+    let trades = &view.tables["market.trades"];
+    assert!(trades.manifests <= 4 + 10, "{view:?}");
+    assert!(trades.snapshots <= 5 + 10, "{view:?}");
+    let metrics = k2::metrics::install().render();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("k2_table_manifests{table=\"market.trades\"}")),
+        "k2_table_manifests is exported"
+    );
+
+    // At SOFT a pass no longer starts.
+    pipeline
+        .supervisor
+        .send(ForceLevel {
+            level: DegradationLevel::Soft,
+            reason: "test".into(),
+            ttl: None,
+        })
+        .await
+        .unwrap();
+    common::wait_for(Duration::from_secs(30), "maintenance paused", || {
+        let state = status.view().state;
+        async move { state == "paused" }
+    })
+    .await;
+    let passes = status.view().passes;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(status.view().passes, passes, "no pass runs at SOFT");
+    assert_eq!(status.view().state, "paused");
+    pipeline.supervisor.send(ClearForce).await.unwrap();
+    common::wait_for(Duration::from_secs(30), "maintenance resumed", || {
+        let view = status.view();
+        async move { view.passes > passes }
+    })
+    .await;
+
+    loadgen.await.unwrap().unwrap();
+    let expected = common::read_ids(&ids);
+    common::wait_for(Duration::from_secs(90), "every trade committed", || {
+        let (config, dir) = (config.clone(), dir.path().to_path_buf());
+        let want = expected.len() as u64;
+        async move { common::committed_trades(&config, &dir).await >= want }
+    })
+    .await;
+    pipeline.shutdown().await.unwrap();
+    let contents = common::read_tables(&config, dir.path()).await;
+    common::assert_exactly_once(&contents, &expected);
 }

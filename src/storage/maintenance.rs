@@ -341,7 +341,8 @@ impl Maintainer {
                         entry_file: entry.data_file().clone(),
                         snapshot_id: entry.snapshot_id(),
                         sequence_number: entry.sequence_number().unwrap_or(0),
-                        file_sequence_number: entry.file_sequence_number,
+                        // Only entries of v1 manifests lack it; the data sequence number is the file's.
+                        file_sequence_number: entry.file_sequence_number.or(entry.sequence_number()),
                     });
             }
         }
@@ -629,7 +630,9 @@ impl Maintainer {
                 .set_branch_snapshot(snapshot, MAIN_BRANCH)?
                 .build()?
                 .metadata;
-        let location = MetadataLocation::from_str(&base_location)?.with_new_metadata(&metadata);
+        let location = MetadataLocation::from_str(&base_location)?
+            .with_next_version()
+            .with_new_metadata(&metadata);
         metadata.write_to(base.file_io(), &location).await?;
         let location = location.to_string();
         if !self.swap.swap(ident, &base_location, &location).await? {
@@ -817,7 +820,7 @@ fn abandoned(ident: &TableIdent, why: &str) -> MaintenanceError {
 /// A positive snapshot id the table has not used.
 fn new_snapshot_id(table: &Table) -> i64 {
     loop {
-        let id = (uuid::Uuid::new_v4().as_u64_pair().0 & (i64::MAX as u64)) as i64;
+        let id = rand::random::<i64>() & i64::MAX;
         if id != 0 && table.metadata().snapshot_by_id(id).is_none() {
             return id;
         }
