@@ -14,7 +14,7 @@ mod common;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::{committed_trades, process_log, spawn_k2, stop_k2, write_run_config};
@@ -225,23 +225,7 @@ async fn chaos(variant: Variant, seed: u64) {
     stop_k2(child, dir.path(), &name);
     let log = process_log(dir.path(), &name);
 
-    let output = Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/interop/compare_ids.py"
-        ))
-        .arg(dir.path().join("catalog.db"))
-        .arg(format!("file://{}", dir.path().join("warehouse").display()))
-        .arg("market.trades")
-        .arg(&ids)
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "PyIceberg failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let found: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON from compare_ids.py");
+    let found = common::pyiceberg(&python, "compare_ids.py", dir.path(), &[ids.as_os_str()]);
     eprintln!(
         "chaos {variant:?} (seed {seed}): {KILLS} kills, {} inside a commit, in {elapsed:?}; {total} produced: {found}",
         run.in_commit

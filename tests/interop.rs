@@ -60,24 +60,7 @@ async fn pyiceberg_reads_the_rows_schema_and_offsets_k2_wrote() {
     let ours = read_tables(&config, dir.path()).await;
     assert_exactly_once(&ours, &expected);
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/read_table.py");
-    let warehouse = format!(
-        "file://{}",
-        dir.path().join("warehouse").canonicalize().unwrap().display()
-    );
-    let output = std::process::Command::new(&python)
-        .arg(script)
-        .arg(dir.path().join("catalog.db"))
-        .arg(&warehouse)
-        .arg("market.trades")
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "PyIceberg failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let found: serde_json::Value = serde_json::from_slice(&output.stdout).expect("script prints JSON");
+    let found = common::pyiceberg(&python, "read_table.py", dir.path(), &[]);
 
     assert_eq!(found["rows"], expected.len());
     assert_eq!(found["distinct_keys"], expected.len());

@@ -267,23 +267,7 @@ fn assert_pyiceberg_reads(dir: &Path, committed: &HashSet<String>) {
         .map(|id| format!("ASX,{},{id}\n", symbol_of(id)))
         .collect();
     std::fs::write(&ids, text).unwrap();
-    let output = Command::new(python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/interop/compare_ids.py"
-        ))
-        .arg(dir.join("catalog.db"))
-        .arg(format!("file://{}", dir.join("warehouse").display()))
-        .arg("market.trades")
-        .arg(&ids)
-        .output()
-        .expect("python runs");
-    assert!(
-        output.status.success(),
-        "PyIceberg failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let found: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let found = common::pyiceberg(&python, "compare_ids.py", dir, &[ids.as_os_str()]);
     assert_eq!(found["rows"], committed.len(), "{found}");
     assert_eq!(
         (&found["missing"], &found["duplicated"], &found["unknown"]),

@@ -335,3 +335,28 @@ pub async fn table_offsets(config: &K2Config, dir: &Path) -> std::collections::B
         .map(|offsets| offsets.iter().map(|(p, o)| (p, o.next_offset)).collect())
         .unwrap_or_default()
 }
+
+/// Runs `tests/interop/<script>` with `python` (PyIceberg) on the SQLite
+/// catalog and warehouse under `dir`, table `market.trades`, plus `extra`
+/// arguments; returns the JSON object it prints.
+pub fn pyiceberg(python: &str, script: &str, dir: &Path, extra: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let warehouse = dir.join("warehouse").canonicalize().expect("warehouse exists");
+    let output = Command::new(python)
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/interop")
+                .join(script),
+        )
+        .arg(dir.join("catalog.db"))
+        .arg(format!("file://{}", warehouse.display()))
+        .arg("market.trades")
+        .args(extra)
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "PyIceberg failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+}
