@@ -363,40 +363,24 @@ impl Maintainer {
         }
     }
 
-    /// Per partition, the small files worth rewriting, within the pass's
-    /// byte budget. Files of the default spec only: a table that evolved its
-    /// spec keeps older files as they are.
+    /// The small files worth rewriting this pass (see [`pick_compaction`]).
+    /// Files of the default spec only: a table that evolved its spec keeps
+    /// older files as they are.
     fn pick_small_files(&self, base: &Table, live: &BTreeMap<i32, Vec<Candidate>>) -> Vec<usize> {
         let spec_id = base.metadata().default_partition_spec_id();
         let Some(files) = live.get(&spec_id) else {
             return Vec::new();
         };
-        let small = self.config.small_file_bytes;
-        let mut by_partition: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (index, candidate) in files.iter().enumerate() {
-            if candidate.entry_file.file_size_in_bytes() < small {
-                by_partition
-                    .entry(format!("{:?}", candidate.entry_file.partition()))
-                    .or_default()
-                    .push(index);
-            }
-        }
-        let mut picked = Vec::new();
-        let mut budget = self.config.max_rewrite_bytes;
-        for indexes in by_partition.into_values() {
-            if indexes.len() < self.config.min_files_to_compact {
-                continue;
-            }
-            for index in indexes {
-                let size = files[index].entry_file.file_size_in_bytes();
-                if size > budget {
-                    return picked;
-                }
-                budget -= size;
-                picked.push(index);
-            }
-        }
-        picked
+        let sized: Vec<(String, u64)> = files
+            .iter()
+            .map(|c| {
+                (
+                    format!("{:?}", c.entry_file.partition()),
+                    c.entry_file.file_size_in_bytes(),
+                )
+            })
+            .collect();
+        pick_compaction(&sized, &self.config)
     }
 
     /// Writes the compacted data files and the merged manifests.
@@ -777,6 +761,47 @@ impl Maintainer {
     }
 }
 
+/// Smallest size tier: files under 4× this share tier 0.
+const TIER_BASE_BYTES: u64 = 64 << 10;
+
+/// Size tier of a file: files within a factor of 4 of each other share one.
+fn size_tier(bytes: u64) -> u32 {
+    (bytes / TIER_BASE_BYTES).max(1).ilog2() / 2
+}
+
+/// Which of `files` ((table partition, bytes) each) to compact this pass:
+/// per table partition and size tier, the files under `small_file_bytes`
+/// once there are `min_files_to_compact` of them, within
+/// `max_rewrite_bytes`. Compacting only peers of one tier makes a file
+/// rewritten once per tier it climbs (about log4 of how much it grows), not
+/// once per pass: rewriting every small file of a partition each pass would
+/// read and write a growing file again and again.
+fn pick_compaction(files: &[(String, u64)], config: &MaintenanceConfig) -> Vec<usize> {
+    let mut groups: BTreeMap<(&str, u32), Vec<usize>> = BTreeMap::new();
+    for (index, (partition, bytes)) in files.iter().enumerate() {
+        if *bytes < config.small_file_bytes {
+            groups
+                .entry((partition.as_str(), size_tier(*bytes)))
+                .or_default()
+                .push(index);
+        }
+    }
+    let mut picked = Vec::new();
+    let mut budget = config.max_rewrite_bytes;
+    for indexes in groups.into_values() {
+        if indexes.len() < config.min_files_to_compact {
+            continue;
+        }
+        let bytes: u64 = indexes.iter().map(|&i| files[i].1).sum();
+        if bytes > budget {
+            continue;
+        }
+        budget -= bytes;
+        picked.extend(indexes);
+    }
+    picked
+}
+
 /// Counts what `table`'s current state costs a reader.
 pub async fn table_health(table: &Table) -> Result<TableHealth, MaintenanceError> {
     let mut health = TableHealth {
@@ -977,6 +1002,72 @@ fn list_files(root: &Path) -> Result<Vec<ListedFile>, MaintenanceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config() -> MaintenanceConfig {
+        MaintenanceConfig {
+            small_file_bytes: 32 << 20,
+            min_files_to_compact: 4,
+            max_rewrite_bytes: 512 << 20,
+            ..MaintenanceConfig::default()
+        }
+    }
+
+    #[test]
+    fn compaction_waits_for_enough_small_peers_per_partition_and_tier() {
+        let day = |d: &str, kib: u64| (d.to_string(), kib << 10);
+        let files = vec![
+            day("d1", 10),
+            day("d1", 12),
+            day("d1", 9),
+            day("d2", 10),
+            day("d1", 11),
+            day("d1", 2_000),
+            day("d1", 64 << 10),
+        ];
+        // d1 has four tier-0 files; its 2 MB file has no peers and its 64 MiB one is not small.
+        assert_eq!(pick_compaction(&files, &config()), vec![0, 1, 2, 4]);
+        let few = &files[..3];
+        assert!(pick_compaction(few, &config()).is_empty(), "three are not enough");
+        let tight = MaintenanceConfig {
+            max_rewrite_bytes: 40 << 10,
+            ..config()
+        };
+        assert!(
+            pick_compaction(&files, &tight).is_empty(),
+            "over the pass's budget"
+        );
+    }
+
+    #[test]
+    fn each_byte_is_rewritten_about_once_per_tier_not_once_per_pass() {
+        // 2,000 passes, each after one ingestion commit of a 16 KiB file.
+        let config = config();
+        let mut files: Vec<(String, u64)> = Vec::new();
+        let (mut ingested, mut rewritten) = (0u64, 0u64);
+        for _ in 0..2_000 {
+            files.push(("d".into(), 16 << 10));
+            ingested += 16 << 10;
+            let picked = pick_compaction(&files, &config);
+            let bytes: u64 = picked.iter().map(|&i| files[i].1).sum();
+            rewritten += bytes;
+            let mut kept: Vec<(String, u64)> = files
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !picked.contains(i))
+                .map(|(_, f)| f.clone())
+                .collect();
+            if bytes > 0 {
+                kept.push(("d".into(), bytes));
+            }
+            files = kept;
+        }
+        let amplification = rewritten as f64 / ingested as f64;
+        assert!(
+            amplification < 6.0,
+            "each byte rewritten {amplification:.1} times"
+        );
+        assert!(files.len() < 20, "{} files left", files.len());
+    }
 
     #[test]
     fn metadata_version_is_read_from_the_file_name() {
