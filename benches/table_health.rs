@@ -43,6 +43,8 @@ struct Args {
     interval_ms: u64,
     /// Milliseconds from one commit's start to the next (the committer's interval).
     commit_interval_ms: u64,
+    /// Unreferenced files older than this are deleted.
+    orphan_min_age_ms: u64,
     quick: bool,
 }
 
@@ -65,6 +67,7 @@ fn args() -> Args {
         before: argv.iter().any(|a| a == "--before"),
         interval_ms: value("--interval-ms").unwrap_or(if quick { 200 } else { 3_000 }),
         commit_interval_ms: value("--commit-interval-ms").unwrap_or(if quick { 0 } else { 50 }),
+        orphan_min_age_ms: value("--orphan-min-age-ms").unwrap_or(if quick { 1_000 } else { 60_000 }),
         quick,
     }
 }
@@ -142,6 +145,9 @@ fn median(values: &mut [f64]) -> f64 {
 async fn main() {
     let args = args();
     let dir = tempfile::tempdir().expect("temp dir");
+    if std::env::var_os("K2_BENCH_KEEP_DIR").is_some() {
+        eprintln!("table health: working in {} (kept)", dir.path().display());
+    }
     let catalog_config = CatalogConfig {
         uri: format!("sqlite:{}/catalog.db", dir.path().display()),
         warehouse: dir.path().join("warehouse").display().to_string(),
@@ -163,9 +169,7 @@ async fn main() {
             .await
             .expect("catalog database"),
         config: MaintenanceConfig {
-            // The compacted files of a run this size stay well under the
-            // default target; small files are the ingestion commits'.
-            orphan_min_age_ms: 60_000,
+            orphan_min_age_ms: args.orphan_min_age_ms,
             ..MaintenanceConfig::default()
         },
         zstd_level: 1,
@@ -246,6 +250,10 @@ async fn main() {
         }
     }
     done.store(true, Relaxed);
+    if std::env::var_os("K2_BENCH_KEEP_DIR").is_some() {
+        let _ = dir.keep();
+        return;
+    }
     let (passes, failed) = match background {
         Some(task) => task.await.expect("maintenance task"),
         None => (0, 0),

@@ -313,7 +313,8 @@ pub struct MaintenanceConfig {
     pub small_file_bytes: u64,
     /// Compacted files are rolled at this size.
     pub target_file_size_bytes: u64,
-    /// A partition is compacted once it has at least this many small files.
+    /// A table partition's small files of one size tier (files within 4× of each other) are
+    /// compacted together once this many gather; a compacted file climbs to the next tier.
     pub min_files_to_compact: usize,
     /// Bytes of small files one pass rewrites at most (bounds its memory and CPU; the rest waits for
     /// the next pass).

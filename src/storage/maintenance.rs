@@ -86,6 +86,15 @@ pub enum MaintenanceError {
     },
     #[error("{table}: holds delete files; K2 writes none, so maintenance leaves this table alone")]
     HasDeleteFiles { table: String },
+    /// The swap was sent but its outcome is unknown or could not be read
+    /// back. The rewrite's files stay: the table may reference them (if it
+    /// does not, orphan cleanup takes them).
+    #[error("{table}: the rewrite may have been committed, keeping its files: {source}")]
+    Unconfirmed {
+        table: String,
+        #[source]
+        source: Box<MaintenanceError>,
+    },
 }
 
 /// What one step of a pass did to one table (for logs, metrics and `k2 maintain`).
@@ -356,6 +365,7 @@ impl Maintainer {
         self.held("rewrite files written").await;
         match self.commit_staged(ident, &staged, &mut report).await {
             Ok(()) => Ok(report),
+            Err(err @ MaintenanceError::Unconfirmed { .. }) => Err(err),
             Err(err) => {
                 delete_quietly(base.file_io(), &staged.written).await;
                 Err(err)
@@ -590,6 +600,7 @@ impl Maintainer {
                     delete_quietly(base.file_io(), &[list_path]).await;
                     warn!(table = %ident, attempt, "rewrite lost a commit race, rebasing onto the new snapshot");
                 }
+                Err(err @ MaintenanceError::Unconfirmed { .. }) => return Err(err),
                 Err(err) => {
                     delete_quietly(base.file_io(), &[list_path]).await;
                     return Err(err);
@@ -619,18 +630,33 @@ impl Maintainer {
             .with_new_metadata(&metadata);
         metadata.write_to(base.file_io(), &location).await?;
         let location = location.to_string();
-        if !self.swap.swap(ident, &base_location, &location).await? {
+        // From here on the table may point at the new snapshot: an error
+        // must not let the caller delete what it references.
+        let unconfirmed = |source: MaintenanceError| MaintenanceError::Unconfirmed {
+            table: ident.to_string(),
+            source: Box::new(source),
+        };
+        if !self
+            .swap
+            .swap(ident, &base_location, &location)
+            .await
+            .map_err(unconfirmed)?
+        {
             delete_quietly(base.file_io(), std::slice::from_ref(&location)).await;
             return Ok(false);
         }
         self.held("rewrite committed").await;
-        let current = self.catalog.load_table(ident).await?;
+        let current = self
+            .catalog
+            .load_table(ident)
+            .await
+            .map_err(|e| unconfirmed(e.into()))?;
         if current.metadata().snapshot_by_id(snapshot_id).is_none() {
-            return Err(MaintenanceError::NotPersisted {
+            return Err(unconfirmed(MaintenanceError::NotPersisted {
                 table: ident.to_string(),
                 location,
                 snapshot_id,
-            });
+            }));
         }
         Ok(true)
     }
@@ -651,7 +677,10 @@ impl Maintainer {
                 .retain_last(self.config.retain_snapshots),
             tx,
         )?;
-        let after = tx.commit(self.catalog.as_ref()).await?;
+        tx.commit(self.catalog.as_ref()).await?;
+        // What the table holds now, read back: a commit the catalog reported
+        // but did not make (ADR 0006) must not delete a file.
+        let after = self.catalog.load_table(ident).await?;
         let retained: HashSet<i64> = after.metadata().snapshots().map(|s| s.snapshot_id()).collect();
         let expired: Vec<SnapshotRef> = before
             .into_iter()
@@ -982,9 +1011,12 @@ fn list_files(root: &Path) -> Result<Vec<ListedFile>, MaintenanceError> {
         };
         for entry in entries {
             let entry = entry.map_err(io(format!("failed to list {}", dir.display())))?;
-            let meta = entry
-                .metadata()
-                .map_err(io(format!("failed to stat {}", entry.path().display())))?;
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Deleted since it was listed (a cleanup or a lost race).
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(io(format!("failed to stat {}", entry.path().display()))(err)),
+            };
             if meta.is_dir() {
                 dirs.push(entry.path());
             } else {
