@@ -316,8 +316,9 @@ pub struct MaintenanceConfig {
     /// A table partition's small files of one size tier (files within 4× of each other) are
     /// compacted together once this many gather; a compacted file climbs to the next tier.
     pub min_files_to_compact: usize,
-    /// Bytes of small files one pass rewrites at most (bounds its memory and CPU; the rest waits for
-    /// the next pass).
+    /// Bytes of small files one pass rewrites at most, the rest waiting for the next pass. Bounds a
+    /// pass's CPU and its memory: it decodes one group (a partition's files of one size tier) at a
+    /// time, which Arrow holds in several times its Parquet size.
     pub max_rewrite_bytes: u64,
     /// Snapshots kept when old ones are expired (how far back readers can time-travel). Files only
     /// expired snapshots referenced are deleted.
@@ -451,7 +452,7 @@ impl Default for MaintenanceConfig {
             small_file_bytes: 32 * MIB,
             target_file_size_bytes: 128 * MIB,
             min_files_to_compact: 4,
-            max_rewrite_bytes: 512 * MIB,
+            max_rewrite_bytes: 128 * MIB,
             retain_snapshots: 20,
             keep_metadata_files: 20,
             orphan_min_age_ms: 24 * 3_600_000,

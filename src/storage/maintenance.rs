@@ -373,10 +373,10 @@ impl Maintainer {
         }
     }
 
-    /// The small files worth rewriting this pass (see [`pick_compaction`]).
-    /// Files of the default spec only: a table that evolved its spec keeps
-    /// older files as they are.
-    fn pick_small_files(&self, base: &Table, live: &BTreeMap<i32, Vec<Candidate>>) -> Vec<usize> {
+    /// The small files worth rewriting this pass, in groups (see
+    /// [`pick_compaction`]). Files of the default spec only: a table that
+    /// evolved its spec keeps older files as they are.
+    fn pick_small_files(&self, base: &Table, live: &BTreeMap<i32, Vec<Candidate>>) -> Vec<Vec<usize>> {
         let spec_id = base.metadata().default_partition_spec_id();
         let Some(files) = live.get(&spec_id) else {
             return Vec::new();
@@ -399,14 +399,15 @@ impl Maintainer {
         base: &Table,
         snapshot: &SnapshotRef,
         live: &BTreeMap<i32, Vec<Candidate>>,
-        compact: &[usize],
+        compact: &[Vec<usize>],
         report: &mut RewriteReport,
     ) -> Result<Staged, MaintenanceError> {
         let metadata = base.metadata();
         let file_io = base.file_io();
         let snapshot_id = new_snapshot_id(base);
         let default_spec = metadata.default_partition_spec_id();
-        let compact: HashSet<usize> = compact.iter().copied().collect();
+        let groups = compact;
+        let compact: HashSet<usize> = groups.iter().flatten().copied().collect();
         let mut staged = Staged {
             snapshot_id,
             replaced_manifests: base
@@ -423,18 +424,19 @@ impl Maintainer {
             written: Vec::new(),
         };
         let result = async {
-            if !compact.is_empty() {
+            // One group at a time: the pass holds one group's rows, not all.
+            for group in groups {
                 let files = &live[&default_spec];
-                let inputs: Vec<&DataFile> = compact.iter().map(|&i| &files[i].entry_file).collect();
+                let inputs: Vec<&DataFile> = group.iter().map(|&i| &files[i].entry_file).collect();
                 let added = self.compact(base, &inputs).await?;
                 staged
                     .written
                     .extend(added.iter().map(|f| f.file_path().to_string()));
-                report.files_compacted = inputs.len();
-                report.files_written = added.len();
-                report.rows_rewritten = inputs.iter().map(|f| f.record_count()).sum();
-                report.bytes_rewritten = inputs.iter().map(|f| f.file_size_in_bytes()).sum();
-                staged.added = added;
+                report.files_compacted += inputs.len();
+                report.files_written += added.len();
+                report.rows_rewritten += inputs.iter().map(|f| f.record_count()).sum::<u64>();
+                report.bytes_rewritten += inputs.iter().map(|f| f.file_size_in_bytes()).sum::<u64>();
+                staged.added.extend(added);
             }
             for (&spec_id, files) in live {
                 let spec = metadata
@@ -798,37 +800,43 @@ fn size_tier(bytes: u64) -> u32 {
     (bytes / TIER_BASE_BYTES).max(1).ilog2() / 2
 }
 
-/// Which of `files` ((table partition, bytes) each) to compact this pass:
-/// per table partition and size tier, the files under `small_file_bytes`
-/// once there are `min_files_to_compact` of them, within
+/// Which of `files` ((table partition, bytes) each) to compact this pass,
+/// in groups that are each rewritten together: per table partition and size
+/// tier, the files under `small_file_bytes` once there are
+/// `min_files_to_compact` of them, smallest first within what is left of
 /// `max_rewrite_bytes`. Compacting only peers of one tier makes a file
 /// rewritten once per tier it climbs (about log4 of how much it grows), not
 /// once per pass: rewriting every small file of a partition each pass would
 /// read and write a growing file again and again.
-fn pick_compaction(files: &[(String, u64)], config: &MaintenanceConfig) -> Vec<usize> {
-    let mut groups: BTreeMap<(&str, u32), Vec<usize>> = BTreeMap::new();
+fn pick_compaction(files: &[(String, u64)], config: &MaintenanceConfig) -> Vec<Vec<usize>> {
+    let mut tiers: BTreeMap<(&str, u32), Vec<usize>> = BTreeMap::new();
     for (index, (partition, bytes)) in files.iter().enumerate() {
         if *bytes < config.small_file_bytes {
-            groups
+            tiers
                 .entry((partition.as_str(), size_tier(*bytes)))
                 .or_default()
                 .push(index);
         }
     }
-    let mut picked = Vec::new();
+    let mut groups = Vec::new();
     let mut budget = config.max_rewrite_bytes;
-    for indexes in groups.into_values() {
-        if indexes.len() < config.min_files_to_compact {
-            continue;
+    for mut indexes in tiers.into_values() {
+        indexes.sort_by_key(|&i| files[i].1);
+        let mut group = Vec::new();
+        for index in indexes {
+            if files[index].1 > budget {
+                break;
+            }
+            budget -= files[index].1;
+            group.push(index);
         }
-        let bytes: u64 = indexes.iter().map(|&i| files[i].1).sum();
-        if bytes > budget {
-            continue;
+        if group.len() >= config.min_files_to_compact {
+            groups.push(group);
+        } else {
+            budget += group.iter().map(|&i| files[i].1).sum::<u64>();
         }
-        budget -= bytes;
-        picked.extend(indexes);
     }
-    picked
+    groups
 }
 
 /// Counts what `table`'s current state costs a reader.
@@ -1057,7 +1065,7 @@ mod tests {
             day("d1", 64 << 10),
         ];
         // d1 has four tier-0 files; its 2 MB file has no peers and its 64 MiB one is not small.
-        assert_eq!(pick_compaction(&files, &config()), vec![0, 1, 2, 4]);
+        assert_eq!(pick_compaction(&files, &config()), vec![vec![2, 0, 4, 1]]);
         let few = &files[..3];
         assert!(pick_compaction(few, &config()).is_empty(), "three are not enough");
         let tight = MaintenanceConfig {
@@ -1079,16 +1087,17 @@ mod tests {
         for _ in 0..2_000 {
             files.push(("d".into(), 16 << 10));
             ingested += 16 << 10;
-            let picked = pick_compaction(&files, &config);
-            let bytes: u64 = picked.iter().map(|&i| files[i].1).sum();
-            rewritten += bytes;
+            let groups = pick_compaction(&files, &config);
+            let picked: Vec<usize> = groups.iter().flatten().copied().collect();
             let mut kept: Vec<(String, u64)> = files
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| !picked.contains(i))
                 .map(|(_, f)| f.clone())
                 .collect();
-            if bytes > 0 {
+            for group in &groups {
+                let bytes: u64 = group.iter().map(|&i| files[i].1).sum();
+                rewritten += bytes;
                 kept.push(("d".into(), bytes));
             }
             files = kept;
