@@ -27,7 +27,7 @@ use k2::config::{CatalogConfig, MaintenanceConfig};
 use k2::model::{Side, SideRows, Trade};
 use k2::storage::catalog::{CatalogDb, open_catalog};
 use k2::storage::commit::{Committer, PartitionRange};
-use k2::storage::maintenance::{Maintainer, MetadataSwap, TableHealth, table_health};
+use k2::storage::maintenance::{Maintainer, MetadataSwap, PassScope, TableHealth, table_health};
 use k2::storage::tables::{TableIdents, ensure_tables};
 use k2::storage::writer::{TableWriter, TradeBatchBuilder};
 
@@ -183,7 +183,9 @@ async fn main() {
             let (mut passes, mut failed) = (0u64, 0u64);
             while !done.load(Relaxed) {
                 tokio::time::sleep(interval).await;
-                let (end, reports) = maintainer.run_pass(&tables, || !done.load(Relaxed), |_| {}).await;
+                let (end, reports) = maintainer
+                    .run_pass(&tables, PassScope::Full, || !done.load(Relaxed), |_| {})
+                    .await;
                 passes += 1;
                 if let Some(err) = reports.iter().find_map(|r| r.error.clone()) {
                     eprintln!("maintenance pass {passes} failed ({end:?}): {err}");
@@ -268,7 +270,9 @@ async fn main() {
     if !args.before {
         // One last pass, as the next interval would run: the table ends with
         // one manifest and the retained snapshots, however long the run.
-        let (end, reports) = maintainer.run_pass(&idents.all(), || true, |_| {}).await;
+        let (end, reports) = maintainer
+            .run_pass(&idents.all(), PassScope::Full, || true, |_| {})
+            .await;
         let health = &reports[0].health;
         println!(
             "after a final pass ({}): {} manifests, {} data files, {} metadata bytes, {} snapshots",

@@ -299,7 +299,8 @@ pub struct CommitConfig {
 }
 
 /// Table maintenance, run by one background actor (and by `k2 maintain`): keeps commit time, file
-/// count and metadata size flat however long K2 runs. Paused at SOFT and above.
+/// count and metadata size flat however long K2 runs. At SOFT and above only manifests are merged and
+/// snapshots expired; compaction and the orphan sweep wait for NORMAL.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaintenanceConfig {

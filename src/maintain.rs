@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::K2Config;
 use crate::storage::catalog::{CatalogDb, open_existing_catalog};
-use crate::storage::maintenance::{Maintainer, MetadataSwap, PassEnd, TableHealth, TableReport};
+use crate::storage::maintenance::{Maintainer, MetadataSwap, PassEnd, PassScope, TableHealth, TableReport};
 use crate::storage::tables::TableIdents;
 
 /// What `k2 maintain` found and did.
@@ -60,6 +60,7 @@ pub async fn maintain(config: &K2Config, base_dir: &Path, progress: bool) -> any
     let (end, reports) = maintainer
         .run_pass(
             &tables,
+            PassScope::Full,
             || true,
             |report| {
                 bar.inc(1);

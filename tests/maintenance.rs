@@ -19,7 +19,7 @@ use k2::config::{CatalogConfig, MaintenanceConfig};
 use k2::model::{Side, SideRows, Trade};
 use k2::storage::catalog::{CatalogDb, open_catalog};
 use k2::storage::commit::{Committer, PartitionRange};
-use k2::storage::maintenance::{Maintainer, MetadataSwap, PassEnd, table_health};
+use k2::storage::maintenance::{Maintainer, MetadataSwap, PassEnd, PassScope, table_health};
 use k2::storage::offsets::TopicOffsets;
 use k2::storage::reader::scan_trade_keys;
 use k2::storage::tables::{TableIdents, ensure_tables};
@@ -297,7 +297,10 @@ async fn a_pass_merges_compacts_expires_and_cleans_while_rows_and_offsets_stay_e
     // A file no commit took (a process killed after writing it).
     let orphan = write_range(&fx.committer, 5, 0, 10).await;
 
-    let (end, reports) = fx.maintainer.run_pass(&fx.idents.all(), || true, |_| {}).await;
+    let (end, reports) = fx
+        .maintainer
+        .run_pass(&fx.idents.all(), PassScope::Full, || true, |_| {})
+        .await;
     assert_eq!(end, PassEnd::Done, "{reports:?}");
     let trades = &reports[0];
     assert_eq!(trades.table, fx.idents.trades.to_string());
@@ -388,7 +391,9 @@ async fn maintenance_and_ingestion_commits_race_and_neither_loses() {
         async move {
             let (mut rewrites, mut conflicts, mut passes) = (0, 0, 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let (end, reports) = maintainer.run_pass(&idents.all()[..1], || true, |_| {}).await;
+                let (end, reports) = maintainer
+                    .run_pass(&idents.all()[..1], PassScope::Full, || true, |_| {})
+                    .await;
                 passes += 1;
                 let report = &reports[0];
                 assert_ne!(end, PassEnd::Failed, "{report:?}");
@@ -408,7 +413,9 @@ async fn maintenance_and_ingestion_commits_race_and_neither_loses() {
     eprintln!("{passes} passes, {rewrites} rewrites, {conflicts} rewrite races lost and rebased");
     assert!(rewrites >= 3, "maintenance rewrote the table while ingestion ran");
     fx.assert_exact().await;
-    let (end, reports) = maintainer.run_pass(&idents.all()[..1], || true, |_| {}).await;
+    let (end, reports) = maintainer
+        .run_pass(&idents.all()[..1], PassScope::Full, || true, |_| {})
+        .await;
     assert_eq!(end, PassEnd::Done, "{reports:?}");
     assert_eq!(reports[0].health.manifests, 1, "{reports:?}");
     assert!(reports[0].health.snapshots <= 3, "{reports:?}");
@@ -638,7 +645,7 @@ async fn sigkill_at_every_step_of_k2_maintain_leaves_the_table_exact() {
 }
 
 #[actix_rt::test]
-async fn a_running_pipeline_maintains_its_tables_in_the_background_and_stands_aside_at_soft() {
+async fn a_running_pipeline_maintains_its_tables_in_the_background_and_only_merges_at_soft() {
     use k2::actors::supervisor::{ClearForce, ForceLevel};
     use k2::degradation::DegradationLevel;
 
@@ -647,6 +654,8 @@ async fn a_running_pipeline_maintains_its_tables_in_the_background_and_stands_as
     let broker = common::broker(4);
     let ids = dir.path().join("ids.csv");
     let mut config = common::config(dir.path(), "k2-maintain");
+    // The level is forced here; the embedded broker's retention would raise it on its own.
+    common::without_retention_headroom(&mut config);
     config.commit.interval_ms = 100;
     config.batcher.max_age_ms = 100;
     config.maintenance = MaintenanceConfig {
@@ -656,7 +665,7 @@ async fn a_running_pipeline_maintains_its_tables_in_the_background_and_stands_as
         ..maintenance_config()
     };
     let pipeline = common::start(&config, &broker, dir.path(), "maintain").await;
-    let loadgen = common::spawn_loadgen(broker.bootstrap_servers(), &ids, 30_000, 5_000);
+    let loadgen = common::spawn_loadgen(broker.bootstrap_servers(), &ids, 60_000, 5_000);
     let status = pipeline.maintenance.clone();
     common::wait_for(Duration::from_secs(60), "a pass that compacted", || {
         let view = status.view();
@@ -676,7 +685,7 @@ async fn a_running_pipeline_maintains_its_tables_in_the_background_and_stands_as
         "k2_table_manifests is exported"
     );
 
-    // At SOFT a pass no longer starts.
+    // At SOFT only light passes run: manifests are merged, nothing is compacted.
     pipeline
         .supervisor
         .send(ForceLevel {
@@ -686,20 +695,39 @@ async fn a_running_pipeline_maintains_its_tables_in_the_background_and_stands_as
         })
         .await
         .unwrap();
-    common::wait_for(Duration::from_secs(30), "maintenance paused", || {
-        let state = status.view().state;
-        async move { state == "paused" }
+    common::wait_for(Duration::from_secs(30), "a light pass", || {
+        let view = status.view();
+        async move { view.light_passes >= 1 }
     })
     .await;
-    let passes = status.view().passes;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert_eq!(status.view().passes, passes, "no pass runs at SOFT");
-    assert_eq!(status.view().state, "paused");
-    pipeline.supervisor.send(ClearForce).await.unwrap();
-    common::wait_for(Duration::from_secs(30), "maintenance resumed", || {
+    let compacted = status.view().files_compacted;
+    let light = status.view().light_passes;
+    common::wait_for(Duration::from_secs(30), "two more light passes", || {
         let view = status.view();
-        async move { view.passes > passes }
+        async move { view.light_passes >= light + 2 }
     })
+    .await;
+    let view = status.view();
+    assert_eq!(view.state, "light", "{view:?}");
+    assert_eq!(
+        view.files_compacted, compacted,
+        "nothing is compacted at SOFT: {view:?}"
+    );
+    assert!(view.last_error.is_none(), "{view:?}");
+    assert!(
+        view.tables["market.trades"].manifests <= 4 + 10,
+        "manifests are still merged at SOFT: {view:?}"
+    );
+    pipeline.supervisor.send(ClearForce).await.unwrap();
+    let passes = status.view().passes;
+    common::wait_for(
+        Duration::from_secs(30),
+        "passes after the force is cleared",
+        || {
+            let view = status.view();
+            async move { view.passes > passes + 1 }
+        },
+    )
     .await;
 
     loadgen.await.unwrap().unwrap();

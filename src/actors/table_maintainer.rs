@@ -5,9 +5,12 @@
 //! snapshots and delete what only they referenced, delete old metadata and
 //! orphans). It runs on an arbiter of its own, with a catalog connection of
 //! its own, so a compaction's Parquet work never holds up a lane or the
-//! committer; and it stands aside at SOFT and above: a pass stops between
-//! steps once the level rises and none starts until it is back to NORMAL,
-//! so maintenance never competes with ingestion that is already behind.
+//! committer. At SOFT and above it runs light passes: compaction and the
+//! orphan sweep (the heavy, deferrable part) wait for NORMAL, and a full pass
+//! stops between steps once the level rises; merging manifests and expiring
+//! snapshots go on, because they cut what every commit costs, which is what
+//! SOFT is for, and a table left to grow while the level stays up makes
+//! commits slower and the level higher (ADR 0008).
 //!
 //! What it did and how each table stands is in `/v1/pipeline`
 //! (`maintenance`) and in the `k2_table_*` / `k2_maintenance_*` metrics.
@@ -25,14 +28,19 @@ use crate::degradation::DegradationLevel;
 use crate::faults::Faults;
 use crate::messages::LevelChanged;
 use crate::metrics as m;
-use crate::storage::maintenance::{Maintainer, PassEnd, TableHealth, TableReport};
+use crate::storage::maintenance::{Maintainer, PassEnd, PassScope, TableHealth, TableReport};
 
 /// What `/v1/pipeline` shows of maintenance.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct MaintenanceView {
-    /// `idle`, `running`, `paused` (level at SOFT or above) or `off` (interval 0).
+    /// `idle`, `running` (a full pass), `light` (level at SOFT or above: light passes only) or `off`
+    /// (interval 0).
     pub state: &'static str,
     pub passes: u64,
+    /// Of the passes, the light ones.
+    pub light_passes: u64,
+    /// Small files rewritten since start.
+    pub files_compacted: u64,
     pub last_pass_end: Option<PassEnd>,
     pub last_pass_at: Option<String>,
     pub last_pass_ms: Option<u64>,
@@ -117,7 +125,7 @@ impl TableMaintainerCounters {
 pub struct TableMaintainer {
     params: TableMaintainerParams,
     maintainer: Option<Arc<Maintainer>>,
-    /// Set at SOFT and above; a running pass reads it between steps.
+    /// Set at SOFT and above; a running full pass reads it between steps.
     stand_aside: Arc<AtomicBool>,
     running: bool,
     counters: TableMaintainerCounters,
@@ -138,10 +146,6 @@ impl TableMaintainer {
         if self.running {
             return;
         }
-        if self.stand_aside.load(Relaxed) {
-            self.params.status.update(|v| v.state = "paused");
-            return;
-        }
         if self.params.faults.catalog_down() {
             self.params
                 .status
@@ -149,7 +153,17 @@ impl TableMaintainer {
             return;
         }
         self.running = true;
-        self.params.status.update(|v| v.state = "running");
+        let scope = if self.stand_aside.load(Relaxed) {
+            PassScope::Light
+        } else {
+            PassScope::Full
+        };
+        self.params.status.update(|v| {
+            v.state = match scope {
+                PassScope::Full => "running",
+                PassScope::Light => "light",
+            }
+        });
         let cached = self.maintainer.clone();
         let open = (self.params.open)();
         let tables = self.params.tables.clone();
@@ -161,9 +175,9 @@ impl TableMaintainer {
                     Some(maintainer) => maintainer,
                     None => Arc::new(open.await?),
                 };
-                let (end, reports) = maintainer
-                    .run_pass(&tables, || !stand_aside.load(Relaxed), |_| {})
-                    .await;
+                // A full pass stops once the level rises; a light one goes on.
+                let keep_going = || scope == PassScope::Light || !stand_aside.load(Relaxed);
+                let (end, reports) = maintainer.run_pass(&tables, scope, keep_going, |_| {}).await;
                 Ok::<_, anyhow::Error>((maintainer, end, reports))
             }
             .into_actor(self)
@@ -173,7 +187,7 @@ impl TableMaintainer {
                 match result {
                     Ok((maintainer, end, reports)) => {
                         act.maintainer = Some(maintainer);
-                        act.finish_pass(end, &reports, elapsed);
+                        act.finish_pass(scope, end, &reports, elapsed);
                     }
                     Err(err) => {
                         warn!(error = %err, "table maintenance could not start; will try again");
@@ -189,7 +203,7 @@ impl TableMaintainer {
         );
     }
 
-    fn finish_pass(&mut self, end: PassEnd, reports: &[TableReport], elapsed: Duration) {
+    fn finish_pass(&mut self, scope: PassScope, end: PassEnd, reports: &[TableReport], elapsed: Duration) {
         self.counters.record_pass(end, elapsed);
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let mut compacted = false;
@@ -207,10 +221,13 @@ impl TableMaintainer {
             files_deleted = self.counters.num_files_deleted,
             "table maintenance pass ended"
         );
-        let paused = self.stand_aside.load(Relaxed);
+        let light = self.stand_aside.load(Relaxed);
+        let compacted_files = self.counters.num_files_compacted;
         self.params.status.update(|v| {
-            v.state = if paused { "paused" } else { "idle" };
+            v.state = if light { "light" } else { "idle" };
             v.passes += 1;
+            v.light_passes += u64::from(scope == PassScope::Light);
+            v.files_compacted = compacted_files;
             v.last_pass_end = Some(end);
             v.last_pass_at = Some(now.clone());
             v.last_pass_ms = Some(elapsed.as_millis() as u64);
@@ -249,12 +266,12 @@ impl Handler<LevelChanged> for TableMaintainer {
     fn handle(&mut self, msg: LevelChanged, _: &mut Context<Self>) {
         let aside = msg.level >= DegradationLevel::Soft;
         if aside != self.stand_aside.swap(aside, Relaxed) {
-            info!(level = %msg.level, paused = aside, "table maintenance follows the level");
+            info!(level = %msg.level, light = aside, "table maintenance follows the level");
         }
         if !self.params.interval.is_zero() && !self.running {
             self.params
                 .status
-                .update(|v| v.state = if aside { "paused" } else { "idle" });
+                .update(|v| v.state = if aside { "light" } else { "idle" });
         }
     }
 }

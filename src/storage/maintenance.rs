@@ -152,6 +152,18 @@ pub struct TableReport {
     pub error: Option<String>,
 }
 
+/// What a pass does. Compaction and the orphan sweep are the heavy, deferrable
+/// part; merging manifests and expiring snapshots cut what every commit costs,
+/// which is what SOFT exists to cut, so they go on at SOFT and above (ADR 0008).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassScope {
+    /// Every step.
+    Full,
+    /// Manifest merging, snapshot expiry and metadata cleanup only.
+    Light,
+}
+
 /// How a pass ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -257,6 +269,7 @@ impl Maintainer {
     pub async fn run_pass(
         &self,
         tables: &[TableIdent],
+        scope: PassScope,
         keep_going: impl Fn() -> bool,
         mut on_table: impl FnMut(&TableReport),
     ) -> (PassEnd, Vec<TableReport>) {
@@ -271,7 +284,7 @@ impl Maintainer {
                 if !keep_going() {
                     return Ok(false);
                 }
-                report.rewrite = self.rewrite(ident).await.map_err(|e| ("rewrite", e))?;
+                report.rewrite = self.rewrite_in(ident, scope).await.map_err(|e| ("rewrite", e))?;
                 if !keep_going() {
                     return Ok(false);
                 }
@@ -279,7 +292,10 @@ impl Maintainer {
                 if !keep_going() {
                     return Ok(false);
                 }
-                let files = self.clean_files(ident).await.map_err(|e| ("clean files", e))?;
+                let files = self
+                    .clean_files_in(ident, scope)
+                    .await
+                    .map_err(|e| ("clean files", e))?;
                 report.cleanup.metadata_files_deleted = files.metadata_files_deleted;
                 report.cleanup.orphans_deleted = files.orphans_deleted;
                 Ok(true)
@@ -315,6 +331,15 @@ impl Maintainer {
     /// more than `max_manifests` manifests, or a partition with at least
     /// `min_files_to_compact` small files.
     pub async fn rewrite(&self, ident: &TableIdent) -> Result<RewriteReport, MaintenanceError> {
+        self.rewrite_in(ident, PassScope::Full).await
+    }
+
+    /// [`Maintainer::rewrite`]; a light pass merges manifests only.
+    pub async fn rewrite_in(
+        &self,
+        ident: &TableIdent,
+        scope: PassScope,
+    ) -> Result<RewriteReport, MaintenanceError> {
         let base = self.catalog.load_table(ident).await?;
         let mut report = RewriteReport::default();
         let Some(snapshot) = base.metadata().current_snapshot().cloned() else {
@@ -355,7 +380,10 @@ impl Maintainer {
                     });
             }
         }
-        let compact = self.pick_small_files(&base, &live);
+        let compact = match scope {
+            PassScope::Full => self.pick_small_files(&base, &live),
+            PassScope::Light => Vec::new(),
+        };
         let merge = report.manifests_before > self.config.max_manifests;
         if compact.is_empty() && !merge {
             report.manifests_after = report.manifests_before;
@@ -723,6 +751,15 @@ impl Maintainer {
     /// and, past `orphan_min_age_ms`, every file under the table that no
     /// snapshot references.
     pub async fn clean_files(&self, ident: &TableIdent) -> Result<CleanupReport, MaintenanceError> {
+        self.clean_files_in(ident, PassScope::Full).await
+    }
+
+    /// [`Maintainer::clean_files`]; a light pass leaves orphans for a full one.
+    pub async fn clean_files_in(
+        &self,
+        ident: &TableIdent,
+        scope: PassScope,
+    ) -> Result<CleanupReport, MaintenanceError> {
         let mut report = CleanupReport::default();
         let table = self.catalog.load_table(ident).await?;
         let Some(root) = local_path(table.metadata().location()) else {
@@ -759,7 +796,7 @@ impl Maintainer {
             .filter(|(_, modified)| now.duration_since(*modified).unwrap_or_default() >= min_age)
             .map(|(uri, _)| uri)
             .collect();
-        if !old_enough.is_empty() {
+        if scope == PassScope::Full && !old_enough.is_empty() {
             // Reload: the listing above may be newer than `table`.
             let table = self.catalog.load_table(ident).await?;
             let live = referenced_files(&table, table.metadata().snapshots().cloned()).await?;
