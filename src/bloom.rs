@@ -187,7 +187,12 @@ impl LongWindow {
     /// True if the key may have been inserted with an event time in the same hour (Bloom: may be a
     /// false positive). False for an hour outside the window.
     pub fn contains(&self, key: &[u8], event_time_us: i64) -> bool {
-        let hash = self.hasher.hash_one(key);
+        self.contains_hash(self.hasher.hash_one(key), event_time_us)
+    }
+
+    /// [`LongWindow::contains`] for a key the caller already hashed to 64 uniform bits (K2's dedup
+    /// keys are 128-bit hashes: hashing them again would only cost time).
+    pub fn contains_hash(&self, hash: u64, event_time_us: i64) -> bool {
         match self.read().lookup(event_hour(event_time_us), self.window_hours) {
             Lookup::Live(filter) => filter.contains_hash(hash),
             Lookup::Missing | Lookup::Expired => false,
@@ -210,7 +215,11 @@ impl LongWindow {
     /// Records the key in the generation of its event hour, allocating the generation (and moving the
     /// window forward, dropping the generations that leave it) if this is the hour's first key.
     pub fn insert(&self, key: &[u8], event_time_us: i64) -> Insert {
-        let hash = self.hasher.hash_one(key);
+        self.insert_hash(self.hasher.hash_one(key), event_time_us)
+    }
+
+    /// [`LongWindow::insert`] for a key the caller already hashed to 64 uniform bits.
+    pub fn insert_hash(&self, hash: u64, event_time_us: i64) -> Insert {
         let hour = event_hour(event_time_us);
         if let Some(done) = self.insert_existing(hour, hash) {
             return done;

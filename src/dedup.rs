@@ -8,9 +8,10 @@
 //!   seen plus a compressed bitmap of the ids seen outside it. Memory grows
 //!   with symbols and holes, not with messages. Per lane, persisted with the
 //!   lane's state at every commit epoch ([`crate::state`]).
-//! - Any other id: an exact recent window ([`UnorderedWindows`]: an LRU
-//!   cache of keys in commit order, expired after a TTL, default 1 h) and, for the long window (default 24 h), Bloom filters by
-//!   event hour ([`crate::bloom`]). A Bloom hit the exact window cannot
+//! - Any other id: an exact recent window ([`UnorderedWindows`]: keys in
+//!   commit order, expired after a TTL, default 1 h, kept as 128-bit hashes
+//!   ([`IdKey`]), under 40 bytes an id) and, for the long window (default
+//!   24 h), Bloom filters by event hour ([`crate::bloom`]). A Bloom hit the exact window cannot
 //!   confirm is a *probable* duplicate: kept and recorded (or dropped and
 //!   recorded, by policy), never silently dropped. Both windows hold
 //!   committed ids only and are shared by the process's lanes; ids of an
@@ -20,8 +21,6 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use lru::LruCache;
 
 use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
@@ -74,56 +73,279 @@ pub enum IdVerdict {
     ProbableDuplicate,
 }
 
-/// Where a committed key came from, and when it entered the window.
-#[derive(Debug, Clone, Copy)]
-struct Seen {
-    inserted: Instant,
-    partition: i32,
-    offset: i64,
+/// An id without order, as the windows keep it: a 128-bit hash of
+/// (exchange, symbol, trade id), seeded per process.
+///
+/// Fixed width instead of the text: 16 bytes, no allocation, one
+/// comparison. Two different keys collide with probability about
+/// n² / 2¹²⁹, 1.5 · 10⁻²⁵ for the window's default 10M keys: a trade is
+/// never dropped for a hash match in any practical sense, where a 64-bit
+/// hash would collide once in ~10¹¹ trades. The seed is random per
+/// process (the windows are not persisted), so ids crafted to collide
+/// cannot be prepared in advance. The low half indexes hash tables, the
+/// high half feeds the Bloom filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdKey {
+    lo: u64,
+    hi: u64,
 }
 
+impl IdKey {
+    fn of(key: &[u8], seed: u64) -> Self {
+        let hash = xxhash_rust::xxh3::xxh3_128_with_seed(key, seed);
+        Self {
+            lo: hash as u64,
+            hi: (hash >> 64) as u64,
+        }
+    }
+}
+
+impl std::hash::Hash for IdKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.lo);
+    }
+}
+
+/// Hashes an [`IdKey`] to its low half: it is a hash already.
+#[derive(Debug, Default, Clone, Copy)]
+struct IdKeyHasher(u64);
+
+impl std::hash::Hasher for IdKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is called (by `IdKey`); anything else is folded in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdKeySet = HashSet<IdKey, std::hash::BuildHasherDefault<IdKeyHasher>>;
+
+/// Entries of the recent window per chunk of its ring.
+const CHUNK: usize = 4_096;
+
+/// Keys that entered the recent window within a short span, in commit
+/// order, as columns (28 bytes an entry, no padding).
+struct Chunk {
+    keys: Vec<IdKey>,
+    partitions: Vec<i32>,
+    /// The record's offset; [`DEAD`] once the entry left the window early.
+    offsets: Vec<i64>,
+    first: Instant,
+    newest: Instant,
+}
+
+/// The offset of an entry that was forgotten or superseded.
+const DEAD: i64 = -1;
+
 /// The exact recent window: committed keys for `ttl`, at most `capacity`
-/// of them. Keys enter once, in commit order, and lookups do not reorder
-/// them, so the cache's least recently used end holds the oldest keys and
-/// expiry is eviction from that end.
+/// of them.
+///
+/// Keys enter once, in commit order, into a ring of chunks; an index maps
+/// each key to its ring position (a `u32`: the ring never spans 2³² entries).
+/// About 28 bytes an entry in the ring plus 5 to 11 in the index (its load
+/// between resizes): ≤ 40 bytes an id, against ~138 for an LRU cache of
+/// boxed strings.
+///
+/// Time is kept per chunk, not per entry: a chunk takes keys for at most
+/// `ttl / 64`, and leaves the window whole once its newest key is `ttl`
+/// old. So a key stays at least `ttl` and at most `ttl · 65/64`: staying
+/// longer only catches more duplicates.
 struct RecentWindow {
-    keys: LruCache<Box<str>, Seen>,
+    index: hashbrown::HashTable<u32>,
+    chunks: VecDeque<Chunk>,
+    /// Ring position of `chunks[0]`'s first entry.
+    first_position: u64,
+    /// Entries of `chunks[0]` already gone from the front.
+    head: usize,
+    /// Entries in the index.
+    live: usize,
     ttl: Duration,
     capacity: usize,
 }
 
 impl RecentWindow {
-    fn contains(&self, key: &str, now: Instant) -> bool {
-        self.keys
-            .peek(key)
-            .is_some_and(|seen| now.saturating_duration_since(seen.inserted) < self.ttl)
+    fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            index: hashbrown::HashTable::new(),
+            chunks: VecDeque::new(),
+            first_position: 0,
+            head: 0,
+            live: 0,
+            ttl,
+            // Positions are kept as u32 in the index: the ring spans fewer
+            // than 2³² entries with room to spare.
+            capacity: capacity.min(1 << 31),
+        }
     }
 
-    fn insert(&mut self, key: Box<str>, seen: Seen) {
-        let now = seen.inserted;
-        self.keys.put(key, seen);
-        while self.keys.len() > self.capacity
-            || self
-                .keys
-                .peek_lru()
-                .is_some_and(|(_, seen)| now.saturating_duration_since(seen.inserted) >= self.ttl)
-        {
-            self.keys.pop_lru();
+    /// Chunk and slot of a ring position given as its low 32 bits.
+    fn locate(&self, position: u32) -> (usize, usize) {
+        let from_first = position.wrapping_sub(self.first_position as u32) as usize;
+        (from_first / CHUNK, from_first % CHUNK)
+    }
+
+    fn key_at(chunks: &VecDeque<Chunk>, first_position: u64, position: u32) -> IdKey {
+        let from_first = position.wrapping_sub(first_position as u32) as usize;
+        chunks[from_first / CHUNK].keys[from_first % CHUNK]
+    }
+
+    fn find(&self, key: IdKey) -> Option<u32> {
+        let (chunks, first) = (&self.chunks, self.first_position);
+        self.index
+            .find(key.lo, |&p| Self::key_at(chunks, first, p) == key)
+            .copied()
+    }
+
+    fn contains(&self, key: IdKey, now: Instant) -> bool {
+        self.find(key).is_some_and(|position| {
+            let (chunk, _) = self.locate(position);
+            now.saturating_duration_since(self.chunks[chunk].newest) < self.ttl
+        })
+    }
+
+    fn insert(&mut self, key: IdKey, partition: i32, offset: i64, now: Instant) {
+        if let Some(old) = self.find(key) {
+            // The same trade committed from another partition: the newer
+            // entry stands for it from now on.
+            self.unindex(key, old);
+        }
+        let span = self.ttl / 64;
+        let open = self
+            .chunks
+            .back()
+            .is_some_and(|c| c.keys.len() < CHUNK && now.saturating_duration_since(c.first) < span);
+        if !open {
+            self.pad_last_chunk();
+            self.chunks.push_back(Chunk {
+                keys: Vec::new(),
+                partitions: Vec::new(),
+                offsets: Vec::new(),
+                first: now,
+                newest: now,
+            });
+        }
+        let position = self.first_position + self.ring_len() as u64;
+        let chunk = self.chunks.back_mut().expect("pushed above");
+        chunk.keys.push(key);
+        chunk.partitions.push(partition);
+        chunk.offsets.push(offset);
+        chunk.newest = chunk.newest.max(now);
+        let (chunks, first) = (&self.chunks, self.first_position);
+        self.index
+            .insert_unique(key.lo, position as u32, |&p| Self::key_at(chunks, first, p).lo);
+        self.live += 1;
+        self.evict(now);
+    }
+
+    /// Entries the ring holds, from position `first_position` on.
+    fn ring_len(&self) -> usize {
+        match self.chunks.len() {
+            0 => 0,
+            n => (n - 1) * CHUNK + self.chunks[n - 1].keys.len(),
+        }
+    }
+
+    /// A chunk closed early (its span ran out) is filled up with dead
+    /// entries, so that every chunk but the last holds [`CHUNK`] positions.
+    fn pad_last_chunk(&mut self) {
+        if let Some(chunk) = self.chunks.back_mut() {
+            let missing = CHUNK - chunk.keys.len();
+            if missing > 0 {
+                chunk.keys.resize(CHUNK, IdKey { lo: 0, hi: 0 });
+                chunk.partitions.resize(CHUNK, 0);
+                chunk.offsets.resize(CHUNK, DEAD);
+                chunk.keys.shrink_to_fit();
+                chunk.partitions.shrink_to_fit();
+                chunk.offsets.shrink_to_fit();
+            }
+        }
+    }
+
+    fn unindex(&mut self, key: IdKey, position: u32) {
+        if let Ok(entry) = self.index.find_entry(key.lo, |&p| p == position) {
+            entry.remove();
+            self.live -= 1;
+        }
+        let (chunk, slot) = self.locate(position);
+        self.chunks[chunk].offsets[slot] = DEAD;
+    }
+
+    /// Drops entries from the front: beyond capacity, or in a chunk whose
+    /// newest key is `ttl` old.
+    fn evict(&mut self, now: Instant) {
+        while let Some(front) = self.chunks.front() {
+            let expired = now.saturating_duration_since(front.newest) >= self.ttl;
+            if !expired && self.live <= self.capacity {
+                break;
+            }
+            let slot = self.head;
+            if slot < front.keys.len() && front.offsets[slot] != DEAD {
+                let key = front.keys[slot];
+                self.unindex(key, (self.first_position + slot as u64) as u32);
+            }
+            self.head += 1;
+            let len = self.chunks[0].keys.len();
+            if self.head >= len {
+                if self.chunks.len() == 1 && len < CHUNK {
+                    // The open chunk emptied: start the ring afresh after it.
+                    self.first_position += len as u64;
+                } else {
+                    self.first_position += CHUNK as u64;
+                }
+                self.chunks.pop_front();
+                self.head = 0;
+            }
         }
     }
 
     /// Removes the keys of `partition` at or above `from`; returns how many.
     fn forget(&mut self, partition: i32, from: i64) -> usize {
-        let gone: Vec<Box<str>> = self
-            .keys
-            .iter()
-            .filter(|(_, seen)| seen.partition == partition && seen.offset >= from)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in &gone {
-            self.keys.pop(key);
+        let mut gone = Vec::new();
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let start = if c == 0 { self.head } else { 0 };
+            for slot in start..chunk.keys.len() {
+                if chunk.partitions[slot] == partition && chunk.offsets[slot] >= from {
+                    let position = self.first_position + (c * CHUNK + slot) as u64;
+                    gone.push((chunk.keys[slot], position as u32));
+                }
+            }
+        }
+        for &(key, position) in &gone {
+            self.unindex(key, position);
         }
         gone.len()
+    }
+
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    #[cfg(test)]
+    fn clear(&mut self) {
+        *self = Self::new(self.ttl, self.capacity);
+    }
+
+    /// Bytes the window holds on the heap (index and ring).
+    fn memory_bytes(&self) -> usize {
+        let ring: usize = self
+            .chunks
+            .iter()
+            .map(|c| {
+                c.keys.capacity() * std::mem::size_of::<IdKey>()
+                    + c.partitions.capacity() * std::mem::size_of::<i32>()
+                    + c.offsets.capacity() * std::mem::size_of::<i64>()
+            })
+            .sum();
+        self.index.allocation_size() + ring + self.chunks.capacity() * std::mem::size_of::<Chunk>()
     }
 }
 
@@ -142,6 +364,8 @@ const MAX_BLOOM_LEAD_US: i64 = 3_600_000_000;
 /// whatever the policy: the replayed trades are never dropped for having
 /// been seen before.
 pub struct UnorderedWindows {
+    /// Seeds [`IdKey`]s: random per process.
+    seed: u64,
     recent: Mutex<RecentWindow>,
     long: LongWindow,
     /// Per partition, the highest committed offset whose id entered.
@@ -153,21 +377,26 @@ pub struct UnorderedWindows {
 impl UnorderedWindows {
     pub fn new(config: &DedupConfig) -> Self {
         Self {
-            recent: Mutex::new(RecentWindow {
-                keys: LruCache::unbounded(),
-                ttl: Duration::from_secs(config.recent_window_s),
-                capacity: usize::try_from(config.recent_max_entries).unwrap_or(usize::MAX),
-            }),
+            seed: rand::random(),
+            recent: Mutex::new(RecentWindow::new(
+                Duration::from_secs(config.recent_window_s),
+                usize::try_from(config.recent_max_entries).unwrap_or(usize::MAX),
+            )),
             long: LongWindow::new(&config.long_window),
             highest: Mutex::new(HashMap::new()),
             suspect: Mutex::new(HashMap::new()),
         }
     }
 
-    fn verdict(&self, key: &str, event_time_us: i64, partition: i32, offset: i64) -> IdVerdict {
+    /// The window key of (exchange, symbol, trade id) joined by `\u{1f}`.
+    pub fn key(&self, joined: &[u8]) -> IdKey {
+        IdKey::of(joined, self.seed)
+    }
+
+    fn verdict(&self, key: IdKey, event_time_us: i64, partition: i32, offset: i64) -> IdVerdict {
         if lock(&self.recent).contains(key, Instant::now()) {
             IdVerdict::Duplicate
-        } else if self.long.contains(key.as_bytes(), event_time_us) {
+        } else if self.long.contains_hash(key.hi, event_time_us) {
             let untrusted = lock(&self.suspect)
                 .get(&partition)
                 .is_some_and(|(from, to)| (*from..*to).contains(&offset));
@@ -202,23 +431,16 @@ impl UnorderedWindows {
     /// event time is more than an hour ahead of the clock stays out of the
     /// Bloom filters: its hour would move their window on and drop the
     /// hours it should still cover (the decoder accepts a day of skew).
-    fn commit(&self, partition: i32, keys: impl Iterator<Item = (Box<str>, i64, i64)>) {
+    fn commit(&self, partition: i32, keys: impl Iterator<Item = (IdKey, i64, i64)>) {
         let now = Instant::now();
         let latest_hour_us = crate::model::now_us() + MAX_BLOOM_LEAD_US;
         let mut recent = lock(&self.recent);
         let mut highest = None;
         for (key, event_time_us, offset) in keys {
             if event_time_us <= latest_hour_us {
-                self.long.insert(key.as_bytes(), event_time_us);
+                self.long.insert_hash(key.hi, event_time_us);
             }
-            recent.insert(
-                key,
-                Seen {
-                    inserted: now,
-                    partition,
-                    offset,
-                },
-            );
+            recent.insert(key, partition, offset, now);
             highest = highest.max(Some(offset));
         }
         drop(recent);
@@ -231,7 +453,12 @@ impl UnorderedWindows {
 
     /// Ids in the recent window.
     pub fn recent_len(&self) -> usize {
-        lock(&self.recent).keys.len()
+        lock(&self.recent).len()
+    }
+
+    /// Heap bytes of the recent window.
+    pub fn recent_memory_bytes(&self) -> usize {
+        lock(&self.recent).memory_bytes()
     }
 
     pub fn long_window(&self) -> &LongWindow {
@@ -243,8 +470,8 @@ impl UnorderedWindows {
 /// ids without order of its uncommitted epochs.
 pub struct LaneIds {
     pub ordered: EpochState<OrderedIds>,
-    pending: HashSet<Box<str>>,
-    pending_log: VecDeque<(i64, Box<str>, i64)>,
+    pending: IdKeySet,
+    pending_log: VecDeque<(i64, IdKey, i64)>,
     windows: Arc<UnorderedWindows>,
     partition: i32,
     key: String,
@@ -254,7 +481,7 @@ impl LaneIds {
     pub fn new(scope: String, windows: Arc<UnorderedWindows>, partition: i32) -> Self {
         Self {
             ordered: EpochState::new(scope, OrderedIds::default),
-            pending: HashSet::new(),
+            pending: IdKeySet::default(),
             pending_log: VecDeque::new(),
             windows,
             partition,
@@ -280,15 +507,15 @@ impl LaneIds {
         self.key.push_str(&trade.symbol);
         self.key.push('\u{1f}');
         self.key.push_str(&trade.trade_id);
-        if self.pending.contains(self.key.as_str()) {
+        let key = self.windows.key(self.key.as_bytes());
+        if self.pending.contains(&key) {
             return IdVerdict::Duplicate;
         }
         let verdict = self
             .windows
-            .verdict(&self.key, trade.event_time_us, trade.partition, trade.offset);
+            .verdict(key, trade.event_time_us, trade.partition, trade.offset);
         if verdict == IdVerdict::New || (verdict == IdVerdict::ProbableDuplicate && keep_probable) {
-            let key: Box<str> = self.key.as_str().into();
-            self.pending.insert(key.clone());
+            self.pending.insert(key);
             self.pending_log
                 .push_back((trade.offset, key, trade.event_time_us));
         }
@@ -577,7 +804,7 @@ mod tests {
         assert_eq!(ids.check(&t, true), IdVerdict::New);
         ids.committed(1, true);
         assert_eq!(ids.check(&t, true), IdVerdict::Duplicate, "in the recent window");
-        lock(&windows.recent).keys.clear();
+        lock(&windows.recent).clear();
         assert_eq!(ids.check(&t, false), IdVerdict::ProbableDuplicate);
         assert_eq!(ids.pending_unordered(), 0, "dropped by policy: not remembered");
         assert_eq!(ids.check(&t, true), IdVerdict::ProbableDuplicate);
@@ -585,33 +812,91 @@ mod tests {
         assert_eq!(ids.check(&t, true), IdVerdict::Duplicate);
     }
 
+    fn key(text: &str) -> IdKey {
+        IdKey::of(text.as_bytes(), 7)
+    }
+
     #[test]
     fn the_recent_window_forgets_keys_after_their_ttl_or_beyond_its_capacity() {
-        let mut window = RecentWindow {
-            keys: LruCache::unbounded(),
-            ttl: Duration::from_secs(10),
-            capacity: 2,
-        };
+        let mut window = RecentWindow::new(Duration::from_secs(10), 2);
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
-        let seen = |s| Seen {
-            inserted: at(s),
-            partition: 0,
-            offset: s as i64,
-        };
-        window.insert("a".into(), seen(0));
-        assert!(window.contains("a", at(9)));
-        assert!(!window.contains("a", at(10)), "expired");
-        window.insert("b".into(), seen(5));
-        window.insert("c".into(), seen(6));
-        assert_eq!(window.keys.len(), 2, "over capacity: the oldest went");
-        assert!(!window.contains("a", at(6)) && window.contains("b", at(6)));
-        window.insert("d".into(), seen(15));
+        window.insert(key("a"), 0, 0, at(0));
+        assert!(window.contains(key("a"), at(9)));
+        assert!(!window.contains(key("a"), at(10)), "expired");
+        window.insert(key("b"), 0, 5, at(5));
+        window.insert(key("c"), 0, 6, at(6));
+        assert_eq!(window.len(), 2, "over capacity: the oldest went");
+        assert!(!window.contains(key("a"), at(6)) && window.contains(key("b"), at(6)));
+        window.insert(key("d"), 0, 15, at(15));
         assert!(
-            !window.contains("b", at(15)),
+            !window.contains(key("b"), at(15)),
             "expired keys are evicted on insert"
         );
-        assert_eq!(window.keys.len(), 2);
+        assert_eq!(window.len(), 2);
+        assert!(window.contains(key("c"), at(15)) && window.contains(key("d"), at(15)));
+    }
+
+    /// Keys inserted within one chunk's span share its time: a key stays at
+    /// least the TTL and at most a 64th of it longer.
+    #[test]
+    fn keys_of_one_chunk_expire_together_within_a_64th_of_the_ttl() {
+        let mut window = RecentWindow::new(Duration::from_secs(640), 100);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        window.insert(key("a"), 0, 0, at(0));
+        window.insert(key("b"), 0, 1, at(9_000));
+        assert!(window.contains(key("a"), at(645_000)), "kept past its own TTL");
+        assert!(!window.contains(key("a"), at(649_000)), "gone with its chunk");
+        window.insert(key("c"), 0, 2, at(20_000)); // past the span: a new chunk
+        window.insert(key("d"), 0, 3, at(649_000));
+        assert_eq!(window.len(), 2, "the first chunk left whole");
+        assert!(window.contains(key("c"), at(649_000)));
+    }
+
+    #[test]
+    fn the_recent_window_survives_many_chunks_and_forgets_by_partition() {
+        let mut window = RecentWindow::new(Duration::from_secs(3_600), 10_000);
+        let now = Instant::now();
+        for i in 0..30_000i64 {
+            window.insert(key(&format!("k{i}")), (i % 3) as i32, i, now);
+        }
+        assert_eq!(window.len(), 10_000, "capacity holds");
+        assert!(!window.contains(key("k19999"), now), "evicted as the oldest");
+        assert!((20_000..30_000).all(|i| window.contains(key(&format!("k{i}")), now)));
+        // A key committed again (another partition's copy) stands once.
+        window.insert(key("k29999"), 5, 40_000, now);
+        assert_eq!(window.len(), 10_000);
+        // Partition 1 at or above 25,000: every third key of 25,000..30,000.
+        let forgotten = window.forget(1, 25_000);
+        assert_eq!(forgotten, (25_000..30_000).filter(|i| i % 3 == 1).count());
+        assert!(!window.contains(key("k25000"), now) && window.contains(key("k25001"), now));
+        assert!(window.contains(key("k29999"), now), "moved to partition 5");
+        for i in 30_000..45_000i64 {
+            window.insert(key(&format!("k{i}")), 0, i, now);
+        }
+        assert_eq!(window.len(), 10_000);
+        assert!((35_000..45_000).all(|i| window.contains(key(&format!("k{i}")), now)));
+    }
+
+    /// The budget: ≤ 40 bytes an id, counting the index at its
+    /// least loaded (just after a resize) and at its most.
+    #[test]
+    fn the_recent_window_costs_under_40_bytes_an_id() {
+        let mut window = RecentWindow::new(Duration::from_secs(3_600), usize::MAX);
+        let now = Instant::now();
+        let mut worst: f64 = 0.0;
+        for i in 0..1_000_000u64 {
+            window.insert(IdKey::of(&i.to_le_bytes(), 1), 0, i as i64, now);
+            if (i + 1) % 10_000 == 0 {
+                let per_id = window.memory_bytes() as f64 / window.len() as f64;
+                worst = worst.max(per_id);
+            }
+        }
+        let per_id = window.memory_bytes() as f64 / window.len() as f64;
+        println!("recent window: {per_id:.1} bytes an id at 1M, {worst:.1} at worst");
+        assert!(per_id <= 40.0, "{per_id:.1} bytes an id at 1M");
+        assert!(worst <= 41.0, "{worst:.1} bytes an id at worst");
     }
 
     #[test]
@@ -627,7 +912,7 @@ mod tests {
         ids.check(&tomorrow, true);
         ids.committed(2, true);
         assert_eq!(windows.long_window().generations(), 1, "only today's hour");
-        lock(&windows.recent).keys.clear();
+        lock(&windows.recent).clear();
         assert_eq!(
             ids.check(&today, true),
             IdVerdict::ProbableDuplicate,

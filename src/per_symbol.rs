@@ -1,18 +1,24 @@
 //! State kept per (exchange, symbol), as the sequencer and the deduplicator
 //! keep it. Nested by exchange then symbol so lookups borrow the record's
 //! strings and allocate only for a symbol seen for the first time.
+//!
+//! Hashed with foldhash, not std's SipHash: several lookups a trade, keyed
+//! by short strings from the feed; foldhash is a fraction of the cost and
+//! still seeded per map (ADR 0002).
 
 use std::collections::HashMap;
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug)]
 pub struct PerSymbol<V> {
-    exchanges: HashMap<String, HashMap<String, V>>,
+    exchanges: FastMap<String, FastMap<String, V>>,
 }
 
 impl<V> Default for PerSymbol<V> {
     fn default() -> Self {
         Self {
-            exchanges: HashMap::new(),
+            exchanges: FastMap::default(),
         }
     }
 }
@@ -29,7 +35,7 @@ impl<V> PerSymbol<V> {
     /// The state of (`exchange`, `symbol`), created with `new` if new.
     pub fn get_or_insert_with(&mut self, exchange: &str, symbol: &str, new: impl FnOnce() -> V) -> &mut V {
         if !self.exchanges.contains_key(exchange) {
-            self.exchanges.insert(exchange.to_string(), HashMap::new());
+            self.exchanges.insert(exchange.to_string(), FastMap::default());
         }
         let symbols = self.exchanges.get_mut(exchange).expect("inserted above");
         if !symbols.contains_key(symbol) {
@@ -48,7 +54,7 @@ impl<V> PerSymbol<V> {
 
     /// Number of (exchange, symbol) pairs.
     pub fn len(&self) -> usize {
-        self.exchanges.values().map(HashMap::len).sum()
+        self.exchanges.values().map(FastMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -56,7 +62,7 @@ impl<V> PerSymbol<V> {
     }
 
     pub fn values(&self) -> impl Iterator<Item = &V> {
-        self.exchanges.values().flat_map(HashMap::values)
+        self.exchanges.values().flat_map(FastMap::values)
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &str, &mut V)> {
