@@ -271,6 +271,10 @@ pub struct BatcherConfig {
     pub max_bytes: u64,
     /// Flush when the oldest buffered row is this old.
     pub max_age_ms: u64,
+    /// A lane that read everything Kafka had (its high watermark) and got nothing more for this
+    /// long flushes at once, and the committer commits without waiting out its interval: the tail
+    /// of a burst is durable within about a second. 0 turns it off.
+    pub idle_flush_ms: u64,
     /// Target size of a written Parquet file; a larger flush is split into several files.
     pub target_file_size_bytes: u64,
     /// zstd compression level of Parquet pages (1 fastest ... 22 smallest).
@@ -426,6 +430,7 @@ impl Default for BatcherConfig {
             max_rows: 200_000,
             max_bytes: 64 * MIB,
             max_age_ms: 1_000,
+            idle_flush_ms: 200,
             target_file_size_bytes: 128 * MIB,
             zstd_level: 1,
         }

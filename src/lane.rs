@@ -126,6 +126,7 @@ fn spawn_lane(
         max_rows: shared.batcher.max_rows,
         max_bytes: shared.batcher.max_bytes,
         max_age: Duration::from_millis(shared.batcher.max_age_ms),
+        idle_flush: Duration::from_millis(shared.batcher.idle_flush_ms),
         mailbox_capacity: mailbox,
         soft_growth: shared.soft_batch_growth,
         level,

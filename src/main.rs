@@ -106,23 +106,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// End-to-end benchmark on the embedded broker: pipeline vs. raw consume.
-    /// Build with --release for meaningful numbers.
+    /// End-to-end benchmark on the embedded broker: the steady rate of `k2 run` (its own
+    /// process) against a raw consumer over the same preloaded trades, plus its join, tail,
+    /// CPU per trade, peak RSS and commit latency. Build with --release for meaningful numbers.
     Bench {
+        /// What the preloaded trades look like: canonical JSON with ids without order
+        /// (`SYMBOL-000000123`), or Binance trade events with numeric per-symbol ids.
+        #[arg(long, value_enum, default_value_t = k2::bench::Workload::Canonical)]
+        workload: k2::bench::Workload,
+        /// Symbols the trades are spread over (one exchange).
+        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
+        symbols: u32,
+        /// How trades are spread over the symbols.
+        #[arg(long, value_enum, default_value_t = k2::bench::Popularity::Uniform)]
+        popularity: k2::bench::Popularity,
         /// Messages to preload and ingest.
-        #[arg(long, default_value_t = 1_000_000)]
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
         messages: u64,
-        /// Partitions (keep messages/partition under ~25k: the mock broker keeps ~5 MiB each).
-        #[arg(long, default_value_t = 48)]
+        /// Partitions; trades are keyed by symbol (the mock broker keeps ~5 MiB per partition,
+        /// so keep the fullest partition under ~25k trades).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(i32).range(1..))]
         partitions: i32,
-        /// Timed runs of both the raw consumer and the pipeline over the same
+        /// Timed runs of both the raw consumer and `k2 run` over the same
         /// preloaded messages; the figures are medians.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         runs: u32,
-        /// Config file for pipeline tuning (Kafka topic and catalog are the bench's own).
+        /// Config file for `k2 run` (pipeline tuning; the Kafka, catalog and HTTP settings
+        /// are the bench's own).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Print the figures as one JSON object on the last line.
+        /// The `k2` binary to run as the pipeline (default: this one). To compare two builds
+        /// over the same preloaded messages and the same raw consumer, in one run.
+        #[arg(long)]
+        k2_binary: Option<PathBuf>,
+        /// Print the figures (medians and every run) as one JSON object on the last line.
         #[arg(long)]
         json: bool,
     },
@@ -305,23 +322,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Bench {
+            workload,
+            symbols,
+            popularity,
             messages,
             partitions,
             runs,
             config,
+            k2_binary,
             json,
         } => {
             if cfg!(debug_assertions) {
                 eprintln!("k2 bench: warning: this is a debug build; use `cargo run --release -- bench`");
             }
-            let config = load_config(config.as_deref())?;
             let dir = tempfile_dir()?;
             let report = k2::bench::run(
                 k2::bench::BenchParams {
+                    workload,
+                    symbols,
+                    popularity,
                     messages,
                     partitions,
                     runs,
-                    config,
+                    config_file: config,
+                    k2_binary: match k2_binary {
+                        Some(path) => std::path::absolute(path)?,
+                        None => std::env::current_exe().context("failed to find the k2 binary")?,
+                    },
                 },
                 &dir,
             )

@@ -53,6 +53,9 @@ pub const RETENTION_HEADROOM_RATIO: &str = "k2_retention_headroom_ratio";
 pub const RETENTION_HEADROOM_SECONDS: &str = "k2_retention_headroom_seconds";
 pub const EARLY_SHED_RECORDS: &str = "k2_early_shed_records_total";
 pub const PARTITION_RESTARTS: &str = "k2_partition_restarts_total";
+pub const FIRST_RECORD_CONSUMED: &str = "k2_first_record_consumed_timestamp_seconds";
+pub const LAST_RECORD_CONSUMED: &str = "k2_last_record_consumed_timestamp_seconds";
+pub const LAST_COMMIT: &str = "k2_last_commit_timestamp_seconds";
 
 /// Installs the global Prometheus recorder once and returns its handle.
 /// Later calls (several pipelines in one test process) share it.
@@ -287,6 +290,21 @@ fn describe() {
         PARTITION_RESTARTS,
         Unit::Count,
         "Partitions restarted alone at their log start after retention overtook them"
+    );
+    describe_gauge!(
+        FIRST_RECORD_CONSUMED,
+        Unit::Seconds,
+        "Unix time at which this process first passed consumed records down a lane (k2 bench: the end of the join)"
+    );
+    describe_gauge!(
+        LAST_COMMIT,
+        Unit::Seconds,
+        "Unix time at which this process's last successful commit was verified (k2 bench: when the last record became durable)"
+    );
+    describe_gauge!(
+        LAST_RECORD_CONSUMED,
+        Unit::Seconds,
+        "Unix time at which this process last passed consumed records down a lane"
     );
     describe_counter!(
         WINDOW_IDS_FORGOTTEN,

@@ -28,6 +28,8 @@ pub struct Pending {
     pub lane: LaneId,
     pub range: PartitionRange,
     pub file_bytes: u64,
+    /// The lane's last files came from a flush of a caught-up lane.
+    pub caught_up: bool,
 }
 
 /// What became of a lane's files.
@@ -50,6 +52,9 @@ pub enum Accepted {
 #[derive(Debug, Clone)]
 pub struct DuePolicy {
     pub interval: Duration,
+    /// Once every pending range is caught up, a commit is due this long
+    /// after the last one (None: caught-up files wait like any others).
+    pub caught_up_gap: Option<Duration>,
     pub max_rows: u64,
     pub max_bytes: u64,
 }
@@ -123,6 +128,7 @@ impl PendingFiles {
                 p.range.files.extend(files.data_files);
                 p.range.side.extend(files.side);
                 p.file_bytes += files.file_bytes;
+                p.caught_up = files.caught_up;
             }
             None => {
                 self.ranges.insert(
@@ -138,6 +144,7 @@ impl PendingFiles {
                             side: files.side,
                         },
                         file_bytes: files.file_bytes,
+                        caught_up: files.caught_up,
                     },
                 );
             }
@@ -171,6 +178,7 @@ impl PendingFiles {
                 pending.range.files.extend(newer.range.files);
                 pending.range.side.extend(newer.range.side);
                 pending.file_bytes += newer.file_bytes;
+                pending.caught_up = newer.caught_up;
             }
             self.rows += pending.range.rows;
             self.bytes += pending.file_bytes;
@@ -186,8 +194,9 @@ impl PendingFiles {
     }
 
     /// Whether a commit is due: files wait, no retry backoff runs, and the
-    /// interval passed since the last commit or the rows or bytes reached
-    /// their limit.
+    /// interval passed since the last commit, or the rows or bytes reached
+    /// their limit, or every pending range is caught up (its lane read all
+    /// Kafka had) and the caught-up gap passed.
     pub fn is_due(
         &self,
         policy: &DuePolicy,
@@ -199,7 +208,15 @@ impl PendingFiles {
             && retry_after.is_none_or(|t| now >= t)
             && (now.saturating_duration_since(last_commit) >= policy.interval
                 || self.rows >= policy.max_rows
-                || self.bytes >= policy.max_bytes)
+                || self.bytes >= policy.max_bytes
+                || policy.caught_up_gap.is_some_and(|gap| {
+                    now.saturating_duration_since(last_commit) >= gap && self.all_caught_up()
+                }))
+    }
+
+    /// Every pending range ends with a caught-up flush.
+    pub fn all_caught_up(&self) -> bool {
+        self.ranges.values().all(|p| p.caught_up)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -246,6 +263,7 @@ mod tests {
             rows: (next_offset - first_offset) as u64,
             file_bytes: 10,
             side: SideRows::default(),
+            caught_up: false,
         }
     }
 
@@ -364,6 +382,7 @@ mod tests {
     fn a_commit_is_due_on_interval_rows_or_bytes_and_never_during_a_retry_backoff() {
         let policy = DuePolicy {
             interval: Duration::from_secs(2),
+            caught_up_gap: None,
             max_rows: 100,
             max_bytes: 1_000,
         };
@@ -382,5 +401,42 @@ mod tests {
         assert!(book.is_due(&policy, t0 + Duration::from_secs(5), t0, retry));
         book.accept(files(lane(0, 1), 10, 110), t0);
         assert!(book.is_due(&policy, t0, t0, None), "rows reached the limit");
+    }
+
+    /// When input stops, every lane ends with a caught-up flush: the commit
+    /// need not wait out the interval, only the gap since the last commit.
+    /// One lane still reading keeps the others waiting.
+    #[test]
+    fn caught_up_files_are_due_after_the_gap_once_every_range_is_caught_up() {
+        let policy = DuePolicy {
+            interval: Duration::from_secs(2),
+            caught_up_gap: Some(Duration::from_millis(500)),
+            max_rows: 1_000_000,
+            max_bytes: 1_000_000,
+        };
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let caught_up = |lane, first, next| FilesWritten {
+            caught_up: true,
+            ..files(lane, first, next)
+        };
+        let mut book = PendingFiles::default();
+        book.register(lane(0, 1)).unwrap();
+        book.register(lane(1, 1)).unwrap();
+        book.accept(caught_up(lane(0, 1), 0, 10), t0);
+        assert!(!book.is_due(&policy, at(400), t0, None), "within the gap");
+        assert!(book.is_due(&policy, at(500), t0, None));
+        book.accept(files(lane(1, 1), 0, 10), t0);
+        assert!(!book.is_due(&policy, at(600), t0, None), "lane 1 still reading");
+        book.accept(caught_up(lane(1, 1), 10, 12), t0);
+        assert!(book.is_due(&policy, at(600), t0, None));
+        book.accept(files(lane(0, 1), 10, 20), t0);
+        assert!(!book.is_due(&policy, at(600), t0, None), "lane 0 read more since");
+        let off = DuePolicy {
+            caught_up_gap: None,
+            ..policy
+        };
+        book.accept(caught_up(lane(0, 1), 20, 21), t0);
+        assert!(!book.is_due(&off, at(1_900), t0, None), "off: the interval rules");
     }
 }

@@ -121,6 +121,8 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         }),
         policy: CommitPolicy {
             interval: Duration::from_millis(config.commit.interval_ms),
+            caught_up_gap: (config.batcher.idle_flush_ms > 0)
+                .then(|| Duration::from_millis(config.commit.interval_ms) / 4),
             max_rows: config.commit.max_rows,
             max_bytes: config.commit.max_bytes,
             max_pending_bytes: config.commit.max_pending_bytes,

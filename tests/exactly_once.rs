@@ -185,3 +185,43 @@ async fn two_instances_in_one_group_with_a_rebalance_write_exactly_once() {
         "both instances advanced offsets: {writers:?}"
     );
 }
+
+/// When input stops, a lane that read up to the high watermark flushes at
+/// once and the committer commits a quarter interval after its last commit
+/// instead of a whole one: with batch age at ten minutes and the interval at
+/// 40 s, every trade is committed, exactly once, within 30 s of the start,
+/// before either would fire.
+#[actix_rt::test]
+async fn the_tail_is_committed_when_input_stops_without_waiting_out_age_or_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(4);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let loaded = tokio::task::spawn_blocking(move || {
+        preload(
+            &bootstrap,
+            TOPIC,
+            20_000,
+            generator(0.0, 11),
+            Spread::Even { partitions: 4 },
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let valid: HashSet<k2::model::TradeKey> = loaded.valid.iter().cloned().collect();
+
+    let mut config = common::config(dir.path(), "k2-tail");
+    config.commit.interval_ms = 40_000;
+    config.batcher.max_age_ms = 600_000;
+    config.batcher.max_rows = 1_000_000;
+    assert!(config.batcher.idle_flush_ms > 0, "on by default");
+    let pipeline = common::start(&config, &broker, dir.path(), "tail").await;
+    let expected_rows = valid.len() as u64;
+    wait_for(Duration::from_secs(30), "the tail committed", || async {
+        committed_rows(&pipeline).await >= expected_rows
+    })
+    .await;
+    pipeline.shutdown().await.unwrap();
+    let contents = read_tables(&config, dir.path()).await;
+    assert_exactly_once(&contents, &valid);
+}

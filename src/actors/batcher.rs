@@ -28,6 +28,8 @@ pub struct BatcherParams {
     pub max_rows: usize,
     pub max_bytes: u64,
     pub max_age: Duration,
+    /// Flush this long after a caught-up chunk if no other follows (zero: never).
+    pub idle_flush: Duration,
     pub mailbox_capacity: usize,
     /// SOFT and above multiply the three targets by this.
     pub soft_growth: u32,
@@ -71,6 +73,8 @@ pub struct Batcher {
     /// Offset range covered by the buffer.
     range: Option<(i64, i64)>,
     oldest: Option<Instant>,
+    /// Chunks received, so an idle flush can tell whether another came.
+    chunks: u64,
     /// Targets grow at SOFT and above (fewer, larger files and commits).
     growth: u32,
     partition_label: String,
@@ -100,6 +104,7 @@ impl Batcher {
             side: SideRows::default(),
             range: None,
             oldest: None,
+            chunks: 0,
             growth,
             counters: BatcherCounters::default(),
         }
@@ -126,14 +131,14 @@ impl Batcher {
     /// Writes the buffer out and hands it to the committer, holding the
     /// actor (no other message) until the committer accepted the files.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if let Some(fut) = self.flush_future() {
+        if let Some(fut) = self.flush_future(false) {
             ctx.wait(fut);
         }
     }
 
     /// The flush as one actor future, so a `Flush` request can reply exactly
     /// when its files were accepted.
-    fn flush_future(&mut self) -> Option<ResponseActFuture<Self, ()>> {
+    fn flush_future(&mut self, caught_up: bool) -> Option<ResponseActFuture<Self, ()>> {
         let (first_offset, next_offset) = self.range.take()?;
         self.oldest = None;
         let side = std::mem::take(&mut self.side);
@@ -167,6 +172,7 @@ impl Batcher {
                     rows,
                     file_bytes,
                     side,
+                    caught_up,
                 })
                 .await
                 .map_err(|e| LaneError::CommitterGone(e.to_string()))?;
@@ -273,8 +279,21 @@ impl Handler<TradeChunk> for Batcher {
         }
         self.side.extend(chunk.side);
         self.publish_buffered(self.buffer.estimated_bytes());
+        self.chunks += 1;
         if self.is_due() {
-            self.flush(ctx);
+            if let Some(fut) = self.flush_future(chunk.caught_up) {
+                ctx.wait(fut);
+            }
+        } else if chunk.caught_up && !self.params.idle_flush.is_zero() {
+            // Kafka had nothing more: flush unless another chunk comes soon.
+            let seen = self.chunks;
+            ctx.run_later(self.params.idle_flush, move |act, ctx| {
+                if act.chunks == seen
+                    && let Some(fut) = act.flush_future(true)
+                {
+                    ctx.wait(fut);
+                }
+            });
         }
     }
 }
@@ -284,7 +303,7 @@ impl Handler<Flush> for Batcher {
 
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
         let fut = self
-            .flush_future()
+            .flush_future(false)
             .unwrap_or_else(|| Box::pin(actix::fut::ready(())));
         AtomicResponse::new(fut)
     }

@@ -65,6 +65,9 @@ impl CommitHealth {
 #[derive(Debug, Clone)]
 pub struct CommitPolicy {
     pub interval: Duration,
+    /// Commit this long after the last commit once every pending range
+    /// comes from a caught-up lane (`batcher.idle_flush_ms`); None: off.
+    pub caught_up_gap: Option<Duration>,
     pub max_rows: u64,
     pub max_bytes: u64,
     pub max_pending_bytes: u64,
@@ -104,6 +107,7 @@ impl IcebergCommitterCounters {
         metrics::counter!(m::COMMITS, "outcome" => "ok").increment(1);
         metrics::counter!(m::TRADES_COMMITTED).increment(outcome.rows);
         metrics::histogram!(m::COMMIT_DURATION).record(elapsed.as_secs_f64());
+        metrics::gauge!(m::LAST_COMMIT).set(crate::model::now_us() as f64 / 1e6);
         if !outcome.fenced.is_empty() {
             metrics::counter!(m::COMMIT_FENCED).increment(outcome.fenced.len() as u64);
         }
@@ -198,6 +202,7 @@ impl IcebergCommitter {
     fn due_policy(&self) -> DuePolicy {
         DuePolicy {
             interval: self.policy.interval,
+            caught_up_gap: self.policy.caught_up_gap,
             max_rows: self.policy.max_rows,
             max_bytes: self.policy.max_bytes,
         }
@@ -296,6 +301,8 @@ impl IcebergCommitter {
                                 lane,
                                 range,
                                 file_bytes,
+                                // Retried after the backoff, by the interval.
+                                caught_up: false,
                             })
                             .collect();
                         act.book.restore(taken);
@@ -606,6 +613,16 @@ impl Handler<FilesWritten> for IcebergCommitter {
         self.publish_pending();
         if self.commit_due() {
             ctx.notify(CommitNow);
+        } else if let Some(gap) = self.policy.caught_up_gap
+            && self.book.all_caught_up()
+        {
+            // Input stopped: commit once the gap since the last commit passed.
+            let wait = gap.saturating_sub(self.last_commit.elapsed());
+            ctx.run_later(wait, |act, ctx| {
+                if act.commit_due() {
+                    ctx.notify(CommitNow);
+                }
+            });
         }
         if self.book.bytes() > self.policy.max_pending_bytes {
             // Hold the batcher until a commit makes room.

@@ -172,9 +172,13 @@ impl PartitionConsumer {
         let now = now_us();
         let decoder = self.params.decoder.clone();
         let partition = self.params.lane.partition;
+        let mut exhausted = false;
         while read < self.params.chunk_max_records {
             let message = match queue.queue.poll(Duration::ZERO) {
-                None => break,
+                None => {
+                    exhausted = true;
+                    break;
+                }
                 Some(Ok(message)) => message,
                 Some(Err(err)) => {
                     if first_read.is_some() {
@@ -252,6 +256,9 @@ impl PartitionConsumer {
             self.counters.record_shed(&entries);
             (entries, symbols)
         };
+        let caught_up = exhausted
+            && kafka::cached_watermarks(&self.params.consumer, &self.params.topic, partition)
+                .is_some_and(|(_, high)| next_offset >= high);
         Ok(Some(TradeChunk {
             lane: self.params.lane,
             first_offset,
@@ -263,6 +270,7 @@ impl PartitionConsumer {
                 shed,
                 ..SideRows::default()
             },
+            caught_up,
         }))
     }
 
@@ -311,6 +319,7 @@ impl PartitionConsumer {
             .store(self.counters.num_consumed_bytes, Relaxed);
         status.dead_letters.store(self.counters.num_dead_letters, Relaxed);
         status.lost_records.store(self.counters.num_lost, Relaxed);
+        stamp_records_consumed();
     }
 
     fn fail(&self, ctx: &mut Context<Self>, error: LaneError) {
@@ -373,6 +382,19 @@ impl PartitionConsumer {
             Err(err) => act.fail(ctx, LaneError::NextStageGone(err.to_string())),
         }));
     }
+}
+
+/// Sets the process-wide "first" (once) and "last" record-consumed gauges
+/// to now, once per chunk: `k2 bench` times the steady state from the first
+/// to the last, apart from the group join before the first.
+fn stamp_records_consumed() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    static FIRST_STAMPED: AtomicBool = AtomicBool::new(false);
+    let now_s = now_us() as f64 / 1e6;
+    if !FIRST_STAMPED.swap(true, Relaxed) {
+        metrics::gauge!(m::FIRST_RECORD_CONSUMED).set(now_s);
+    }
+    metrics::gauge!(m::LAST_RECORD_CONSUMED).set(now_s);
 }
 
 enum QueueError {

@@ -273,6 +273,7 @@ impl Handler<Flush> for Sequencer {
                         sequence_events: rows,
                         ..Default::default()
                     },
+                    caught_up: false,
                 });
             }
         }

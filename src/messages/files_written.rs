@@ -17,4 +17,7 @@ pub struct FilesWritten {
     pub file_bytes: u64,
     /// Dead letters, sequence events and probable duplicates of the range.
     pub side: SideRows,
+    /// Flushed because the lane read all Kafka had and nothing followed:
+    /// the committer need not wait out its interval.
+    pub caught_up: bool,
 }

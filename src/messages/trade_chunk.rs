@@ -23,6 +23,11 @@ pub struct TradeChunk {
     /// restarts their tracking.
     pub shed_symbols: Vec<(String, String)>,
     pub side: SideRows,
+    /// The partition consumer read everything Kafka had: its queue was
+    /// empty and the chunk ends at the high watermark last fetched. Unless
+    /// another chunk follows soon, the batcher flushes it at once and the
+    /// committer commits it without waiting out batch age and its interval.
+    pub caught_up: bool,
 }
 
 /// The next stage of a lane, as seen by the stage before it, and where a
