@@ -137,27 +137,13 @@ pub struct BenchReport {
     pub partitions: i32,
     pub payload_bytes: u64,
     pub runs: u32,
-    pub raw_join_s: f64,
-    pub raw_steady_s: f64,
-    pub raw_msgs_per_s: f64,
-    pub pipeline_join_s: f64,
-    pub pipeline_steady_s: f64,
-    pub pipeline_msgs_per_s: f64,
+    /// Medians of the runs' figures (in the JSON, beside the fields above).
+    /// The ratio is the median of the runs' ratios (each run's raw and
+    /// pipeline are measured back to back), so not always the ratio of the
+    /// median rates.
+    #[serde(flatten)]
+    pub median: RunFigures,
     pub pipeline_mb_per_s: f64,
-    pub tail_s: f64,
-    /// Median of the runs' ratios (each run's raw and pipeline are measured
-    /// back to back), so not always the ratio of the median rates.
-    pub ratio: f64,
-    pub cpu_s: f64,
-    pub cpu_us_per_trade: f64,
-    pub peak_rss_bytes: u64,
-    pub commits: u64,
-    pub commit_p50_s: f64,
-    pub commit_p99_s: f64,
-    pub commit_mean_s: f64,
-    pub rows_committed: u64,
-    pub data_files: u64,
-    pub avg_file_bytes: u64,
     pub per_run: Vec<RunFigures>,
 }
 
@@ -310,25 +296,27 @@ fn report(params: &BenchParams, payload_bytes: u64, per_run: Vec<RunFigures>) ->
         partitions: params.partitions,
         payload_bytes,
         runs: per_run.len() as u32,
-        raw_join_s: of(|r| r.raw_join_s),
-        raw_steady_s: of(|r| r.raw_steady_s),
-        raw_msgs_per_s: of(|r| r.raw_msgs_per_s),
-        pipeline_join_s: of(|r| r.pipeline_join_s),
-        pipeline_steady_s,
-        pipeline_msgs_per_s: of(|r| r.pipeline_msgs_per_s),
+        median: RunFigures {
+            raw_join_s: of(|r| r.raw_join_s),
+            raw_steady_s: of(|r| r.raw_steady_s),
+            raw_msgs_per_s: of(|r| r.raw_msgs_per_s),
+            pipeline_join_s: of(|r| r.pipeline_join_s),
+            pipeline_steady_s,
+            pipeline_msgs_per_s: of(|r| r.pipeline_msgs_per_s),
+            tail_s: of(|r| r.tail_s),
+            ratio: of(|r| r.ratio),
+            cpu_s: of(|r| r.cpu_s),
+            cpu_us_per_trade: of(|r| r.cpu_us_per_trade),
+            peak_rss_bytes: whole(|r| r.peak_rss_bytes),
+            commits: whole(|r| r.commits),
+            commit_p50_s: of(|r| r.commit_p50_s),
+            commit_p99_s: of(|r| r.commit_p99_s),
+            commit_mean_s: of(|r| r.commit_mean_s),
+            rows_committed: whole(|r| r.rows_committed),
+            data_files: whole(|r| r.data_files),
+            avg_file_bytes: whole(|r| r.avg_file_bytes),
+        },
         pipeline_mb_per_s: payload_bytes as f64 / 1e6 / pipeline_steady_s,
-        tail_s: of(|r| r.tail_s),
-        ratio: of(|r| r.ratio),
-        cpu_s: of(|r| r.cpu_s),
-        cpu_us_per_trade: of(|r| r.cpu_us_per_trade),
-        peak_rss_bytes: whole(|r| r.peak_rss_bytes),
-        commits: whole(|r| r.commits),
-        commit_p50_s: of(|r| r.commit_p50_s),
-        commit_p99_s: of(|r| r.commit_p99_s),
-        commit_mean_s: of(|r| r.commit_mean_s),
-        rows_committed: whole(|r| r.rows_committed),
-        data_files: whole(|r| r.data_files),
-        avg_file_bytes: whole(|r| r.avg_file_bytes),
         per_run,
     }
 }
@@ -875,6 +863,7 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
 // ---------------------------------------------------------------------------------------------
 
 pub fn print_report(r: &BenchReport) {
+    let m = &r.median;
     println!(
         "k2 bench: {} {} trades ({:.1} MB), {} symbols ({}), {} partitions; {}",
         r.messages,
@@ -891,45 +880,45 @@ pub fn print_report(r: &BenchReport) {
     );
     println!(
         "  raw consume, steady  {:>10.0} msg/s  ({:.2} s first to last record; join {:.2} s)",
-        r.raw_msgs_per_s, r.raw_steady_s, r.raw_join_s
+        m.raw_msgs_per_s, m.raw_steady_s, m.raw_join_s
     );
     println!(
         "  k2 run, steady       {:>10.0} msg/s  ({:.2} s first consumed to last durable, {:.1} MB/s)",
-        r.pipeline_msgs_per_s, r.pipeline_steady_s, r.pipeline_mb_per_s
+        m.pipeline_msgs_per_s, m.pipeline_steady_s, r.pipeline_mb_per_s
     );
     println!(
         "  ratio k2 run / raw   {:>10.2}        (target >= {TARGET_RATIO}; runs {})",
-        r.ratio,
+        m.ratio,
         list(r.per_run.iter().map(|f| f.ratio))
     );
     println!(
         "  join                 {:>10.2} s      (k2 run start to first record consumed)",
-        r.pipeline_join_s
+        m.pipeline_join_s
     );
     println!(
         "  tail                 {:>10.2} s      (last record consumed to last durable)",
-        r.tail_s
+        m.tail_s
     );
     println!(
         "  CPU of k2 run        {:>10.1} µs/trade ({:.1} s user+sys, start to last durable)",
-        r.cpu_us_per_trade, r.cpu_s
+        m.cpu_us_per_trade, m.cpu_s
     );
     println!(
         "  peak RSS of k2 run   {:>10.1} MiB",
-        r.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+        m.peak_rss_bytes as f64 / (1024.0 * 1024.0)
     );
     println!(
         "  commits              {:>10}        (p50 {:.0} ms, p99 {:.0} ms, mean {:.0} ms)",
-        r.commits,
-        r.commit_p50_s * 1e3,
-        r.commit_p99_s * 1e3,
-        r.commit_mean_s * 1e3
+        m.commits,
+        m.commit_p50_s * 1e3,
+        m.commit_p99_s * 1e3,
+        m.commit_mean_s * 1e3
     );
-    println!("  rows committed       {:>10}", r.rows_committed);
+    println!("  rows committed       {:>10}", m.rows_committed);
     println!(
         "  data files           {:>10}        (avg {:.1} KiB)",
-        r.data_files,
-        r.avg_file_bytes as f64 / 1024.0
+        m.data_files,
+        m.avg_file_bytes as f64 / 1024.0
     );
 }
 

@@ -47,8 +47,8 @@ async fn a_tiny_bench_commits_every_message_and_reports_sane_figures() {
         "{run:?}"
     );
     // With one run, the medians are that run.
-    assert_eq!(report.tail_s, run.tail_s);
-    assert_eq!(report.rows_committed, 2_000);
+    assert_eq!(report.median.tail_s, run.tail_s);
+    assert_eq!(report.median.rows_committed, 2_000);
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["workload"], "canonical");
     assert_eq!(json["per_run"].as_array().map(Vec::len), Some(1));

@@ -8,8 +8,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{TOPIC, assert_exactly_once, committed_rows, read_ids, read_tables, spawn_loadgen, wait_for};
-use k2::loadgen::{GeneratorParams, Spread, preload};
+use common::{assert_exactly_once, committed_rows, read_ids, read_tables, spawn_loadgen, wait_for};
+use k2::loadgen::{GeneratorParams, Spread};
 
 fn generator(malformed_ratio: f64, seed: u64) -> GeneratorParams {
     GeneratorParams {
@@ -24,19 +24,13 @@ async fn malformed_records_are_dead_lettered_and_valid_trades_land_exactly_once(
     let dir = tempfile::tempdir().unwrap();
     // Spread evenly, 16 partitions keep each under the mock broker's ~5 MiB retention.
     let broker = common::broker(16);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let loaded = tokio::task::spawn_blocking(move || {
-        preload(
-            &bootstrap,
-            TOPIC,
-            200_000,
-            generator(0.01, 7),
-            Spread::Even { partitions: 16 },
-        )
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let loaded = common::preload_to(
+        &broker,
+        200_000,
+        generator(0.01, 7),
+        Spread::Even { partitions: 16 },
+    )
+    .await;
     let valid: HashSet<k2::model::TradeKey> = loaded.valid.iter().cloned().collect();
     assert_eq!(
         valid.len(),
@@ -195,19 +189,13 @@ async fn two_instances_in_one_group_with_a_rebalance_write_exactly_once() {
 async fn the_tail_is_committed_when_input_stops_without_waiting_out_age_or_interval() {
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(4);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let loaded = tokio::task::spawn_blocking(move || {
-        preload(
-            &bootstrap,
-            TOPIC,
-            20_000,
-            generator(0.0, 11),
-            Spread::Even { partitions: 4 },
-        )
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let loaded = common::preload_to(
+        &broker,
+        20_000,
+        generator(0.0, 11),
+        Spread::Even { partitions: 4 },
+    )
+    .await;
     let valid: HashSet<k2::model::TradeKey> = loaded.valid.iter().cloned().collect();
 
     let mut config = common::config(dir.path(), "k2-tail");

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::{TOPIC, assert_exactly_once, committed_rows, read_tables, wait_for};
-use k2::loadgen::{GeneratorParams, Spread, preload};
+use k2::loadgen::{GeneratorParams, Spread};
 use k2::storage::offsets::summary_key;
 
 fn required_env(name: &str) -> String {
@@ -24,22 +24,11 @@ async fn ingest(
     count: u64,
 ) -> HashSet<k2::model::TradeKey> {
     let broker = common::broker(4);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let loaded = tokio::task::spawn_blocking(move || {
-        preload(
-            &bootstrap,
-            TOPIC,
-            count,
-            GeneratorParams {
-                seed: 3,
-                ..GeneratorParams::default()
-            },
-            Spread::Even { partitions: 4 },
-        )
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let generator = GeneratorParams {
+        seed: 3,
+        ..GeneratorParams::default()
+    };
+    let loaded = common::preload_to(&broker, count, generator, Spread::Even { partitions: 4 }).await;
     let pipeline = common::start(config, &broker, dir, "interop").await;
     let expected = loaded.valid.len() as u64;
     wait_for(Duration::from_secs(120), "trades committed", || async {

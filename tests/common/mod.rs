@@ -24,6 +24,21 @@ pub fn broker(partitions: i32) -> EmbeddedBroker {
     EmbeddedBroker::start(&[(TOPIC.to_string(), partitions)]).expect("embedded broker starts")
 }
 
+/// Produces `count` generated trades to [`TOPIC`] of `broker`, off the async
+/// runtime (librdkafka's producer blocks).
+pub async fn preload_to(
+    broker: &EmbeddedBroker,
+    count: u64,
+    generator: k2::loadgen::GeneratorParams,
+    spread: k2::loadgen::Spread,
+) -> k2::loadgen::PreloadReport {
+    let bootstrap = broker.bootstrap_servers().to_string();
+    tokio::task::spawn_blocking(move || k2::loadgen::preload(&bootstrap, TOPIC, count, generator, spread))
+        .await
+        .expect("the preload task ran")
+        .expect("preload")
+}
+
 /// A config for tests: small, fast commits into a catalog under `dir`.
 pub fn config(dir: &Path, group: &str) -> K2Config {
     let mut config = K2Config::default();
