@@ -31,6 +31,8 @@ use serde::Serialize;
 
 use crate::config::K2Config;
 use crate::embedded::EmbeddedBroker;
+
+pub mod latency;
 use crate::loadgen::{GeneratorParams, Spread, preload};
 use crate::metrics as m;
 use crate::storage::catalog::open_catalog;
@@ -431,6 +433,8 @@ async fn time_pipeline(
         config_file: params.config_file.clone(),
         brokers: brokers.to_string(),
         dir: dir.to_path_buf(),
+        overrides: Vec::new(),
+        log_name: LOG_FILE.to_string(),
     };
     let watched = tokio::task::spawn_blocking(move || watch_k2_run(&launch, messages)).await??;
 
@@ -481,11 +485,16 @@ const WAREHOUSE: &str = "warehouse";
 const LOG_FILE: &str = "k2-run.log";
 
 /// How to start one `k2 run`.
-struct Launch {
-    binary: PathBuf,
-    config_file: Option<PathBuf>,
-    brokers: String,
-    dir: PathBuf,
+/// How to start a `k2 run` child: the bench's, and `k2 demo kill-restart`'s.
+pub(crate) struct Launch {
+    pub binary: PathBuf,
+    pub config_file: Option<PathBuf>,
+    pub brokers: String,
+    pub dir: PathBuf,
+    /// `K2_*` variables set after the bench's own (so they win).
+    pub overrides: Vec<(&'static str, String)>,
+    /// Its stderr, under `dir`.
+    pub log_name: String,
 }
 
 /// What was seen of one `k2 run`, times in unix seconds.
@@ -502,6 +511,14 @@ struct Watched {
 /// Starts `k2 run`, reads its `/metrics` until every message is committed,
 /// takes its CPU time and peak RSS, and stops it with SIGTERM. Blocking.
 fn watch_k2_run(launch: &Launch, messages: u64) -> anyhow::Result<Watched> {
+    let started_at_s = unix_now_s();
+    let mut child = spawn_k2_run(launch)?;
+    let addr = child.http_addr()?;
+    watch_until_committed(child, addr, started_at_s, messages)
+}
+
+/// Starts `k2 run` as [`Launch`] says, its stderr in the run's log file.
+pub(crate) fn spawn_k2_run(launch: &Launch) -> anyhow::Result<RunningChild> {
     let config_file = match &launch.config_file {
         Some(path) => std::path::absolute(path)?,
         None => {
@@ -514,10 +531,9 @@ fn watch_k2_run(launch: &Launch, messages: u64) -> anyhow::Result<Watched> {
             path
         }
     };
-    let log_path = launch.dir.join(LOG_FILE);
+    let log_path = launch.dir.join(&launch.log_name);
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("failed to create {}", log_path.display()))?;
-    let started_at_s = unix_now_s();
     let child = Command::new(&launch.binary)
         .arg("run")
         .arg("--config")
@@ -530,14 +546,21 @@ fn watch_k2_run(launch: &Launch, messages: u64) -> anyhow::Result<Watched> {
         .env("K2_CATALOG__URI", CATALOG_URI)
         .env("K2_CATALOG__WAREHOUSE", WAREHOUSE)
         .env("K2_HTTP__LISTEN", "127.0.0.1:0")
+        .envs(launch.overrides.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .with_context(|| format!("failed to start {} run", launch.binary.display()))?;
-    let mut child = RunningChild { child, log_path };
+    Ok(RunningChild { child, log_path })
+}
 
-    let addr = child.http_addr()?;
+fn watch_until_committed(
+    mut child: RunningChild,
+    addr: SocketAddr,
+    started_at_s: f64,
+    messages: u64,
+) -> anyhow::Result<Watched> {
     let deadline = Instant::now() + RUN_TIMEOUT;
     let (scrape, durable_at_s) = loop {
         child.check_running("before every message was committed")?;
@@ -578,7 +601,7 @@ fn watch_k2_run(launch: &Launch, messages: u64) -> anyhow::Result<Watched> {
 
 /// A `k2 run` child process. Dropped while it still runs (an error in the
 /// bench), it is killed and reaped, so the bench never leaves it behind.
-struct RunningChild {
+pub(crate) struct RunningChild {
     child: Child,
     log_path: PathBuf,
 }
@@ -609,7 +632,18 @@ impl RunningChild {
         }
     }
 
-    fn check_running(&mut self, when: &str) -> anyhow::Result<()> {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would end it, then reaped.
+    pub(crate) fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().context("failed to send SIGKILL to k2 run")?;
+        self.child.wait().context("failed to reap k2 run")?;
+        Ok(())
+    }
+
+    pub(crate) fn check_running(&mut self, when: &str) -> anyhow::Result<()> {
         match self.child.try_wait()? {
             None => Ok(()),
             Some(status) => anyhow::bail!("k2 run exited ({status}) {when}; its log:\n{}", self.log_tail()),
@@ -618,7 +652,7 @@ impl RunningChild {
 
     /// SIGTERM (a clean stop: final commit), then a wait; killed if it
     /// does not exit in time. Either way it is reaped.
-    fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
         let pid = libc::pid_t::try_from(self.child.id()).context("child pid out of range")?;
         // SAFETY: kill(2) with a pid this process spawned and has not reaped.
         if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {

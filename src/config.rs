@@ -104,9 +104,11 @@ pub struct K2Config {
 
 /// Failure drills: settings that make K2 misbehave on purpose, to watch it
 /// recover. Leave them at their defaults in production.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FaultsConfig {
+    /// Whether `POST /v1/faults` may inject faults (it still needs the API key). Off in production.
+    pub enabled: bool,
     /// Hold every successful Iceberg commit this long before its stage state is put in force and its
     /// lanes are told, logging "commit landed; holding" first: a drill that kills the process at that
     /// moment aims its kill there. 0: off.
@@ -414,7 +416,7 @@ impl Default for LanesConfig {
     fn default() -> Self {
         LanesConfig {
             chunk_max_records: 2_000,
-            mailbox_capacity: 8,
+            mailbox_capacity: 2,
             arbiters: 0,
             max_restarts: 5,
             restart_window_ms: 60_000,
@@ -493,6 +495,16 @@ impl Default for LoadgenConfig {
             rate: 20_000,
             malformed_ratio: 0.001,
             seed: 42,
+        }
+    }
+}
+
+impl Default for FaultsConfig {
+    fn default() -> Self {
+        FaultsConfig {
+            enabled: true,
+            hold_after_commit_ms: 0,
+            hold_in_maintenance_ms: 0,
         }
     }
 }

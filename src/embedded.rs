@@ -82,7 +82,13 @@ pub struct EmbeddedBroker {
 enum Command {
     Stop,
     RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
+    /// Takes the broker down (true) or brings it back (false), answering
+    /// whether the mock cluster did.
+    SetDown(bool, mpsc::Sender<Result<(), String>>),
 }
+
+/// The one broker of the embedded cluster (librdkafka numbers them from 1).
+const BROKER_ID: i32 = 1;
 
 impl EmbeddedBroker {
     /// Starts a one-broker cluster with the given topics (name, partitions).
@@ -109,8 +115,19 @@ impl EmbeddedBroker {
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
                 // Keep the cluster alive until told to stop or the handle is gone.
-                while let Ok(Command::RequestErrors(api, errors)) = command_rx.recv() {
-                    cluster.request_errors(api, &errors);
+                loop {
+                    match command_rx.recv() {
+                        Ok(Command::RequestErrors(api, errors)) => cluster.request_errors(api, &errors),
+                        Ok(Command::SetDown(down, answer)) => {
+                            let result = if down {
+                                cluster.broker_down(BROKER_ID)
+                            } else {
+                                cluster.broker_up(BROKER_ID)
+                            };
+                            let _ = answer.send(result.map_err(|e| e.to_string()));
+                        }
+                        Ok(Command::Stop) | Err(_) => break,
+                    }
                 }
                 drop(cluster);
             })
@@ -134,6 +151,30 @@ impl EmbeddedBroker {
     /// fail for a while).
     pub fn request_errors(&self, api: RDKafkaApiKey, errors: Vec<RDKafkaRespErr>) {
         let _ = self.commands.send(Command::RequestErrors(api, errors));
+    }
+
+    /// What the `broker_down` fault takes down and brings back.
+    pub fn control(&self) -> std::sync::Arc<dyn crate::faults::BrokerControl> {
+        std::sync::Arc::new(BrokerSwitch {
+            commands: self.commands.clone(),
+        })
+    }
+}
+
+/// Takes the embedded broker down and up from any thread.
+struct BrokerSwitch {
+    commands: mpsc::Sender<Command>,
+}
+
+impl crate::faults::BrokerControl for BrokerSwitch {
+    fn set_down(&self, down: bool) -> Result<(), String> {
+        let (answer, result) = mpsc::channel();
+        self.commands
+            .send(Command::SetDown(down, answer))
+            .map_err(|_| "the embedded broker has stopped".to_string())?;
+        result
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .map_err(|_| "the embedded broker did not answer within 5 s".to_string())?
     }
 }
 

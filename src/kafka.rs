@@ -565,8 +565,11 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
         // overtook it) while the others keep running.
         .set("partition.assignment.strategy", "cooperative-sticky");
     if !config.client.contains_key("queued.max.messages.kbytes") {
-        // Bounds what librdkafka prefetches per partition when a lane is slow.
-        client.set("queued.max.messages.kbytes", "16384");
+        // Bounds what librdkafka prefetches per partition (each lane has its
+        // own queue): 64 partitions hold at most 128 MiB. 16 MiB held a
+        // whole 1M-trade backlog in memory for the same throughput
+        // (docs/perf.md).
+        client.set("queued.max.messages.kbytes", "2048");
     }
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);

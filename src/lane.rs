@@ -148,7 +148,7 @@ fn spawn_lane(
             topic: shared.topic.clone(),
             tiers: shared.tiers.clone(),
             level,
-            downstream: sink(&batcher, &shared.failures),
+            downstream: sink(&batcher, shared),
             mailbox_capacity: mailbox,
             failures: shared.failures.clone(),
             faults: shared.faults.clone(),
@@ -163,7 +163,7 @@ fn spawn_lane(
             store: shared.store.clone(),
             start_offset,
             policy: shared.probable_policy,
-            downstream: sink(&shedder, &shared.failures),
+            downstream: sink(&shedder, shared),
             failures: shared.failures.clone(),
             mailbox_capacity: mailbox,
             faults: shared.faults.clone(),
@@ -177,7 +177,7 @@ fn spawn_lane(
             state: states.sequence,
             store: shared.store.clone(),
             start_offset,
-            downstream: sink(&deduplicator, &shared.failures),
+            downstream: sink(&deduplicator, shared),
             failures: shared.failures.clone(),
             mailbox_capacity: mailbox,
             faults: shared.faults.clone(),
@@ -196,7 +196,7 @@ fn spawn_lane(
         from_log_start: shared.from_log_start,
         tiers: shared.tiers.clone(),
         level,
-        downstream: sink(&sequencer, &shared.failures),
+        downstream: sink(&sequencer, shared),
         supervisor: shared.failures.clone(),
         status: status.clone(),
         faults: shared.faults.clone(),
@@ -211,13 +211,14 @@ fn spawn_lane(
     }
 }
 
-fn sink<A>(addr: &Addr<A>, failures: &Recipient<LaneFailed>) -> ChunkSink
+fn sink<A>(addr: &Addr<A>, shared: &LaneShared) -> ChunkSink
 where
     A: Actor<Context = Context<A>> + Handler<TradeChunk> + Handler<Flush>,
 {
     ChunkSink {
         chunks: addr.clone().recipient(),
         flush: addr.clone().recipient(),
-        failures: failures.clone(),
+        failures: shared.failures.clone(),
+        faults: shared.faults.clone(),
     }
 }

@@ -38,6 +38,7 @@ use rdkafka::producer::{
 use tracing::{info, warn};
 
 use crate::model::{DECIMAL_SCALE, TradeKey};
+use crate::shedding::{Priority, TierTable};
 
 /// Invalid generator parameters.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -54,6 +55,32 @@ pub enum LoadgenError {
     ZipfExponent(f64),
     #[error("{name} must be between 0 and 1, got {value}")]
     Ratio { name: &'static str, value: f64 },
+    #[error("{0}")]
+    Shape(String),
+    #[error("the first sequence number must be between 1 and {max}, got {0}", max = MAX_FIRST_SEQUENCE)]
+    FirstSequence(i64),
+}
+
+/// Leaves room for any run to count up from its first sequence number.
+pub const MAX_FIRST_SEQUENCE: i64 = i64::MAX / 4;
+
+/// Sequence numbers each millisecond of the wall clock reserves for one symbol, in
+/// [`run_start_sequence`].
+const SEQUENCES_PER_MS: i64 = 1_000;
+
+/// The first sequence number of a `k2 loadgen` run that started at `now`: the milliseconds since
+/// the Unix epoch × 1,000, plus 1. A later run starts above every number an earlier run issued
+/// unless one symbol got more than 1,000 trades per millisecond of the time between the two
+/// starts (a million a second, far above any rate the generator reaches), so a second run against
+/// the same topic repeats no trade id. K2 sees each symbol's sequence jump forward between runs and
+/// records the jump as one gap, which is what it is.
+pub fn run_start_sequence(now: std::time::SystemTime) -> i64 {
+    let ms = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX));
+    ms.saturating_mul(SEQUENCES_PER_MS)
+        .saturating_add(1)
+        .min(MAX_FIRST_SEQUENCE)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -76,6 +103,16 @@ pub struct GeneratorParams {
     /// Fraction of BINANCE trades emitted in Binance's native trade-event format instead of K2's
     /// canonical format (default 0.5).
     pub binance_native_ratio: f64,
+    /// Fraction of messages that repeat the previous valid trade byte for byte (default 0.0), as a
+    /// producer retrying without idempotence would: K2 keeps one.
+    pub duplicate_ratio: f64,
+    /// Fraction of valid trades whose symbol skips a sequence number first (default 0.0), as a feed
+    /// that lost a message would: K2 records the gap.
+    pub gap_ratio: f64,
+    /// The sequence number (and, on Binance, the trade id) of every symbol's first trade (default
+    /// 1). A run that starts above every earlier run's numbers gets trade ids of its own: see
+    /// [`run_start_sequence`].
+    pub first_sequence: i64,
 }
 
 impl Default for GeneratorParams {
@@ -94,6 +131,9 @@ impl Default for GeneratorParams {
             zipf_exponent: 1.1,
             malformed_ratio: 0.0,
             binance_native_ratio: 0.5,
+            duplicate_ratio: 0.0,
+            gap_ratio: 0.0,
+            first_sequence: 1,
         }
     }
 }
@@ -132,10 +172,15 @@ impl GeneratorParams {
         for (name, value) in [
             ("malformed_ratio", self.malformed_ratio),
             ("binance_native_ratio", self.binance_native_ratio),
+            ("duplicate_ratio", self.duplicate_ratio),
+            ("gap_ratio", self.gap_ratio),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(LoadgenError::Ratio { name, value });
             }
+        }
+        if !(1..=MAX_FIRST_SEQUENCE).contains(&self.first_sequence) {
+            return Err(LoadgenError::FirstSequence(self.first_sequence));
         }
         Ok(())
     }
@@ -149,6 +194,8 @@ pub struct GeneratedMessage {
     pub payload: Vec<u8>,
     /// Some((exchange, trade_id)) for a valid trade; None for a deliberately malformed message.
     pub trade: Option<TradeKey>,
+    /// A byte-for-byte repeat of the previous valid trade (`duplicate_ratio`).
+    pub duplicate: bool,
 }
 
 const BINANCE: &str = "BINANCE";
@@ -237,6 +284,8 @@ struct Instrument {
     trade_id_prefix: Option<String>,
     /// Last sequence number issued; the next trade gets `sequence + 1`.
     sequence: i64,
+    /// Whether the symbol has had a trade yet (gaps come only after the first).
+    started: bool,
     log_price: f64,
     log_anchor: f64,
     volatility: f64,
@@ -248,7 +297,7 @@ struct Instrument {
 }
 
 impl Instrument {
-    fn new(exchange: &Arc<str>, symbol: &str, rng: &mut StdRng) -> Self {
+    fn new(exchange: &Arc<str>, symbol: &str, first_sequence: i64, rng: &mut StdRng) -> Self {
         let known = [BINANCE_SYMBOLS, ASX_SYMBOLS, COINBASE_SYMBOLS]
             .iter()
             .flat_map(|table| table.iter())
@@ -296,7 +345,8 @@ impl Instrument {
             json_symbol: json_escape(symbol),
             json_exchange: json_escape(exchange),
             trade_id_prefix: (exchange.as_ref() != BINANCE).then(|| format!("{symbol}-")),
-            sequence: 0,
+            sequence: first_sequence - 1,
+            started: false,
             log_price,
             log_anchor: log_price,
             volatility,
@@ -382,8 +432,14 @@ pub struct TradeGenerator {
     popularity: Zipf<f64>,
     malformed_ratio: f64,
     binance_native_ratio: f64,
+    duplicate_ratio: f64,
+    gap_ratio: f64,
     num_generated: u64,
     num_malformed: u64,
+    num_duplicates: u64,
+    num_gaps: u64,
+    /// What a duplicate repeats.
+    last_valid: Option<GeneratedMessage>,
     buf: String,
     clock: SecondCache,
 }
@@ -415,6 +471,7 @@ impl TradeGenerator {
                 .map(|(exchange, symbols)| (Arc::from(exchange), symbols))
                 .collect();
         }
+        let first_sequence = params.first_sequence.clamp(1, MAX_FIRST_SEQUENCE);
         // Popularity ranks go round-robin over the exchanges (each exchange's first symbol is among
         // the most traded), so no exchange is starved by the order of the list.
         let mut instruments = Vec::new();
@@ -426,7 +483,7 @@ impl TradeGenerator {
         for i in 0..longest {
             for (exchange, symbols) in &exchanges {
                 if let Some(symbol) = symbols.get(i) {
-                    instruments.push(Instrument::new(exchange, symbol, &mut rng));
+                    instruments.push(Instrument::new(exchange, symbol, first_sequence, &mut rng));
                 }
             }
         }
@@ -443,8 +500,13 @@ impl TradeGenerator {
             popularity,
             malformed_ratio: clamp_ratio(params.malformed_ratio),
             binance_native_ratio: clamp_ratio(params.binance_native_ratio),
+            duplicate_ratio: clamp_ratio(params.duplicate_ratio),
+            gap_ratio: clamp_ratio(params.gap_ratio),
             num_generated: 0,
             num_malformed: 0,
+            num_duplicates: 0,
+            num_gaps: 0,
+            last_valid: None,
             buf: String::with_capacity(256),
             clock: SecondCache::default(),
         }
@@ -459,9 +521,26 @@ impl TradeGenerator {
             self.num_malformed += 1;
             return self.malformed_message(index, kind, now_us);
         }
+        if self.duplicate_ratio > 0.0
+            && let Some(last) = &self.last_valid
+            && self.rng.random_bool(self.duplicate_ratio)
+        {
+            self.num_duplicates += 1;
+            return GeneratedMessage {
+                duplicate: true,
+                ..last.clone()
+            };
+        }
 
         let instrument = &mut self.instruments[index];
+        // The feed lost this number: it is never sent. Only after a first
+        // trade, so that every skipped number is a gap K2 can see.
+        if self.gap_ratio > 0.0 && instrument.started && self.rng.random_bool(self.gap_ratio) {
+            instrument.sequence += 1;
+            self.num_gaps += 1;
+        }
         instrument.sequence += 1;
+        instrument.started = true;
         let sequence = instrument.sequence;
         let price_units = instrument.next_price_units(&mut self.rng);
         let price = price_units as f64 / pow10(instrument.price_decimals);
@@ -485,7 +564,7 @@ impl TradeGenerator {
         } else {
             write_canonical_trade(&mut self.buf, &mut self.clock, instrument, &fields, Field::All)
         };
-        GeneratedMessage {
+        let message = GeneratedMessage {
             key: instrument.key.clone(),
             payload: self.buf.as_bytes().to_vec(),
             trade: Some((
@@ -493,7 +572,12 @@ impl TradeGenerator {
                 instrument.symbol.to_string(),
                 fields.trade_id,
             )),
+            duplicate: false,
+        };
+        if self.duplicate_ratio > 0.0 {
+            self.last_valid = Some(message.clone());
         }
+        message
     }
 
     /// Messages generated so far, valid and malformed.
@@ -504,6 +588,16 @@ impl TradeGenerator {
     /// Deliberately malformed messages generated so far.
     pub fn malformed(&self) -> u64 {
         self.num_malformed
+    }
+
+    /// Repeats of a valid trade generated so far (`duplicate_ratio`).
+    pub fn duplicates(&self) -> u64 {
+        self.num_duplicates
+    }
+
+    /// Sequence numbers skipped so far (`gap_ratio`): each is one missing record K2 reports.
+    pub fn gaps(&self) -> u64 {
+        self.num_gaps
     }
 
     fn pick_instrument(&mut self) -> usize {
@@ -580,6 +674,7 @@ impl TradeGenerator {
             key: instrument.key.clone(),
             payload,
             trade: None,
+            duplicate: false,
         }
     }
 }
@@ -770,16 +865,101 @@ pub struct LoadgenParams {
     pub topic: String,
     /// Messages per second; 0 = as fast as possible.
     pub rate: u64,
+    /// How the rate changes over the run (a ramp, bursts); the default keeps it at `rate`.
+    pub shape: RateShape,
     /// Stop after this long (None = until `total` or shutdown).
     pub duration: Option<Duration>,
     /// Stop after this many messages (None = unlimited).
     pub total: Option<u64>,
-    /// Append "exchange,symbol,trade_id" of every produced valid trade (one per line) to this file, written
-    /// only for messages whose delivery was acknowledged.
+    /// Append every produced valid trade to this file (one line each, see [`ProducedTrade`]),
+    /// written only for messages whose delivery was acknowledged.
     pub ids_file: Option<PathBuf>,
+    /// The symbol tiers that give each trade in the ids file its priority (K2's `[shedding]`).
+    pub tiers: TierTable,
     pub generator: GeneratorParams,
     /// Show an indicatif progress line on stderr.
     pub progress: bool,
+}
+
+/// How the rate changes over a run: a linear ramp from the base rate to
+/// another, and bursts on top. The default keeps the base rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateShape {
+    pub ramp: Option<Ramp>,
+    pub burst: Option<Burst>,
+}
+
+/// From the base rate to `to`, linearly over `over`, then `to`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ramp {
+    pub to: u64,
+    pub over: Duration,
+}
+
+/// `rate` (when above the ramp's) for `lasting`, once every `every`,
+/// starting `every` into the run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Burst {
+    pub rate: u64,
+    pub lasting: Duration,
+    pub every: Duration,
+}
+
+impl RateShape {
+    pub fn is_flat(&self) -> bool {
+        self.ramp.is_none() && self.burst.is_none()
+    }
+
+    /// Messages a second wanted `elapsed` into a run whose base rate is `base`.
+    pub fn rate_at(&self, base: u64, elapsed: Duration) -> u64 {
+        let t = elapsed.as_secs_f64();
+        let mut rate = base;
+        if let Some(ramp) = self.ramp {
+            let done = (t / ramp.over.as_secs_f64()).min(1.0);
+            rate = (base as f64 + (ramp.to as f64 - base as f64) * done).round() as u64;
+        }
+        if let Some(burst) = self.burst {
+            let every = burst.every.as_secs_f64();
+            if t >= every && t % every < burst.lasting.as_secs_f64() {
+                rate = rate.max(burst.rate);
+            }
+        }
+        rate
+    }
+
+    /// Checks the shape against the base rate, so a bad command line gets
+    /// one clear line.
+    pub fn validate(&self, base: u64) -> Result<(), LoadgenError> {
+        if self.is_flat() {
+            return Ok(());
+        }
+        if base == 0 {
+            return Err(LoadgenError::Shape(
+                "a ramp or bursts need a base --rate above 0 (0 produces as fast as possible)".into(),
+            ));
+        }
+        if let Some(ramp) = self.ramp {
+            if ramp.to == 0 {
+                return Err(LoadgenError::Shape("--ramp-to must be above 0".into()));
+            }
+            if ramp.over.is_zero() {
+                return Err(LoadgenError::Shape("--ramp-secs must be above 0".into()));
+            }
+        }
+        if let Some(burst) = self.burst {
+            if burst.rate == 0 {
+                return Err(LoadgenError::Shape("--burst-rate must be above 0".into()));
+            }
+            if burst.lasting.is_zero() || burst.lasting >= burst.every {
+                return Err(LoadgenError::Shape(format!(
+                    "--burst-secs ({} s) must be above 0 and below --burst-every ({} s)",
+                    burst.lasting.as_secs_f64(),
+                    burst.every.as_secs_f64()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a [`run_loadgen`] run did.
@@ -789,6 +969,10 @@ pub struct LoadgenReport {
     pub produced: u64,
     /// Of `produced`, the deliberately malformed messages.
     pub malformed: u64,
+    /// Of `produced`, the repeats of a valid trade (`duplicate_ratio`).
+    pub duplicates: u64,
+    /// Sequence numbers skipped (`gap_ratio`).
+    pub gaps: u64,
     /// Messages whose delivery failed (each was logged).
     pub failed: u64,
     pub elapsed: Duration,
@@ -801,6 +985,8 @@ pub struct PreloadReport {
     pub valid: Vec<TradeKey>,
     /// Deliberately malformed messages produced.
     pub malformed: u64,
+    /// Repeats of a valid trade produced (`duplicate_ratio`; not in `valid`).
+    pub duplicates: u64,
     /// Payload bytes produced.
     pub bytes: u64,
 }
@@ -868,15 +1054,13 @@ pub fn preload(
     let mut report = PreloadReport {
         valid: Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(10_000_000)),
         malformed: 0,
+        duplicates: 0,
         bytes: 0,
     };
     let never = AtomicBool::new(false);
     for i in 0..count {
         let message = generator.next_message(crate::model::now_us());
-        let tag = match message.trade {
-            Some(_) => DeliveryTag::Valid(None),
-            None => DeliveryTag::Malformed,
-        };
+        let tag = DeliveryTag::of(&message, false);
         let partition = match spread {
             Spread::ByKey => None,
             Spread::Even { partitions } => Some((i % partitions as u64) as i32),
@@ -891,6 +1075,7 @@ pub fn preload(
         send_with_retry(&producer, topic, partition, &message, tag, &never)?;
         report.bytes += message.payload.len() as u64;
         match message.trade {
+            Some(_) if message.duplicate => report.duplicates += 1,
             Some(trade) => report.valid.push(trade),
             None => report.malformed += 1,
         }
@@ -915,11 +1100,24 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the loop hands acknowledged ids to the file and redraws the progress line.
 const REPORT_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a shaped rate (ramp, bursts) is looked at again.
+const RESHAPE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The delivery opaque: what kind of message it was, and its id when ids are being recorded.
 enum DeliveryTag {
     Malformed,
+    Duplicate,
     Valid(Option<TradeKey>),
+}
+
+impl DeliveryTag {
+    fn of(message: &GeneratedMessage, record_id: bool) -> Self {
+        match &message.trade {
+            None => DeliveryTag::Malformed,
+            Some(_) if message.duplicate => DeliveryTag::Duplicate,
+            Some(trade) => DeliveryTag::Valid(record_id.then(|| trade.clone())),
+        }
+    }
 }
 
 /// Counts delivery reports. Callbacks run on the thread that polls the producer.
@@ -927,9 +1125,10 @@ enum DeliveryTag {
 struct DeliveryTracker {
     num_acked: AtomicU64,
     num_acked_malformed: AtomicU64,
+    num_acked_duplicates: AtomicU64,
     num_failed: AtomicU64,
-    /// Acknowledged (exchange, trade_id) pairs not yet written to the ids file.
-    acked_ids: Mutex<Vec<TradeKey>>,
+    /// Acknowledged trades not yet written to the ids file, with their partition and offset.
+    acked_ids: Mutex<Vec<(TradeKey, i32, i64)>>,
 }
 
 impl ClientContext for DeliveryTracker {
@@ -943,15 +1142,18 @@ impl ProducerContext for DeliveryTracker {
 
     fn delivery(&self, result: &DeliveryResult<'_>, tag: Self::DeliveryOpaque) {
         match result {
-            Ok(_) => {
+            Ok(message) => {
                 self.num_acked.fetch_add(1, Ordering::Relaxed);
                 match *tag {
                     DeliveryTag::Malformed => {
                         self.num_acked_malformed.fetch_add(1, Ordering::Relaxed);
                     }
+                    DeliveryTag::Duplicate => {
+                        self.num_acked_duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
                     DeliveryTag::Valid(Some(trade)) => {
                         if let Ok(mut ids) = self.acked_ids.lock() {
-                            ids.push(trade);
+                            ids.push((trade, message.partition(), message.offset()));
                         }
                     }
                     DeliveryTag::Valid(None) => {}
@@ -1074,14 +1276,20 @@ fn produce_until_done(params: &LoadgenParams, stop: &AtomicBool) -> anyhow::Resu
         Some(path) => Some(open_ids_file(path)?),
         None => None,
     };
+    params
+        .shape
+        .validate(params.rate)
+        .context("invalid load generator rate")?;
     let producer = create_producer(&params.brokers, &params.topic)?;
     let mut generator = TradeGenerator::new(params.generator.clone());
-    let pacer = Pacer::new(params.rate);
-    let progress = params.progress.then(progress_bar);
+    let mut target = params.rate;
+    let mut pacer = Pacer::new(target);
+    let mut progress = params.progress.then(|| Progress::new(progress_bar()));
     info!(
         brokers = %params.brokers,
         topic = %params.topic,
         rate = params.rate,
+        shape = ?params.shape,
         "load generator started"
     );
 
@@ -1089,10 +1297,19 @@ fn produce_until_done(params: &LoadgenParams, stop: &AtomicBool) -> anyhow::Resu
     let deadline = params.duration.map(|d| started + d);
     let mut num_sent: u64 = 0;
     let mut last_report = started;
+    let mut last_reshape = started;
     'produce: loop {
         let remaining = params.total.map_or(u64::MAX, |total| total - num_sent.min(total));
         if remaining == 0 || stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
+        }
+        if !params.shape.is_flat() && last_reshape.elapsed() >= RESHAPE_INTERVAL {
+            last_reshape = Instant::now();
+            let wanted = params.shape.rate_at(params.rate, started.elapsed());
+            if wanted.abs_diff(target) * 100 >= target.max(1) {
+                target = wanted;
+                pacer = Pacer::resumed(target);
+            }
         }
         let batch = pacer.batch.min(remaining);
         if let Some(wait) = pacer.wait(batch)? {
@@ -1103,10 +1320,7 @@ fn produce_until_done(params: &LoadgenParams, stop: &AtomicBool) -> anyhow::Resu
         }
         for _ in 0..batch {
             let message = generator.next_message(crate::model::now_us());
-            let tag = match &message.trade {
-                None => DeliveryTag::Malformed,
-                Some(trade) => DeliveryTag::Valid(ids_file.is_some().then(|| trade.clone())),
-            };
+            let tag = DeliveryTag::of(&message, ids_file.is_some());
             if !send_with_retry(&producer, &params.topic, None, &message, tag, stop)? {
                 break 'produce;
             }
@@ -1116,29 +1330,31 @@ fn produce_until_done(params: &LoadgenParams, stop: &AtomicBool) -> anyhow::Resu
         if last_report.elapsed() >= REPORT_INTERVAL {
             last_report = Instant::now();
             if let Some(file) = &mut ids_file {
-                write_acked_ids(producer.context(), file)?;
+                write_acked_ids(producer.context(), &params.tiers, file)?;
             }
-            if let Some(bar) = &progress {
-                update_progress(bar, producer.context(), started);
+            if let Some(progress) = &mut progress {
+                progress.update(producer.context(), &generator, target);
             }
         }
     }
 
     finish(&producer, FLUSH_TIMEOUT);
     if let Some(file) = &mut ids_file {
-        write_acked_ids(producer.context(), file)?;
+        write_acked_ids(producer.context(), &params.tiers, file)?;
         file.flush().context("failed to write the ids file")?;
     }
     let tracker = producer.context();
     let report = LoadgenReport {
         produced: tracker.num_acked.load(Ordering::Relaxed),
         malformed: tracker.num_acked_malformed.load(Ordering::Relaxed),
+        duplicates: tracker.num_acked_duplicates.load(Ordering::Relaxed),
+        gaps: generator.gaps(),
         failed: tracker.num_failed.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     };
-    if let Some(bar) = &progress {
-        update_progress(bar, tracker, started);
-        bar.finish();
+    if let Some(progress) = &mut progress {
+        progress.update(tracker, &generator, target);
+        progress.bar.finish();
     }
     if report.failed > 0 {
         warn!(
@@ -1150,6 +1366,8 @@ fn produce_until_done(params: &LoadgenParams, stop: &AtomicBool) -> anyhow::Resu
     info!(
         produced = report.produced,
         malformed = report.malformed,
+        duplicates = report.duplicates,
+        gaps = report.gaps,
         failed = report.failed,
         elapsed_ms = report.elapsed.as_millis() as u64,
         "load generator finished"
@@ -1168,6 +1386,16 @@ impl Pacer {
     /// Unpaced batches: large enough to amortise the loop, small enough to notice a stop quickly.
     const UNPACED_BATCH: u64 = 1_000;
     const MAX_BATCH: u32 = 10_000;
+
+    /// A pacer for a new rate in the middle of a run: it starts with no
+    /// credit, so changing the rate never lets a burst of the old credit out.
+    fn resumed(rate: u64) -> Self {
+        let pacer = Pacer::new(rate);
+        if let Some(limiter) = &pacer.limiter {
+            while limiter.check().is_ok() {}
+        }
+        pacer
+    }
 
     fn new(rate: u64) -> Self {
         let Some(rate) = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX)) else {
@@ -1214,15 +1442,87 @@ fn open_ids_file(path: &Path) -> anyhow::Result<BufWriter<File>> {
     Ok(BufWriter::new(file))
 }
 
-fn write_acked_ids(tracker: &DeliveryTracker, file: &mut BufWriter<File>) -> anyhow::Result<()> {
+fn write_acked_ids(
+    tracker: &DeliveryTracker,
+    tiers: &TierTable,
+    file: &mut BufWriter<File>,
+) -> anyhow::Result<()> {
     let ids = match tracker.acked_ids.lock() {
         Ok(mut ids) => std::mem::take(&mut *ids),
         Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
     };
-    for (exchange, symbol, trade_id) in ids {
-        writeln!(file, "{exchange},{symbol},{trade_id}").context("failed to write the ids file")?;
+    for (key, partition, offset) in ids {
+        let priority = tiers.trade_priority(&key.0, &key.1);
+        let trade = ProducedTrade {
+            key,
+            priority,
+            partition,
+            offset,
+        };
+        writeln!(file, "{trade}").context("failed to write the ids file")?;
     }
     Ok(())
+}
+
+/// One line of the ids file: `exchange,symbol,trade_id,priority,partition,offset`, e.g.
+/// `BINANCE,BTCUSDT,1733000000000001,CRITICAL,3,1041`. The priority is the one K2's
+/// `[shedding]` tiers give the trade, so a verdict can say what shedding deferred; partition
+/// and offset are where Kafka put it, so it can be matched with `k2.shed_ledger`'s ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducedTrade {
+    pub key: TradeKey,
+    pub priority: Priority,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl fmt::Display for ProducedTrade {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (exchange, symbol, trade_id) = &self.key;
+        write!(
+            f,
+            "{exchange},{symbol},{trade_id},{},{},{}",
+            self.priority, self.partition, self.offset
+        )
+    }
+}
+
+impl std::str::FromStr for ProducedTrade {
+    type Err = String;
+
+    fn from_str(line: &str) -> Result<Self, Self::Err> {
+        let fields: Vec<&str> = line.split(',').collect();
+        let [exchange, symbol, trade_id, priority, partition, offset] = fields[..] else {
+            return Err(format!(
+                "expected 6 fields (exchange,symbol,trade_id,priority,partition,offset), found {}",
+                fields.len()
+            ));
+        };
+        Ok(ProducedTrade {
+            key: (exchange.into(), symbol.into(), trade_id.into()),
+            priority: priority.parse()?,
+            partition: partition
+                .parse()
+                .map_err(|_| format!("partition `{partition}` is not a number"))?,
+            offset: offset
+                .parse()
+                .map_err(|_| format!("offset `{offset}` is not a number"))?,
+        })
+    }
+}
+
+/// Reads an ids file written by [`run_loadgen`]; a bad line is an error naming its number.
+pub fn read_ids_file(path: &Path) -> anyhow::Result<Vec<ProducedTrade>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read ids file {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(i, line)| {
+            line.parse()
+                .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), i + 1))
+        })
+        .collect()
 }
 
 fn progress_bar() -> ProgressBar {
@@ -1234,11 +1534,49 @@ fn progress_bar() -> ProgressBar {
     bar
 }
 
-fn update_progress(bar: &ProgressBar, tracker: &DeliveryTracker, started: Instant) {
-    let produced = tracker.num_acked.load(Ordering::Relaxed);
-    let failed = tracker.num_failed.load(Ordering::Relaxed);
-    let rate = produced as f64 / started.elapsed().as_secs_f64().max(1e-3);
-    bar.set_message(format!("produced {produced}  {rate:.0} msg/s  failed {failed}"));
+/// The live progress line: what was acknowledged, the rate achieved over the
+/// last second against the rate wanted now, and the odd messages sent.
+struct Progress {
+    bar: ProgressBar,
+    /// (when, acknowledged then), about a second apart.
+    window: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl Progress {
+    fn new(bar: ProgressBar) -> Self {
+        Progress {
+            bar,
+            window: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn update(&mut self, tracker: &DeliveryTracker, generator: &TradeGenerator, target: u64) {
+        let now = Instant::now();
+        let produced = tracker.num_acked.load(Ordering::Relaxed);
+        self.window.push_back((now, produced));
+        while self.window.len() > 2 && now.duration_since(self.window[1].0) >= Duration::from_secs(1) {
+            self.window.pop_front();
+        }
+        let (since, then) = self.window[0];
+        let seconds = now.duration_since(since).as_secs_f64();
+        let rate = if seconds > 0.0 {
+            (produced - then) as f64 / seconds
+        } else {
+            0.0
+        };
+        let target = if target == 0 {
+            "unpaced".to_string()
+        } else {
+            format!("{target}/s wanted")
+        };
+        let failed = tracker.num_failed.load(Ordering::Relaxed);
+        self.bar.set_message(format!(
+            "produced {produced}  {rate:.0}/s now ({target})  malformed {}  duplicates {}  gaps {}  failed {failed}",
+            generator.malformed(),
+            generator.duplicates(),
+            generator.gaps(),
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -1847,6 +2185,75 @@ mod tests {
     }
 
     #[test]
+    fn a_run_starting_at_a_later_sequence_repeats_no_trade_id() {
+        let ids = |first_sequence| {
+            let mut generator = TradeGenerator::new(GeneratorParams {
+                first_sequence,
+                ..seeded(3)
+            });
+            (0..2_000)
+                .map(|_| generator.next_message(1).trade.expect("valid"))
+                .collect::<HashSet<_>>()
+        };
+        let earlier = ids(1);
+        let later = ids(run_start_sequence(std::time::SystemTime::now()));
+        assert_eq!(earlier.len(), 2_000);
+        assert!(earlier.is_disjoint(&later));
+
+        let mut generator = TradeGenerator::new(GeneratorParams {
+            first_sequence: 1_000_000_001,
+            binance_native_ratio: 0.0,
+            ..seeded(3)
+        });
+        let mut first = HashMap::new();
+        for _ in 0..2_000 {
+            let message = generator.next_message(1);
+            let parsed = strict_parse(&message.key, &message.payload).expect("valid");
+            first
+                .entry(message.key)
+                .or_insert((parsed.sequence, parsed.trade_id));
+        }
+        assert_eq!(
+            first["BINANCE:BTCUSDT"],
+            (1_000_000_001, "1000000001".to_string())
+        );
+        assert_eq!(first["ASX:BHP"], (1_000_000_001, "BHP-1000000001".to_string()));
+    }
+
+    #[test]
+    fn run_start_sequences_grow_with_the_clock_and_stay_in_range() {
+        let at = |ms: u64| run_start_sequence(std::time::UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(at(0), 1);
+        assert_eq!(at(1_733_000_000_000), 1_733_000_000_000_001);
+        assert!(at(1_733_000_000_001) - at(1_733_000_000_000) == 1_000);
+        assert_eq!(at(u64::MAX), MAX_FIRST_SEQUENCE);
+        let error = GeneratorParams {
+            first_sequence: 0,
+            ..GeneratorParams::default()
+        }
+        .validate()
+        .expect_err("0 is not a sequence number");
+        assert!(error.to_string().contains("got 0"), "{error}");
+    }
+
+    #[test]
+    fn ids_file_lines_round_trip_and_a_bad_line_names_its_field() {
+        let trade = ProducedTrade {
+            key: ("BINANCE".into(), "BTCUSDT".into(), "17".into()),
+            priority: Priority::Critical,
+            partition: 3,
+            offset: 1041,
+        };
+        assert_eq!(trade.to_string(), "BINANCE,BTCUSDT,17,CRITICAL,3,1041");
+        assert_eq!(trade.to_string().parse::<ProducedTrade>(), Ok(trade));
+        let error = |line: &str| line.parse::<ProducedTrade>().expect_err(line);
+        assert!(error("BINANCE,BTCUSDT,17").contains("expected 6 fields"));
+        assert!(error("BINANCE,BTCUSDT,17,URGENT,3,1").contains("URGENT"));
+        assert!(error("BINANCE,BTCUSDT,17,LOW,x,1").contains("partition `x`"));
+        assert!(error("BINANCE,BTCUSDT,17,LOW,3,-").contains("offset `-`"));
+    }
+
+    #[test]
     fn run_loadgen_stops_at_total_and_records_acknowledged_ids() {
         let cluster = mock_cluster_with_topic("trades");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1855,9 +2262,11 @@ mod tests {
             brokers: cluster.bootstrap_servers(),
             topic: "trades".into(),
             rate: 0,
+            shape: Default::default(),
             duration: None,
             total: Some(5_000),
             ids_file: Some(ids_path.clone()),
+            tiers: Default::default(),
             generator: GeneratorParams {
                 malformed_ratio: 0.1,
                 ..seeded(12)
@@ -1874,12 +2283,26 @@ mod tests {
         assert_eq!(report.produced, 5_000);
         assert_eq!(report.failed, 0);
         assert!((300..700).contains(&report.malformed), "{}", report.malformed);
-        let ids = std::fs::read_to_string(&ids_path).expect("ids file");
-        let lines: Vec<&str> = ids.lines().collect();
-        assert_eq!(lines.len() as u64, report.produced - report.malformed);
-        assert!(lines.iter().all(|line| line.starts_with("BINANCE,")
-            || line.starts_with("ASX,")
-            || line.starts_with("COINBASE,")));
+        let ids = read_ids_file(&ids_path).expect("ids file");
+        assert_eq!(ids.len() as u64, report.produced - report.malformed);
+        let tiers = TierTable::default();
+        let mut offsets = HashSet::new();
+        for trade in &ids {
+            let (exchange, symbol, _) = &trade.key;
+            assert!(
+                ["BINANCE", "ASX", "COINBASE"].contains(&exchange.as_str()),
+                "{trade}"
+            );
+            assert_eq!(trade.priority, tiers.trade_priority(exchange, symbol), "{trade}");
+            assert!(
+                offsets.insert((trade.partition, trade.offset)),
+                "offset twice: {trade}"
+            );
+        }
+        // The default tiers make BTCUSDT CRITICAL and leave the tail of the universe NORMAL.
+        for priority in [Priority::Critical, Priority::High, Priority::Normal] {
+            assert!(ids.iter().any(|t| t.priority == priority), "no {priority} trade");
+        }
         assert_eq!(
             consume_all(&cluster.bootstrap_servers(), "trades", 5_000).len(),
             5_000
@@ -1894,9 +2317,11 @@ mod tests {
             brokers: cluster.bootstrap_servers(),
             topic: "trades".into(),
             rate: 5_000,
+            shape: Default::default(),
             duration: None,
             total: None,
             ids_file: None,
+            tiers: Default::default(),
             generator: seeded(13),
             progress: false,
         };
@@ -1937,5 +2362,133 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(report.failed, 0);
+    }
+
+    #[test]
+    fn duplicates_repeat_the_previous_valid_trade_and_gaps_skip_numbers_only_after_a_first_trade() {
+        let params = GeneratorParams {
+            duplicate_ratio: 0.05,
+            gap_ratio: 0.02,
+            malformed_ratio: 0.01,
+            ..seeded(5)
+        };
+        let mut generator = TradeGenerator::new(params);
+        let messages: Vec<_> = (0..20_000)
+            .map(|i| generator.next_message(NOW_US + i as i64))
+            .collect();
+        let (duplicates, gaps) = (generator.duplicates(), generator.gaps());
+        assert!((800..1_200).contains(&duplicates), "{duplicates}");
+        assert!((250..500).contains(&gaps), "{gaps}");
+        let mut last_valid: Option<&GeneratedMessage> = None;
+        let mut last_sequence: HashMap<String, i64> = HashMap::new();
+        let mut skipped = 0;
+        for message in &messages {
+            if message.duplicate {
+                let last = last_valid.expect("a duplicate follows a valid trade");
+                assert_eq!((&message.key, &message.payload), (&last.key, &last.payload));
+                continue;
+            }
+            if message.trade.is_none() {
+                continue;
+            }
+            let parsed = strict_parse(&message.key, &message.payload).expect("valid trade");
+            match last_sequence.insert(message.key.clone(), parsed.sequence) {
+                None => assert_eq!(
+                    parsed.sequence, 1,
+                    "the first trade of {} skips nothing",
+                    message.key
+                ),
+                Some(previous) => skipped += parsed.sequence - previous - 1,
+            }
+            last_valid = Some(message);
+        }
+        assert_eq!(
+            skipped as u64, gaps,
+            "every skipped number is counted, and only those"
+        );
+        assert_eq!(messages.iter().filter(|m| m.duplicate).count() as u64, duplicates);
+    }
+
+    #[test]
+    fn a_ramp_climbs_linearly_then_holds_and_bursts_come_on_their_period() {
+        let secs = Duration::from_secs_f64;
+        let ramp = RateShape {
+            ramp: Some(Ramp {
+                to: 300_000,
+                over: secs(120.0),
+            }),
+            burst: None,
+        };
+        assert_eq!(ramp.rate_at(1_000, secs(0.0)), 1_000);
+        assert_eq!(ramp.rate_at(1_000, secs(60.0)), 150_500);
+        assert_eq!(ramp.rate_at(1_000, secs(120.0)), 300_000);
+        assert_eq!(ramp.rate_at(1_000, secs(500.0)), 300_000);
+        let down = RateShape {
+            ramp: Some(Ramp {
+                to: 100,
+                over: secs(10.0),
+            }),
+            burst: None,
+        };
+        assert_eq!(down.rate_at(1_100, secs(5.0)), 600);
+        let bursts = RateShape {
+            ramp: None,
+            burst: Some(Burst {
+                rate: 50_000,
+                lasting: secs(2.0),
+                every: secs(10.0),
+            }),
+        };
+        let at = |t: f64| bursts.rate_at(5_000, secs(t));
+        assert_eq!(
+            [at(0.0), at(1.0), at(9.9)],
+            [5_000; 3],
+            "no burst before the first period"
+        );
+        assert_eq!([at(10.0), at(11.9), at(30.5)], [50_000; 3]);
+        assert_eq!([at(12.0), at(19.0), at(32.0)], [5_000; 3]);
+        assert!(RateShape::default().is_flat());
+        assert_eq!(RateShape::default().rate_at(7, secs(3.0)), 7);
+    }
+
+    #[test]
+    fn a_shape_that_cannot_run_is_refused_with_the_flag_to_fix() {
+        let secs = Duration::from_secs_f64;
+        let ramp = |to, over| RateShape {
+            ramp: Some(Ramp { to, over: secs(over) }),
+            burst: None,
+        };
+        let burst = |rate, lasting, every| RateShape {
+            ramp: None,
+            burst: Some(Burst {
+                rate,
+                lasting: secs(lasting),
+                every: secs(every),
+            }),
+        };
+        for (shape, base, says) in [
+            (ramp(10, 5.0), 0, "base --rate above 0"),
+            (ramp(0, 5.0), 10, "--ramp-to must be above 0"),
+            (ramp(10, 0.0), 10, "--ramp-secs must be above 0"),
+            (burst(0, 1.0, 5.0), 10, "--burst-rate must be above 0"),
+            (burst(10, 5.0, 5.0), 10, "below --burst-every"),
+            (burst(10, 0.0, 5.0), 10, "--burst-secs (0 s) must be above 0"),
+        ] {
+            let err = shape.validate(base).unwrap_err().to_string();
+            assert!(err.contains(says), "{shape:?}: {err:?}");
+        }
+        assert!(ramp(10, 5.0).validate(1).is_ok());
+        assert!(RateShape::default().validate(0).is_ok(), "unpaced and flat");
+        assert_eq!(
+            GeneratorParams {
+                gap_ratio: 1.5,
+                ..seeded(1)
+            }
+            .validate(),
+            Err(LoadgenError::Ratio {
+                name: "gap_ratio",
+                value: 1.5
+            })
+        );
     }
 }

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use k2::backfill::BackfillOptions;
 use k2::config::K2Config;
 use k2::embedded::EmbeddedBroker;
-use k2::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
+use k2::loadgen::{Burst, GeneratorParams, LoadgenParams, Ramp, RateShape, run_loadgen};
 use k2::service::{self, ServiceOptions};
 
 /// K2 ingests market data (trades) from Kafka into Apache Iceberg tables,
@@ -32,8 +32,18 @@ enum Command {
     },
     /// Run the embedded demo: in-process broker, load generator, pipeline, HTTP on
     /// 127.0.0.1:8080. Stops after --duration (or Ctrl-C), commits, and prints a verdict:
-    /// produced, committed, dead-lettered, duplicates, lost.
+    /// produced, committed, dead-lettered, duplicates, lost. With a scenario, a real fault is
+    /// injected at a quarter of the run and the scenario's checks join the verdict; the exit
+    /// status is 0 only when the verdict holds.
     Demo {
+        /// A failure demo to run; none: the plain demo.
+        #[arg(value_enum)]
+        scenario: Option<k2::demo::Scenario>,
+        /// With a scenario: plain progress lines instead of the live terminal view (which is also
+        /// left out when stdout is not a terminal, and for kill-restart). Logs go to
+        /// <dir>/k2-demo.log while the view is up.
+        #[arg(long)]
+        no_tui: bool,
         /// Config file; the demo forces the embedded broker and load generator.
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -68,18 +78,51 @@ enum Command {
         /// Messages per second (0 = as fast as possible).
         #[arg(long, default_value_t = 10_000)]
         rate: u64,
+        /// Ramp linearly from --rate to this rate over --ramp-secs, then hold it.
+        #[arg(long, requires = "ramp_secs")]
+        ramp_to: Option<u64>,
+        /// Seconds the ramp takes.
+        #[arg(long, requires = "ramp_to")]
+        ramp_secs: Option<f64>,
+        /// Burst to this rate for --burst-secs once every --burst-every seconds.
+        #[arg(long, requires_all = ["burst_secs", "burst_every"])]
+        burst_rate: Option<u64>,
+        /// Seconds each burst lasts.
+        #[arg(long, requires = "burst_rate")]
+        burst_secs: Option<f64>,
+        /// Seconds from one burst to the next (the first comes this long after the start).
+        #[arg(long, requires = "burst_rate")]
+        burst_every: Option<f64>,
         /// Seconds to run (0 = until --total or Ctrl-C).
         #[arg(long, default_value_t = 10)]
         duration: u64,
         /// Stop after this many messages.
         #[arg(long)]
         total: Option<u64>,
-        /// Append "exchange,symbol,trade_id" of every acknowledged valid trade to this file.
+        /// Append every acknowledged valid trade to this file, one line each:
+        /// exchange,symbol,trade_id,priority,partition,offset.
         #[arg(long)]
         ids_file: Option<PathBuf>,
+        /// K2 config file whose [shedding] tiers give each trade its priority in --ids-file
+        /// (default: K2's default tiers).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Sequence number (and Binance trade id) of each symbol's first trade. Default: this
+        /// run's own space, above every earlier run's (milliseconds since the epoch × 1000 + 1),
+        /// so a second run repeats no trade id; K2 records the jump between runs as one gap per
+        /// symbol.
+        #[arg(long)]
+        start_sequence: Option<i64>,
         /// Fraction of deliberately malformed messages (0..1).
         #[arg(long, default_value_t = 0.0)]
         malformed_ratio: f64,
+        /// Fraction of messages that repeat the previous valid trade (0..1); K2 keeps one.
+        #[arg(long, default_value_t = 0.0)]
+        duplicate_ratio: f64,
+        /// Fraction of valid trades whose symbol skips a sequence number first (0..1); K2 records
+        /// the gap.
+        #[arg(long, default_value_t = 0.0)]
+        gap_ratio: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
@@ -139,6 +182,13 @@ enum Command {
         /// over the same preloaded messages and the same raw consumer, in one run.
         #[arg(long)]
         k2_binary: Option<PathBuf>,
+        /// Measure produce -> durable latency instead: produce this many messages a second to an
+        /// empty topic while `k2 run` ingests them (--messages and --runs do not apply).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rate: Option<u64>,
+        /// With --rate: how long the load runs, in seconds.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..), requires = "rate")]
+        seconds: u64,
         /// Print the figures (medians and every run) as one JSON object on the last line.
         #[arg(long)]
         json: bool,
@@ -147,7 +197,16 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    init_tracing();
+    let log_file = match &cli.command {
+        Command::Demo {
+            scenario,
+            no_tui,
+            dir,
+            ..
+        } if live_view(*scenario, *no_tui) => Some(dir.join("k2-demo.log")),
+        _ => None,
+    };
+    init_tracing(log_file.as_deref());
     let system = actix_rt::System::new();
     let result = system.block_on(run(cli));
     if let Err(err) = result {
@@ -160,15 +219,35 @@ fn main() {
 /// logs when it closes an already closed consumer (see `kafka::leave_group`).
 const DEFAULT_LOG_FILTER: &str = "warn,k2=info,rdkafka::consumer::base_consumer=off";
 
-fn init_tracing() {
+/// Logs go to stderr, or to `file` (the live view owns the terminal).
+fn init_tracing(file: Option<&std::path::Path>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("K2_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
-    // Colours only on a terminal: a log file or a pipe gets plain text.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let opened = file.and_then(|path| {
+        let _ = std::fs::create_dir_all(path.parent()?);
+        std::fs::File::create(path).ok()
+    });
+    match opened {
+        Some(log) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(log))
+            .init(),
+        // Colours only on a terminal: a log file or a pipe gets plain text.
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+}
+
+/// Whether `k2 demo` draws the live view: a scenario run in this process,
+/// asked for, on a terminal.
+fn live_view(scenario: Option<k2::demo::Scenario>, no_tui: bool) -> bool {
+    scenario.is_some_and(|s| s != k2::demo::Scenario::KillRestart)
+        && !no_tui
+        && std::io::IsTerminal::is_terminal(&std::io::stdout())
 }
 
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<K2Config> {
@@ -185,16 +264,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 duration: None,
                 progress: true,
                 verdict: false,
+                scenario: None,
+                live_view: false,
             })
             .await?;
         }
         Command::Demo {
+            scenario,
+            no_tui,
             config,
             rate,
             duration,
             dir,
             listen,
         } => {
+            let config_path = config.clone();
             let mut config = load_config(config.as_deref())?;
             config.kafka.brokers = k2::config::EMBEDDED_BROKERS.to_string();
             config.loadgen.enabled = true;
@@ -204,9 +288,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(listen) = listen {
                 config.http.listen = listen;
             }
+            if scenario.is_some() && duration == 0 {
+                anyhow::bail!(
+                    "a demo scenario needs a --duration above 0: its fault comes at a quarter of it"
+                );
+            }
             std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
             eprintln!(
-                "k2 demo: embedded broker, {} trades/s, {}; Ctrl-C stops early",
+                "k2 demo{}: embedded broker, {} trades/s, {}; Ctrl-C stops early",
+                scenario.map_or(String::new(), |s| format!(" {}", s.name())),
                 config.loadgen.rate,
                 if duration == 0 {
                     "until Ctrl-C".to_string()
@@ -214,19 +304,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     format!("{duration} s")
                 }
             );
-            let verdict = service::run(ServiceOptions {
+            let setup = k2::demo::DemoSetup {
                 config,
-                base_dir: dir.canonicalize()?,
-                duration: (duration > 0).then(|| Duration::from_secs(duration)),
-                progress: true,
-                verdict: true,
-            })
-            .await?;
+                config_file: config_path,
+                dir: dir.canonicalize()?,
+                run: (duration > 0).then(|| Duration::from_secs(duration)),
+                binary: std::env::current_exe().context("cannot find the k2 binary to run as a child")?,
+                live_view: live_view(scenario, no_tui),
+            };
+            if scenario == Some(k2::demo::Scenario::Tour) {
+                let acts = k2::tour::run(&setup).await?;
+                let failed: Vec<&str> = acts
+                    .iter()
+                    .filter(|a| !a.held())
+                    .map(|a| a.name.as_str())
+                    .collect();
+                if !failed.is_empty() {
+                    anyhow::bail!("the tour's verdict failed in: {}", failed.join(", "));
+                }
+                return Ok(());
+            }
+            let verdict = k2::demo::run_scenario(&setup, scenario).await?;
             if let Some(verdict) = verdict
-                && (verdict.lost_anything() || verdict.duplicates > 0)
+                && !verdict.holds()
             {
+                let failed = verdict.checks.iter().filter(|c| !c.held).count();
                 anyhow::bail!(
-                    "the demo lost {} trades to retention and {} otherwise, with {} duplicates",
+                    "the demo lost {} trades to retention and {} otherwise, with {} duplicates; {failed} scenario checks failed",
                     verdict.lost_to_retention,
                     verdict.lost,
                     verdict.duplicates
@@ -255,34 +359,84 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             brokers,
             topic,
             rate,
+            ramp_to,
+            ramp_secs,
+            burst_rate,
+            burst_secs,
+            burst_every,
             duration,
             total,
             ids_file,
+            config,
+            start_sequence,
             malformed_ratio,
+            duplicate_ratio,
+            gap_ratio,
             seed,
         } => {
+            let tiers = match &config {
+                Some(path) => k2::shedding::TierTable::new(&load_config(Some(path))?.shedding),
+                None => Default::default(),
+            };
+            let first_sequence = start_sequence
+                .unwrap_or_else(|| k2::loadgen::run_start_sequence(std::time::SystemTime::now()));
+            let seconds = |name: &str, s: f64| {
+                Duration::try_from_secs_f64(s)
+                    .map_err(|_| anyhow::anyhow!("{name} must be a number of seconds >= 0, got {s}"))
+            };
+            let shape = RateShape {
+                ramp: match (ramp_to, ramp_secs) {
+                    (Some(to), Some(s)) => Some(Ramp {
+                        to,
+                        over: seconds("--ramp-secs", s)?,
+                    }),
+                    _ => None,
+                },
+                burst: match (burst_rate, burst_secs, burst_every) {
+                    (Some(rate), Some(lasting), Some(every)) => Some(Burst {
+                        rate,
+                        lasting: seconds("--burst-secs", lasting)?,
+                        every: seconds("--burst-every", every)?,
+                    }),
+                    _ => None,
+                },
+            };
             let params = LoadgenParams {
                 brokers,
                 topic,
                 rate,
+                shape,
                 duration: (duration > 0).then(|| Duration::from_secs(duration)),
                 total,
                 ids_file,
+                tiers,
                 generator: GeneratorParams {
                     seed,
                     malformed_ratio,
+                    duplicate_ratio,
+                    gap_ratio,
+                    first_sequence,
                     ..GeneratorParams::default()
                 },
                 progress: true,
             };
+            params
+                .generator
+                .validate()
+                .context("invalid load generator parameters")?;
+            eprintln!(
+                "k2 loadgen: each symbol's sequence numbers and Binance trade ids start at {first_sequence}"
+            );
             let report = run_loadgen(params, async {
                 service::shutdown_signal().await;
             })
             .await?;
             println!(
-                "k2 loadgen: produced {} ({} malformed), {} failed, in {:.1} s",
+                "k2 loadgen: produced {} ({} malformed, {} duplicates; {} sequence numbers skipped), {} failed, in {:.1} s",
                 report.produced,
                 report.malformed,
+                report.duplicates,
+                report.gaps,
                 report.failed,
                 report.elapsed.as_secs_f64()
             );
@@ -330,12 +484,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             runs,
             config,
             k2_binary,
+            rate,
+            seconds,
             json,
         } => {
             if cfg!(debug_assertions) {
                 eprintln!("k2 bench: warning: this is a debug build; use `cargo run --release -- bench`");
             }
+            let k2_binary = match k2_binary {
+                Some(path) => std::path::absolute(path)?,
+                None => std::env::current_exe().context("failed to find the k2 binary")?,
+            };
             let dir = tempfile_dir()?;
+            if let Some(rate) = rate {
+                let report = k2::bench::latency::run(
+                    k2::bench::latency::LatencyParams {
+                        workload,
+                        symbols,
+                        popularity,
+                        partitions,
+                        rate,
+                        seconds,
+                        config_file: config,
+                        k2_binary,
+                    },
+                    &dir,
+                )
+                .await;
+                let _ = std::fs::remove_dir_all(&dir);
+                let report = report?;
+                k2::bench::latency::print_report(&report);
+                if json {
+                    println!("{}", serde_json::to_string(&report)?);
+                }
+                return Ok(());
+            }
             let report = k2::bench::run(
                 k2::bench::BenchParams {
                     workload,
@@ -345,10 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     partitions,
                     runs,
                     config_file: config,
-                    k2_binary: match k2_binary {
-                        Some(path) => std::path::absolute(path)?,
-                        None => std::env::current_exe().context("failed to find the k2 binary")?,
-                    },
+                    k2_binary,
                 },
                 &dir,
             )

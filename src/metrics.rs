@@ -56,6 +56,8 @@ pub const PARTITION_RESTARTS: &str = "k2_partition_restarts_total";
 pub const FIRST_RECORD_CONSUMED: &str = "k2_first_record_consumed_timestamp_seconds";
 pub const LAST_RECORD_CONSUMED: &str = "k2_last_record_consumed_timestamp_seconds";
 pub const LAST_COMMIT: &str = "k2_last_commit_timestamp_seconds";
+pub const FAULTS_INJECTED: &str = "k2_faults_injected_total";
+pub const FAULTS_ACTIVE: &str = "k2_faults_active";
 
 /// Installs the global Prometheus recorder once and returns its handle.
 /// Later calls (several pipelines in one test process) share it.
@@ -213,7 +215,11 @@ fn describe() {
         "Bytes buffered in batchers, per partition"
     );
     describe_counter!(COMMITS, Unit::Count, "Iceberg commits, by table and outcome");
-    describe_histogram!(COMMIT_DURATION, Unit::Seconds, "Iceberg commit latency");
+    describe_histogram!(
+        COMMIT_DURATION,
+        Unit::Seconds,
+        "Iceberg commit latency: from the start of a commit (state staging included) until the catalog shows it"
+    );
     describe_gauge!(
         COMMIT_PENDING_BYTES,
         Unit::Bytes,
@@ -285,6 +291,16 @@ fn describe() {
         EARLY_SHED_RECORDS,
         Unit::Count,
         "Records shed by their Kafka key before decoding, by priority (also counted in k2_shed_records_total)"
+    );
+    describe_counter!(
+        FAULTS_INJECTED,
+        Unit::Count,
+        "Faults injected (POST /v1/faults, drills, tests), by kind"
+    );
+    describe_gauge!(
+        FAULTS_ACTIVE,
+        Unit::Count,
+        "Injected faults in force (not yet cleared, expired or spent)"
     );
     describe_counter!(
         PARTITION_RESTARTS,

@@ -85,6 +85,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     })?;
     let faults = Arc::new(Faults::default());
     faults.set_hold_after_commit(Duration::from_millis(config.faults.hold_after_commit_ms));
+    Faults::spawn_expiry(&faults);
     let tables = TableIdents::new(&config.catalog.namespace);
     let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(
         open_catalog(&config.catalog, &params.base_dir).await?,

@@ -3,7 +3,7 @@
 //! one-line progress display, until Ctrl-C (or the demo's duration); then a
 //! final commit. `k2 run` and `k2 demo` are both this.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,9 @@ use tracing::{info, warn};
 use crate::config::K2Config;
 use crate::embedded::EmbeddedBroker;
 use crate::loadgen::{GeneratorParams, LoadgenParams, LoadgenReport, run_loadgen};
+use crate::model::TradeKey;
 use crate::pipeline::{self, Pipeline, PipelineParams};
-use crate::shedding::LedgerAction;
+use crate::shedding::{LedgerAction, OffsetRanges, Priority, ShedEntry};
 use crate::storage::reader::{committed_record_count, scan_dead_letters, scan_shed_ledger, scan_trade_keys};
 use crate::web::{self, AppState};
 
@@ -28,6 +29,12 @@ pub struct ServiceOptions {
     /// Print the verdict table (produced / committed / dead-lettered /
     /// duplicates / lost) at the end. Embedded mode only.
     pub verdict: bool,
+    /// A failure demo to run (`k2 demo <scenario>`); its checks join the
+    /// verdict. Needs `verdict` and a duration.
+    pub scenario: Option<crate::demo::Scenario>,
+    /// Show the live terminal view instead of the progress line (a scenario
+    /// on a terminal; logs should go to a file meanwhile).
+    pub live_view: bool,
 }
 
 /// What the verdict table shows.
@@ -38,9 +45,14 @@ pub struct Verdict {
     pub committed_rows: u64,
     pub distinct_trades: u64,
     pub dead_lettered: u64,
+    /// Of the produced valid trades, those that are dead letters: corrupted
+    /// on the way (the `poison` fault), not malformed by the generator.
+    pub valid_dead_lettered: u64,
     /// Records shed by load shedding and recorded in `k2.shed_ledger`, not
     /// yet backfilled: deferred, not lost.
     pub shed_ledgered: u64,
+    /// Shed records the demo's backfill ingested (`overload`).
+    pub backfilled: u64,
     pub duplicates: u64,
     /// Records Kafka deleted before K2 read them, each range reported in
     /// `k2.dead_letters` (retention outran the lag).
@@ -57,11 +69,55 @@ pub struct Verdict {
     pub sequence_events: u64,
     /// Rows of `k2.probable_duplicates`.
     pub probable_duplicates: u64,
+    /// The produced valid trades of each priority (from the ids file) and
+    /// what became of them: what shedding deferred, and what is committed.
+    pub by_priority: BTreeMap<Priority, PriorityCounts>,
+    /// The failure demo's own checks (`k2 demo <scenario>`).
+    pub checks: Vec<crate::demo::Check>,
+}
+
+/// Produced valid trades of one priority.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PriorityCounts {
+    pub produced: u64,
+    /// Of `produced`, the trades at offsets `k2.shed_ledger` records as
+    /// shed (whether or not backfilled since).
+    pub shed: u64,
+    /// Of `shed`, the trades in the table (the backfill ingested them).
+    pub shed_committed: u64,
+    /// Of `produced`, the trades in the table.
+    pub committed: u64,
+}
+
+/// The offsets each partition's ledger entries shed, merged and in order.
+fn shed_offsets(ledger: &[ShedEntry], topic: &str) -> HashMap<i32, OffsetRanges> {
+    let mut by_partition: HashMap<i32, Vec<&OffsetRanges>> = HashMap::new();
+    for entry in ledger
+        .iter()
+        .filter(|e| e.action == LedgerAction::Shed && e.topic == topic)
+    {
+        by_partition
+            .entry(entry.partition)
+            .or_default()
+            .push(&entry.offsets);
+    }
+    by_partition
+        .into_iter()
+        .map(|(partition, sets)| (partition, OffsetRanges::union(sets)))
+        .collect()
+}
+
+fn is_shed(shed: &HashMap<i32, OffsetRanges>, partition: i32, offset: i64) -> bool {
+    shed.get(&partition).is_some_and(|ranges| ranges.contains(offset))
 }
 
 pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
-    let config = options.config.clone();
+    let mut config = options.config.clone();
+    if options.scenario == Some(crate::demo::Scenario::Overload) {
+        crate::demo::overload_config(&mut config);
+    }
     let handle = crate::metrics::install();
+    let handle_for_view = handle.clone();
     let embedded = config.kafka.is_embedded();
     let partitions = embedded.then(|| embedded_partitions(&config));
     let broker = if let Some(partitions) = partitions {
@@ -85,6 +141,9 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
         instance: instance_name(),
     })
     .await?;
+    if let Some(broker) = &broker {
+        pipeline.faults.set_broker_control(broker.control());
+    }
     let (server, addr) = web::serve(
         AppState {
             supervisor: pipeline.supervisor.clone(),
@@ -93,15 +152,19 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
             tables: pipeline.tables.clone(),
             maintenance: pipeline.maintenance.clone(),
             api_key: config.http.mutation_key().map(str::to_string),
+            faults: pipeline.faults.clone(),
+            faults_enabled: config.faults.enabled,
         },
         &config.http.listen,
     )?;
     let server_handle = server.handle();
     actix_rt::spawn(server);
     info!(%addr, "HTTP control plane listening");
-    eprintln!("k2: HTTP on http://{addr} (/health /ready /metrics /v1/pipeline /v1/degradation)");
+    eprintln!("k2: HTTP on http://{addr} (/health /ready /metrics /v1/pipeline /v1/degradation /v1/faults)");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut stop_tx = Some(stop_tx);
+    let base_dir = options.base_dir.clone();
     let ids_file = options.base_dir.join("data").join("produced-trade-ids.csv");
     let loadgen = if let Some(partitions) = partitions.filter(|_| config.loadgen.enabled) {
         wait_for_lanes(&pipeline, partitions as usize, Duration::from_secs(60)).await;
@@ -110,12 +173,22 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
             let _ = std::fs::remove_file(&ids_file);
         }
         let params = LoadgenParams {
-            brokers,
+            brokers: brokers.clone(),
             topic: config.kafka.topic.clone(),
-            rate: config.loadgen.rate,
+            rate: match options.scenario {
+                Some(crate::demo::Scenario::Overload) => (config.loadgen.rate / 5).max(1),
+                _ => config.loadgen.rate,
+            },
+            shape: match (options.scenario, options.duration) {
+                (Some(crate::demo::Scenario::Overload), Some(run)) => {
+                    crate::demo::overload_shape(config.loadgen.rate, run)
+                }
+                _ => Default::default(),
+            },
             duration: None,
             total: None,
             ids_file: options.verdict.then(|| ids_file.clone()),
+            tiers: crate::shedding::TierTable::new(&config.shedding),
             generator: GeneratorParams {
                 seed: config.loadgen.seed,
                 malformed_ratio: config.loadgen.malformed_ratio,
@@ -139,7 +212,24 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
     });
     let deadline = options.duration.map(|d| Instant::now() + d);
     let started = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    const FRAME: Duration = Duration::from_millis(500);
+    let mut view = if options.live_view {
+        match crate::tui::LiveView::start(FRAME) {
+            Ok(view) => Some(view),
+            Err(err) => {
+                warn!(error = %err, "cannot draw the live view; plain progress instead");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let progress = progress.filter(|_| view.is_none());
+    let mut scenario = options
+        .scenario
+        .zip(options.duration)
+        .map(|(scenario, run)| crate::demo::ScenarioRun::new(scenario, run, view.is_none()));
+    let mut ticker = tokio::time::interval(FRAME);
     let stop_signal = shutdown_signal();
     tokio::pin!(stop_signal);
     loop {
@@ -149,19 +239,45 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
                 break;
             }
             _ = ticker.tick() => {
+                if let Some(scenario) = &mut scenario {
+                    let outcome = scenario.tick(&pipeline, started.elapsed()).await;
+                    if outcome.stop_load && let Some(stop) = stop_tx.take() {
+                        let _ = stop.send(());
+                    }
+                    if outcome.done {
+                        break;
+                    }
+                }
                 if let Some(bar) = &progress
                     && let Ok(status) = pipeline.status().await {
                         bar.set_message(progress_line(&status, started.elapsed()));
                         bar.tick();
                     }
+                if let Some(live) = &mut view {
+                    let title = format!(
+                        "{} {:.0} s of {}",
+                        options.scenario.map_or("demo", |s| s.name()),
+                        started.elapsed().as_secs_f64(),
+                        options.duration.map_or("until Ctrl-C".to_string(), |d| format!("{} s", d.as_secs()))
+                    );
+                    let messages = scenario.as_ref().map_or(&[][..], |s| &s.messages[..]);
+                    draw_frame(live, &pipeline, &handle_for_view, title, messages).await;
+                }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
             }
         }
     }
+    // The normal screen again: the rest is plain lines and the verdict.
+    drop(view);
 
-    let _ = stop_tx.send(());
+    if let Some(scenario) = &scenario {
+        scenario.end(&pipeline);
+    }
+    if let Some(stop) = stop_tx.take() {
+        let _ = stop.send(());
+    }
     let report: Option<LoadgenReport> = match loadgen {
         Some(task) => match task.await {
             Ok(Ok(report)) => Some(report),
@@ -180,6 +296,27 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
         // Let the lanes drain what the generator produced before the final commit.
         wait_until_caught_up(&pipeline, Duration::from_secs(60)).await;
     }
+    if let Some(scenario) = &mut scenario {
+        scenario.watch(&pipeline).await;
+    }
+    // The overload demo ends as an operator would: `k2 backfill` ingests
+    // what the ledger deferred, beside the running pipeline.
+    let backfilled = if options.scenario == Some(crate::demo::Scenario::Overload) && report.is_some() {
+        let backfill_options = crate::backfill::BackfillOptions {
+            dry_run: false,
+            progress: false,
+        };
+        let backfill = crate::backfill::backfill(&config, &brokers, &base_dir, backfill_options)
+            .await
+            .context("the backfill failed")?;
+        eprintln!(
+            "k2 demo: backfill ingested {} shed records ({} were in the table already, {} expired)",
+            backfill.records_committed, backfill.records_present, backfill.expired
+        );
+        backfill.records_committed
+    } else {
+        0
+    };
     // Where each partition ends: with the generator stopped, what lies
     // between the table's offsets and these was not read before the stop.
     let log_ends: std::collections::BTreeMap<i32, i64> = match pipeline.status().await {
@@ -202,11 +339,48 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
         (true, Some(report)) => {
             let (catalog, tables, log_ends) = verdict_inputs;
             let topic = &config.kafka.topic;
-            let verdict = verdict(&report, &ids_file, catalog.as_ref(), &tables, topic, &log_ends).await?;
+            let mut verdict =
+                verdict(&report, &ids_file, catalog.as_ref(), &tables, topic, &log_ends).await?;
+            verdict.backfilled = backfilled;
+            if let Some(scenario) = &scenario {
+                verdict.checks = scenario.checks(&verdict);
+            }
             print_verdict(&verdict);
             Ok(Some(verdict))
         }
         _ => Ok(None),
+    }
+}
+
+/// Draws one frame of the live view from the pipeline's status, its
+/// degradation view, the active faults and the shed counters.
+async fn draw_frame(
+    view: &mut crate::tui::LiveView,
+    pipeline: &Pipeline,
+    metrics: &metrics_exporter_prometheus::PrometheusHandle,
+    title: String,
+    messages: &[String],
+) {
+    let (Ok(status), Ok(degradation)) = (
+        pipeline.status().await,
+        pipeline
+            .supervisor
+            .send(crate::actors::supervisor::GetDegradation)
+            .await,
+    ) else {
+        return;
+    };
+    let faults = pipeline.faults.list();
+    let snapshot = crate::tui::Snapshot {
+        title,
+        status: &status,
+        degradation: &degradation,
+        faults: &faults,
+        shed: crate::tui::shed_by_priority(&metrics.render()),
+        messages,
+    };
+    if let Err(err) = view.draw(&snapshot) {
+        warn!(error = %err, "failed to draw the live view");
     }
 }
 
@@ -343,7 +517,7 @@ fn progress_line(status: &crate::actors::supervisor::PipelineStatus, elapsed: Du
     )
 }
 
-async fn verdict(
+pub(crate) async fn verdict(
     report: &LoadgenReport,
     ids_file: &std::path::Path,
     catalog: &dyn iceberg::Catalog,
@@ -351,9 +525,8 @@ async fn verdict(
     topic: &str,
     log_ends: &std::collections::BTreeMap<i32, i64>,
 ) -> anyhow::Result<Verdict> {
-    let produced_ids = std::fs::read_to_string(ids_file)
-        .with_context(|| format!("failed to read {}", ids_file.display()))?;
-    let produced: HashSet<&str> = produced_ids.lines().filter(|l| !l.is_empty()).collect();
+    let produced_trades = crate::loadgen::read_ids_file(ids_file)?;
+    let produced: HashSet<&TradeKey> = produced_trades.iter().map(|t| &t.key).collect();
     let trades = catalog.load_table(&tables.trades).await?;
     let keys = scan_trade_keys(&trades).await?;
     let recorded = crate::storage::offsets::TopicOffsets::from_table(&trades, topic)?;
@@ -361,13 +534,20 @@ async fn verdict(
         .iter()
         .map(|(p, end)| (end - recorded.next_offset(*p).unwrap_or(0)).max(0) as u64)
         .sum();
-    let committed: HashSet<String> = keys.keys.iter().map(|(e, s, t)| format!("{e},{s},{t}")).collect();
+    let committed: HashSet<&TradeKey> = keys.keys.iter().collect();
     let dead_letters = catalog.load_table(&tables.dead_letters).await?;
-    let lost_to_retention: u64 = scan_dead_letters(&dead_letters)
-        .await?
+    let dead_rows = scan_dead_letters(&dead_letters).await?;
+    let lost_to_retention: u64 = dead_rows
         .iter()
         .filter_map(|row| retention_loss(&row.reason))
         .sum();
+    // Dead letters that did not decode, beyond the generator's malformed
+    // messages, were valid trades corrupted on the way.
+    let undecodable = dead_rows
+        .iter()
+        .filter(|row| retention_loss(&row.reason).is_none())
+        .count() as u64;
+    let valid_dead_lettered = undecodable.saturating_sub(report.malformed);
     let sequence_events = catalog.load_table(&tables.sequence_gaps).await?;
     let probable_duplicates = catalog.load_table(&tables.probable_duplicates).await?;
     let ledger = scan_shed_ledger(&catalog.load_table(&tables.shed_ledger).await?).await?;
@@ -384,22 +564,38 @@ async fn verdict(
         .map(|e| e.records)
         .sum();
     let missing = produced.iter().filter(|id| !committed.contains(**id)).count() as u64;
+    let shed = shed_offsets(&ledger, topic);
+    let mut by_priority: BTreeMap<Priority, PriorityCounts> = BTreeMap::new();
+    for trade in &produced_trades {
+        let counts = by_priority.entry(trade.priority).or_default();
+        counts.produced += 1;
+        let in_table = committed.contains(&trade.key);
+        if is_shed(&shed, trade.partition, trade.offset) {
+            counts.shed += 1;
+            counts.shed_committed += u64::from(in_table);
+        }
+        counts.committed += u64::from(in_table);
+    }
     Ok(Verdict {
         produced: report.produced,
         produced_valid: produced.len() as u64,
         committed_rows: keys.keys.len() as u64,
         distinct_trades: committed.len() as u64,
         dead_lettered: committed_record_count(&dead_letters),
+        valid_dead_lettered,
         shed_ledgered,
+        backfilled: 0,
         duplicates: (keys.keys.len() - committed.len()) as u64,
         lost_to_retention,
         unread_in_kafka: unread,
         // A shed trade is missing from the table on purpose, and ledgered; a
         // trade lost to retention is missing and reported; one not read
         // before the demo stopped is still in Kafka.
-        lost: missing.saturating_sub(shed_ledgered + lost_to_retention + unread),
+        lost: missing.saturating_sub(shed_ledgered + lost_to_retention + unread + valid_dead_lettered),
         sequence_events: committed_record_count(&sequence_events),
         probable_duplicates: committed_record_count(&probable_duplicates),
+        by_priority,
+        checks: Vec::new(),
     })
 }
 
@@ -416,6 +612,11 @@ impl Verdict {
     /// shedding, nor a dead letter that failed decoding.
     pub fn lost_anything(&self) -> bool {
         self.lost > 0 || self.lost_to_retention > 0
+    }
+
+    /// Nothing lost, nothing duplicated, and every check of the demo held.
+    pub fn holds(&self) -> bool {
+        !self.lost_anything() && self.duplicates == 0 && self.checks.iter().all(|c| c.held)
     }
 }
 
@@ -436,7 +637,16 @@ pub fn print_verdict(v: &Verdict) {
     println!("  committed rows             {:>8}", v.committed_rows);
     println!("  distinct trades committed  {:>8}", v.distinct_trades);
     println!("  dead-lettered              {:>8}", v.dead_lettered);
+    if v.valid_dead_lettered > 0 {
+        println!(
+            "    valid trades corrupted   {:>8}  (they did not decode; their reason is in k2.dead_letters)",
+            v.valid_dead_lettered
+        );
+    }
     println!("  shed (ledgered)            {:>8}", v.shed_ledgered);
+    if v.backfilled > 0 {
+        println!("  backfilled                 {:>8}", v.backfilled);
+    }
     println!(
         "  unread in Kafka            {:>8}  (the demo stopped before K2 read them)",
         v.unread_in_kafka
@@ -459,7 +669,25 @@ pub fn print_verdict(v: &Verdict) {
     println!("  sequence gaps and resets   {:>8}", v.sequence_events);
     println!("  probable duplicates        {:>8}", v.probable_duplicates);
     println!();
-    if v.lost_anything() || v.duplicates > 0 {
+    if !v.by_priority.is_empty() {
+        println!("  by priority   produced      shed  shed, now in table  committed");
+        println!("  -----------  --------  --------  ------------------  ---------");
+        for (priority, counts) in v.by_priority.iter().rev() {
+            println!(
+                "  {:<11}  {:>8}  {:>8}  {:>18}  {:>9}",
+                priority.as_str(),
+                counts.produced,
+                counts.shed,
+                counts.shed_committed,
+                counts.committed
+            );
+        }
+        println!();
+    }
+    if !v.checks.is_empty() {
+        crate::demo::print_checks(&v.checks);
+    }
+    if !v.holds() {
         println!("{red}  verdict: FAILED{plain}");
     } else {
         println!(
@@ -479,7 +707,58 @@ pub fn instance_name() -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::retention_loss;
+    use super::{is_shed, retention_loss, shed_offsets};
+    use crate::degradation::DegradationLevel;
+    use crate::shedding::{LedgerAction, OffsetRanges, Priority, ShedEntry};
+
+    fn entry(action: LedgerAction, topic: &str, partition: i32, offsets: &str) -> ShedEntry {
+        let offsets: OffsetRanges = offsets.parse().unwrap();
+        ShedEntry {
+            entry_id: ShedEntry::entry_id(topic, partition, offsets.first().unwrap(), Priority::High),
+            action,
+            topic: topic.into(),
+            partition,
+            records: offsets.count(),
+            offsets,
+            priority: Priority::High,
+            level: DegradationLevel::CircuitBreak,
+            detail: None,
+            recorded_at_us: 0,
+        }
+    }
+
+    #[test]
+    fn a_trade_is_shed_if_a_shed_entry_of_its_topic_and_partition_covers_its_offset() {
+        let ledger = [
+            entry(LedgerAction::Shed, "t", 0, "10-19,30"),
+            entry(LedgerAction::Shed, "t", 0, "15-25"),
+            entry(LedgerAction::Shed, "t", 1, "5"),
+            // A backfill row and another topic's entry say nothing of what was shed here.
+            entry(LedgerAction::Backfilled, "t", 2, "0-99"),
+            entry(LedgerAction::Shed, "other", 3, "0-99"),
+        ];
+        let shed = shed_offsets(&ledger, "t");
+        assert_eq!(shed[&0].ranges(), [(10, 25), (30, 30)]);
+        for (partition, offset, expected) in [
+            (0, 9, false),
+            (0, 10, true),
+            (0, 22, true),
+            (0, 25, true),
+            (0, 26, false),
+            (0, 30, true),
+            (0, 31, false),
+            (1, 5, true),
+            (1, 4, false),
+            (2, 50, false),
+            (3, 50, false),
+        ] {
+            assert_eq!(
+                is_shed(&shed, partition, offset),
+                expected,
+                "p{partition} @{offset}"
+            );
+        }
+    }
 
     #[test]
     fn the_count_of_a_retention_dead_letter_is_read_from_its_reason() {

@@ -63,6 +63,13 @@ impl Priority {
     }
 }
 
+/// As its name (`"CRITICAL"`), also as a map key.
+impl Serialize for Priority {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 impl fmt::Display for Priority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -155,9 +162,16 @@ impl SheddingConfig {
 }
 
 /// Looks up a trade's priority.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TierTable {
     tiers: HashMap<String, HashMap<String, Priority>>,
+}
+
+/// The tiers of the default `[shedding]` config.
+impl Default for TierTable {
+    fn default() -> Self {
+        Self::new(&SheddingConfig::default())
+    }
 }
 
 impl TierTable {
@@ -307,6 +321,21 @@ impl OffsetRanges {
     /// How many offsets the ranges hold.
     pub fn count(&self) -> u64 {
         self.0.iter().map(|(a, b)| (b - a + 1) as u64).sum()
+    }
+
+    /// The offsets of every one of `sets`, as sorted, disjoint ranges
+    /// (overlapping and adjacent ranges merged).
+    pub fn union<'a>(sets: impl IntoIterator<Item = &'a OffsetRanges>) -> OffsetRanges {
+        let mut ranges: Vec<(i64, i64)> = sets.into_iter().flat_map(|s| s.0.iter().copied()).collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(i64, i64)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        OffsetRanges(merged)
     }
 
     pub fn contains(&self, offset: i64) -> bool {
@@ -539,5 +568,17 @@ mod tests {
         assert!("5-3".parse::<OffsetRanges>().is_err());
         assert!("1-3,3".parse::<OffsetRanges>().is_err());
         assert!("1,x".parse::<OffsetRanges>().is_err());
+    }
+
+    #[test]
+    fn a_union_merges_overlapping_and_adjacent_ranges_in_order() {
+        let sets: Vec<OffsetRanges> = ["30,40-41", "10-19", "15-25", "26", "50"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let union = OffsetRanges::union(&sets);
+        assert_eq!(union.to_string(), "10-26,30,40-41,50");
+        assert_eq!(union.count(), 17 + 1 + 2 + 1);
+        assert!(OffsetRanges::union(&[]).is_empty());
     }
 }

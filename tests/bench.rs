@@ -55,3 +55,51 @@ async fn a_tiny_bench_commits_every_message_and_reports_sane_figures() {
     // Nothing is left behind: the run's directory is gone with its catalog.
     assert!(!dir.path().join("run-1").exists());
 }
+
+#[actix_rt::test]
+async fn a_tiny_latency_bench_makes_every_message_durable_and_reports_ordered_quantiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        "[batcher]\nmax_age_ms = 100\n\n[commit]\ninterval_ms = 300\n",
+    )
+    .unwrap();
+    let report = k2::bench::latency::run(
+        k2::bench::latency::LatencyParams {
+            workload: Workload::Canonical,
+            symbols: 50,
+            popularity: Popularity::Uniform,
+            partitions: 4,
+            rate: 2_000,
+            seconds: 3,
+            config_file: Some(config),
+            k2_binary: env!("CARGO_BIN_EXE_k2").into(),
+        },
+        dir.path(),
+    )
+    .await
+    .expect("the latency bench runs");
+
+    // The rate is held within the load generator's pacing.
+    assert!((5_000..=6_500).contains(&report.produced), "{report:?}");
+    assert!(report.latency_p50_s > 0.0, "{report:?}");
+    assert!(
+        report.latency_p50_s <= report.latency_p99_s && report.latency_p99_s <= report.latency_max_s,
+        "{report:?}"
+    );
+    // A message is read before it is durable: the position and the
+    // committed offset come from the same reads of /v1/pipeline.
+    assert!(
+        report.consumed_p50_s <= report.latency_p50_s && report.consumed_p99_s <= report.latency_p99_s,
+        "{report:?}"
+    );
+    // Batches of 100 ms and commits every 300 ms: nothing waits for seconds.
+    assert!(report.latency_max_s < 10.0, "{report:?}");
+    assert_eq!(report.target_p99_s, 1.3);
+    assert!(report.commits >= 2, "{report:?}");
+    assert!(
+        report.cpu_us_per_trade > 0.0 && report.peak_rss_bytes > 1 << 20,
+        "{report:?}"
+    );
+}

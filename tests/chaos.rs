@@ -172,9 +172,11 @@ async fn chaos(variant: Variant, seed: u64) {
             brokers: broker.bootstrap_servers().to_string(),
             topic: common::TOPIC.to_string(),
             rate: RATE,
+            shape: Default::default(),
             duration: None,
             total: None,
             ids_file: Some(ids.clone()),
+            tiers: Default::default(),
             generator: k2::loadgen::GeneratorParams {
                 seed,
                 zipf_exponent: 0.3,

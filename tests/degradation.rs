@@ -16,63 +16,18 @@ use std::time::Duration;
 
 use common::{assert_exactly_once, http, read_ids, read_tables, spawn_loadgen, wait_for};
 use k2::backfill::{BackfillOptions, backfill};
+use k2::faults::{Fault, FaultKind};
 use k2::pipeline::Pipeline;
 use k2::shedding::{LedgerAction, ShedEntry};
 use k2::storage::catalog::open_catalog;
 use k2::storage::reader::scan_shed_ledger;
 use k2::storage::tables::TableIdents;
-use k2::web::{self, AppState};
 
 const KEY: &str = "test-key-0123456789abcdef";
 
-/// Serves the control plane of `pipeline` on a free port.
-fn serve(pipeline: &Pipeline, api_key: Option<&str>) -> String {
-    let (server, addr) = web::serve(
-        AppState {
-            supervisor: pipeline.supervisor.clone(),
-            metrics: k2::metrics::install(),
-            catalog: pipeline.catalog.clone(),
-            tables: pipeline.tables.clone(),
-            maintenance: pipeline.maintenance.clone(),
-            api_key: api_key.map(str::to_string),
-        },
-        "127.0.0.1:0",
-    )
-    .expect("HTTP server binds");
-    actix_rt::spawn(server);
-    addr.to_string()
-}
-
-async fn request(addr: &str, method: &str, body: &str, key: Option<&str>) -> (u16, serde_json::Value) {
-    let (addr, method, body) = (addr.to_string(), method.to_string(), body.to_string());
-    let key = key.map(str::to_string);
-    let (status, text) = tokio::task::spawn_blocking(move || {
-        let headers: Vec<(&str, &str)> = key.iter().map(|k| ("X-API-Key", k.as_str())).collect();
-        let mut headers = headers;
-        headers.push(("Content-Type", "application/json"));
-        http(&addr, &method, "/v1/degradation", &headers, &body)
-    })
-    .await
-    .unwrap();
-    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
-    (status, json)
-}
-
 /// `k2_shed_records_total` by priority, from the metrics text.
 fn shed_metric_by_priority() -> BTreeMap<String, u64> {
-    let text = k2::metrics::install().render();
-    let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("k2_shed_records_total{")) {
-        let labels = &line[line.find('{').unwrap() + 1..line.find('}').unwrap()];
-        let priority = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("priority=\""))
-            .map(|p| p.trim_end_matches('"').to_string())
-            .unwrap();
-        let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        *out.entry(priority).or_default() += value as u64;
-    }
-    out
+    k2::tui::shed_by_priority(&k2::metrics::install().render())
 }
 
 /// The ledger's "shed" entries, one per entry id.
@@ -96,39 +51,61 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
     let ids = dir.path().join("ids.csv");
     let config = common::config(dir.path(), "k2-degrade");
     let pipeline = common::start(&config, &broker, dir.path(), "degrade").await;
-    let addr = serve(&pipeline, Some(KEY));
+    let addr = common::serve_api(&pipeline, Some(KEY), true);
 
     // Mutations are guarded, and bad requests say what is wrong.
     let force = r#"{"level": "AGGRESSIVE", "reason": "drill", "ttl_s": 300}"#;
-    let (status, body) = request(&addr, "PUT", force, None).await;
+    let (status, body) = common::api(&addr, "/v1/degradation", "PUT", force, None).await;
     assert_eq!(status, 401, "{body}");
-    let (status, body) = request(&addr, "PUT", force, Some("wrong-key-0123456789")).await;
+    let (status, body) = common::api(
+        &addr,
+        "/v1/degradation",
+        "PUT",
+        force,
+        Some("wrong-key-0123456789"),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
-    let (status, body) = request(&addr, "PUT", r#"{"level": "PANIC", "reason": "x"}"#, Some(KEY)).await;
+    let (status, body) = common::api(
+        &addr,
+        "/v1/degradation",
+        "PUT",
+        r#"{"level": "PANIC", "reason": "x"}"#,
+        Some(KEY),
+    )
+    .await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("`PANIC`"), "{body}");
-    let (status, body) = request(&addr, "PUT", r#"{"level": "SOFT"}"#, Some(KEY)).await;
+    let (status, body) =
+        common::api(&addr, "/v1/degradation", "PUT", r#"{"level": "SOFT"}"#, Some(KEY)).await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap().contains("reason"), "{body}");
-    let (status, body) = request(&addr, "DELETE", "", Some("wrong-key-0123456789")).await;
+    let (status, body) = common::api(
+        &addr,
+        "/v1/degradation",
+        "DELETE",
+        "",
+        Some("wrong-key-0123456789"),
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
 
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 60_000, 10_000);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let (status, body) = request(&addr, "PUT", force, Some(KEY)).await;
+    let (status, body) = common::api(&addr, "/v1/degradation", "PUT", force, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["level"], "AGGRESSIVE");
     assert_eq!(body["mode"]["mode"], "forced");
     assert_eq!(body["mode"]["reason"], "drill");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let circuit = r#"{"level": "CIRCUIT_BREAK", "reason": "drill 2"}"#;
-    let (status, body) = request(&addr, "PUT", circuit, Some(KEY)).await;
+    let (status, body) = common::api(&addr, "/v1/degradation", "PUT", circuit, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let (status, body) = request(&addr, "DELETE", "", Some(KEY)).await;
+    let (status, body) = common::api(&addr, "/v1/degradation", "DELETE", "", Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["mode"]["mode"], "auto");
-    let (status, body) = request(&addr, "GET", "", None).await;
+    let (status, body) = common::api(&addr, "/v1/degradation", "GET", "", None).await;
     assert_eq!(status, 200);
     let transitions: Vec<(String, String)> = body["transitions"]
         .as_array()
@@ -294,7 +271,7 @@ async fn end_outage(
     ids: &std::path::Path,
     settled: impl Fn(&k2::actors::supervisor::PipelineStatus) -> bool,
 ) -> HashSet<k2::model::TradeKey> {
-    pipeline.faults.set_catalog_down(false);
+    pipeline.faults.clear_kind(FaultKind::CatalogDown);
     loadgen.await.unwrap().unwrap();
     let produced = read_ids(ids);
     let expected = produced.len() as u64;
@@ -322,7 +299,7 @@ async fn a_catalog_outage_pauses_consumption_and_loses_nothing() {
         loadgen,
     } = ingesting(4, "k2-outage", 100_000, |_| {}).await;
 
-    pipeline.faults.set_catalog_down(true);
+    common::inject(&pipeline, Fault::CatalogDown);
     wait_for(Duration::from_secs(30), "partitions paused", || async {
         let status = pipeline.status().await.unwrap();
         !status.lanes.is_empty() && status.lanes.iter().all(|l| l.paused)
@@ -384,11 +361,17 @@ async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_ma
     let mut config = common::config(dir.path(), "k2-panic");
     config.lanes.max_restarts = 1;
     let pipeline = common::start(&config, &broker, dir.path(), "panic").await;
-    let addr = serve(&pipeline, None);
+    let addr = common::serve_api(&pipeline, None, true);
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 30_000, 10_000);
     tokio::time::sleep(Duration::from_millis(800)).await;
 
-    pipeline.faults.arm_panic(k2::messages::Stage::Deduplicator, 0);
+    common::inject(
+        &pipeline,
+        Fault::StagePanic {
+            stage: k2::messages::Stage::Deduplicator,
+            partition: 0,
+        },
+    );
     wait_for(
         Duration::from_secs(30),
         "the lane rebuilt after the panic",
@@ -409,7 +392,13 @@ async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_ma
     .await;
 
     // A second failure within the window exceeds max_restarts = 1.
-    pipeline.faults.arm_panic(k2::messages::Stage::Batcher, 0);
+    common::inject(
+        &pipeline,
+        Fault::StagePanic {
+            stage: k2::messages::Stage::Batcher,
+            partition: 0,
+        },
+    );
     let more = dir.path().join("more.csv");
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &more, 10_000, 10_000);
     wait_for(Duration::from_secs(30), "the lane marked failed", || async {
@@ -486,8 +475,14 @@ async fn a_lane_rebuilt_while_the_catalog_is_down_waits_for_it_without_spending_
 
     // The lane panics and, with the catalog down, cannot read where to restart.
     let first = lane(&pipeline.status().await.unwrap(), 0).incarnation;
-    pipeline.faults.arm_panic(k2::messages::Stage::Deduplicator, 0);
-    pipeline.faults.set_catalog_down(true);
+    common::inject(
+        &pipeline,
+        Fault::StagePanic {
+            stage: k2::messages::Stage::Deduplicator,
+            partition: 0,
+        },
+    );
+    common::inject(&pipeline, Fault::CatalogDown);
     // Each failed read starts a new incarnation; twice the restart budget of
     // tries would have marked the lane failed had they counted as restarts.
     wait_for(
@@ -542,7 +537,7 @@ async fn partitions_assigned_while_the_catalog_is_down_start_when_it_returns() {
     // hands it partitions whose offsets it cannot read. (With cooperative
     // rebalancing the first process keeps its other partitions running.)
     let second = common::start(&config, &broker, dir.path(), "second").await;
-    second.faults.set_catalog_down(true);
+    common::inject(&second, Fault::CatalogDown);
     wait_for(
         Duration::from_secs(60),
         "the group split the partitions; the second process's lanes wait for the catalog",
@@ -565,7 +560,7 @@ async fn partitions_assigned_while_the_catalog_is_down_start_when_it_returns() {
     assert_eq!(status.failed_lanes, 0);
     assert!(status.lanes.iter().all(|l| l.restarts == 0), "{:?}", status.lanes);
 
-    second.faults.set_catalog_down(false);
+    second.faults.clear_kind(FaultKind::CatalogDown);
     loadgen.await.unwrap().unwrap();
     let produced = read_ids(&ids);
     let expected = produced.len() as u64;

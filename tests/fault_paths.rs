@@ -15,6 +15,7 @@ use common::{TOPIC, assert_exactly_once, read_ids, read_tables, table_offsets, w
 use k2::actors::supervisor::{ForceLevel, LaneState, PipelineStatus};
 use k2::config::K2Config;
 use k2::degradation::DegradationLevel;
+use k2::faults::{Fault, FaultKind};
 use k2::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
 use k2::pipeline::Pipeline;
 use k2::shedding::LedgerAction;
@@ -53,9 +54,11 @@ fn produce(
             brokers: bootstrap.to_string(),
             topic: TOPIC.to_string(),
             rate,
+            shape: Default::default(),
             duration: None,
             total: Some(total),
             ids_file: Some(ids.to_path_buf()),
+            tiers: Default::default(),
             generator,
             progress: false,
         },
@@ -84,14 +87,26 @@ async fn a_trades_commit_the_catalog_reports_but_never_made_loses_no_trade() {
     let pipeline = common::start(&config, &broker, dir.path(), "lost-commit").await;
     // The very first commit of the trades table is lost: the table has never
     // seen the partitions when the next commit comes.
-    pipeline.faults.lose_commits(K2Table::Trades, 1);
+    common::inject(
+        &pipeline,
+        Fault::LoseCommits {
+            table: K2Table::Trades,
+            commits: 1,
+        },
+    );
     let loadgen = produce(broker.bootstrap_servers(), &ids, 40_000, 8_000, unordered_ids(31));
     wait_for(Duration::from_secs(60), "a first commit that holds", || async {
         common::committed_trades(&config, dir.path()).await > 0
     })
     .await;
     // A later one is lost too: the table stands behind what K2 was told.
-    pipeline.faults.lose_commits(K2Table::Trades, 1);
+    common::inject(
+        &pipeline,
+        Fault::LoseCommits {
+            table: K2Table::Trades,
+            commits: 1,
+        },
+    );
     let report = loadgen.await.unwrap().unwrap();
     wait_until_table_covers(&config, dir.path(), report.produced, Duration::from_secs(120)).await;
     let status = pipeline.status().await.unwrap();
@@ -123,7 +138,13 @@ async fn a_ledger_commit_the_catalog_reports_but_never_made_loses_no_shed_offset
         })
         .await
         .unwrap();
-    pipeline.faults.lose_commits(K2Table::ShedLedger, 1);
+    common::inject(
+        &pipeline,
+        Fault::LoseCommits {
+            table: K2Table::ShedLedger,
+            commits: 1,
+        },
+    );
     let loadgen = produce(broker.bootstrap_servers(), &ids, 30_000, 8_000, unordered_ids(37));
     let report = loadgen.await.unwrap().unwrap();
     wait_until_table_covers(&config, dir.path(), report.produced, Duration::from_secs(120)).await;
@@ -203,7 +224,13 @@ async fn every_partition_advances(
 
 /// Makes partition 0's sequencer panic and waits until its lane runs again.
 async fn panic_and_restart(pipeline: &Pipeline, restarts_before: u64) {
-    pipeline.faults.arm_panic(k2::messages::Stage::Sequencer, 0);
+    common::inject(
+        pipeline,
+        Fault::StagePanic {
+            stage: k2::messages::Stage::Sequencer,
+            partition: 0,
+        },
+    );
     wait_for(
         Duration::from_secs(60),
         "the lane rebuilt after the panic",
@@ -241,7 +268,13 @@ async fn a_restart_superseded_by_a_rejoin_during_its_backoff_does_nothing() {
     for restarts in 0..6 {
         panic_and_restart(&pipeline, restarts).await;
     }
-    pipeline.faults.arm_panic(k2::messages::Stage::Sequencer, 0);
+    common::inject(
+        &pipeline,
+        Fault::StagePanic {
+            stage: k2::messages::Stage::Sequencer,
+            partition: 0,
+        },
+    );
     wait_for(
         Duration::from_secs(30),
         "the lane waiting out its backoff",
@@ -284,8 +317,14 @@ async fn a_catalog_outage_across_a_rejoin_leaves_no_partition_stuck() {
 
     // Partition 0's lane is rebuilt while the catalog is down: it waits for
     // the table, trying again every second.
-    pipeline.faults.set_catalog_down(true);
-    pipeline.faults.arm_panic(k2::messages::Stage::Sequencer, 0);
+    common::inject(&pipeline, Fault::CatalogDown);
+    common::inject(
+        &pipeline,
+        Fault::StagePanic {
+            stage: k2::messages::Stage::Sequencer,
+            partition: 0,
+        },
+    );
     wait_for(
         Duration::from_secs(30),
         "the lane waiting for the catalog",
@@ -300,7 +339,7 @@ async fn a_catalog_outage_across_a_rejoin_leaves_no_partition_stuck() {
     .await;
     pipeline.rejoin_group();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    pipeline.faults.set_catalog_down(false);
+    pipeline.faults.clear_kind(FaultKind::CatalogDown);
     every_partition_advances(&config, dir.path(), 4, Duration::from_secs(45)).await;
     every_partition_advances(&config, dir.path(), 4, Duration::from_secs(30)).await;
 
@@ -501,7 +540,15 @@ mod replay {
         let committer = committer(dir.path(), faults.clone()).await;
         // The first attempt records a kept probable duplicate at offset 8,
         // then its trades commit does not persist.
-        faults.lose_commits(K2Table::Trades, 1);
+        faults
+            .inject(
+                k2::faults::Fault::LoseCommits {
+                    table: K2Table::Trades,
+                    commits: 1,
+                },
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
         let first = range(&committer, &(0..10).collect::<Vec<_>>(), vec![probable(8, true)]).await;
         let _ = committer.commit(&[first]).await;
         assert_eq!(

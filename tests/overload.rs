@@ -14,6 +14,7 @@ use common::{TOPIC, read_ids, read_tables, table_offsets, wait_for};
 use k2::backfill::{BackfillOptions, backfill};
 use k2::config::K2Config;
 use k2::degradation::{DegradationLevel, NEVER};
+use k2::faults::Fault;
 use k2::loadgen::{GeneratorParams, LoadgenParams, Spread, preload, run_loadgen};
 use k2::messages::Stage;
 use k2::model::TradeKey;
@@ -155,6 +156,18 @@ async fn a_backlog_near_what_the_broker_retains_raises_the_level_on_retention_he
         lag.recover = [NEVER; 4];
     }
     let pipeline = common::start(&config, &broker, dir.path(), "overload").await;
+    // Every lane reads one chunk a second until the level is up: K2 is
+    // slower than the backlog, as the scenario needs. Unslowed, it can read
+    // the whole backlog in fewer ticks of the supervisor than the headroom
+    // takes to show (a retention loss it would not have suffered).
+    let slow = common::inject(
+        &pipeline,
+        Fault::SlowStage {
+            stage: Stage::PartitionConsumer,
+            partition: None,
+            delay: Duration::from_secs(1),
+        },
+    );
     // New trades keep arriving, on an exchange of their own (ids never
     // repeat the backlog's) whose symbols are all tier 3.
     let live = dir.path().join("live.csv");
@@ -163,9 +176,11 @@ async fn a_backlog_near_what_the_broker_retains_raises_the_level_on_retention_he
             brokers: broker.bootstrap_servers().to_string(),
             topic: TOPIC.to_string(),
             rate: 1_000,
+            shape: Default::default(),
             duration: None,
             total: Some(8_000),
             ids_file: Some(live.clone()),
+            tiers: Default::default(),
             generator: GeneratorParams {
                 seed: 57,
                 zipf_exponent: 0.0,
@@ -179,6 +194,16 @@ async fn a_backlog_near_what_the_broker_retains_raises_the_level_on_retention_he
     .await
     .unwrap();
     let total = BACKLOG + report.produced;
+    wait_for(
+        Duration::from_secs(60),
+        "AGGRESSIVE by retention headroom",
+        || async {
+            let (highest, by_headroom) = level_history(&pipeline).await;
+            by_headroom && highest >= DegradationLevel::Aggressive
+        },
+    )
+    .await;
+    pipeline.faults.clear(slow).expect("the slow stage was active");
     wait_for(Duration::from_secs(240), "every offset accounted for", || async {
         table_offsets(&config, dir.path()).await.values().sum::<i64>() as u64 >= total
     })
@@ -309,9 +334,11 @@ async fn retention_overtaking_one_partition_restarts_it_alone_while_seven_others
             brokers: broker.bootstrap_servers().to_string(),
             topic: TOPIC.to_string(),
             rate: 2_000,
+            shape: Default::default(),
             duration: None,
             total: Some(90_000),
             ids_file: Some(ids.clone()),
+            tiers: Default::default(),
             generator: GeneratorParams {
                 seed: 59,
                 zipf_exponent: 0.3,
@@ -336,9 +363,14 @@ async fn retention_overtaking_one_partition_restarts_it_alone_while_seven_others
 
     // Partition 0's lane reads one chunk every two seconds while far more
     // than the broker retains (~29,000 records) arrives on it.
-    pipeline
-        .faults
-        .slow_stage(Stage::PartitionConsumer, 0, Duration::from_secs(2));
+    let slow = common::inject(
+        &pipeline,
+        Fault::SlowStage {
+            stage: Stage::PartitionConsumer,
+            partition: Some(0),
+            delay: Duration::from_secs(2),
+        },
+    );
     let bootstrap = broker.bootstrap_servers().to_string();
     let burst = tokio::task::spawn_blocking(move || burst_into(&bootstrap, 0, 80_000, 61));
     // While retention overtakes partition 0, the other seven keep committing.
@@ -357,7 +389,7 @@ async fn retention_overtaking_one_partition_restarts_it_alone_while_seven_others
     );
     let burst_ids = burst.await.unwrap();
     // Partition 0 reads again: it finds its next offset gone and restarts alone.
-    pipeline.faults.clear_slow_stage();
+    pipeline.faults.clear(slow);
     let report = loadgen.await.unwrap().unwrap();
     let produced_total = report.produced + burst_ids.len() as u64;
     wait_for(Duration::from_secs(180), "every offset accounted for", || async {

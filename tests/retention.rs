@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{TOPIC, committed_rows, wait_for};
+use k2::faults::{Fault, FaultKind};
 use k2::loadgen::{GeneratorParams, Spread, preload};
 use k2::storage::catalog::open_catalog;
 use k2::storage::reader::{scan_dead_letters, scan_trade_keys};
@@ -92,7 +93,7 @@ async fn a_lane_paused_while_retention_overtakes_it_resumes_at_the_log_start_and
 
     let first_incarnation = pipeline.status().await.unwrap().lanes[0].incarnation;
     // Records consumed during the outage cannot commit: the lane pauses.
-    pipeline.faults.set_catalog_down(true);
+    common::inject(&pipeline, Fault::CatalogDown);
     let own_symbols = GeneratorParams {
         seed: 32,
         malformed_ratio: 0.0,
@@ -126,7 +127,7 @@ async fn a_lane_paused_while_retention_overtakes_it_resumes_at_the_log_start_and
         "nothing commits while the catalog is down"
     );
 
-    pipeline.faults.set_catalog_down(false);
+    pipeline.faults.clear_kind(FaultKind::CatalogDown);
     let status = catch_up_and_stop(pipeline, total).await;
 
     let resumed = BEFORE + DURING;

@@ -25,9 +25,11 @@ async fn sigkill_mid_stream_then_restart_loses_and_duplicates_nothing() {
             brokers: broker.bootstrap_servers().to_string(),
             topic: TOPIC.to_string(),
             rate: 10_000,
+            shape: Default::default(),
             duration: None,
             total: Some(TOTAL),
             ids_file: Some(ids.clone()),
+            tiers: Default::default(),
             generator: GeneratorParams {
                 seed: 23,
                 malformed_ratio: 0.0,

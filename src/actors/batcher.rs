@@ -155,10 +155,11 @@ impl Batcher {
         let writer = self.writer.clone();
         let committer = self.committer.clone();
         let storage = self.params.storage.clone();
+        let faults = self.params.faults.clone();
         let lane = self.params.lane;
         let fut = async move {
             let data_files = match batch? {
-                Some(batch) => write_until_stored(&writer, &storage, batch, lane).await,
+                Some(batch) => write_until_stored(&writer, &storage, &faults, batch, lane).await,
                 None => Vec::new(),
             };
             let file_bytes = data_files.iter().map(|f| f.file_size_in_bytes()).sum();
@@ -207,16 +208,28 @@ fn growth_at(level: DegradationLevel, soft_growth: u32) -> u32 {
 
 /// Writes `batch`, retrying through the storage breaker until it is stored.
 /// The lane holds meanwhile: nothing is dropped, and the records stay
-/// uncommitted (the lane is rebuilt from Kafka if it is stopped).
+/// uncommitted (the lane is rebuilt from Kafka if it is stopped). The
+/// injected `storage_down` fault fails each write before it reaches the
+/// store, as an unreachable store would.
 async fn write_until_stored(
     writer: &TableWriter,
     storage: &CircuitBreaker,
+    faults: &crate::faults::Faults,
     batch: arrow_array::RecordBatch,
     lane: LaneId,
 ) -> Vec<iceberg::spec::DataFile> {
     let mut attempt = 0u32;
     loop {
-        match storage.call(writer.write(batch.clone())).await {
+        let write = async {
+            if faults.storage_down() {
+                return Err(iceberg::Error::new(
+                    iceberg::ErrorKind::Unexpected,
+                    "injected fault: object storage is down",
+                ));
+            }
+            writer.write(batch.clone()).await
+        };
+        match storage.call(write).await {
             Ok(files) => return files,
             Err(err) => {
                 attempt += 1;

@@ -4,7 +4,15 @@
 //!
 //! Which files are accepted, what a commit takes and puts back, and when a
 //! commit is due are decided by [`PendingFiles`]; this actor runs commits,
-//! holds batchers while too many bytes wait, and reports. A commit counts
+//! holds batchers while too many bytes wait, and reports.
+//!
+//! One commit runs at a time, beside the actor's mailbox rather than in
+//! place of it: lanes' files are accepted into the book while a commit is
+//! in flight, so batchers keep writing (a commit takes 0.2–1 s with 64
+//! partitions). What touches a partition's offsets waits for the running
+//! commit to end: a lane registration or an assignment reads the table's
+//! offsets only once the commit that may move them has landed or failed.
+//! A commit counts
 //! only once the catalog shows it ([`Committer::commit`] verifies every
 //! snapshot it makes); only then is the epoch's stage state put in force
 //! and its trade ids handed to the process-wide dedup windows.
@@ -16,6 +24,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures::{FutureExt as _, StreamExt as _};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -95,7 +104,10 @@ pub struct IcebergCommitterCounters {
 }
 
 impl IcebergCommitterCounters {
-    fn record_commit(&mut self, outcome: &CommitOutcome, elapsed: Duration) {
+    /// `elapsed`: from the commit's start until the catalog showed it;
+    /// `landed_us`: unix microseconds at that moment (the trades are
+    /// durable and visible to readers from then on).
+    fn record_commit(&mut self, outcome: &CommitOutcome, elapsed: Duration, landed_us: i64) {
         self.num_commits += 1;
         self.num_rows_committed += outcome.rows;
         self.num_dead_letters_committed += outcome.dead_letters;
@@ -107,7 +119,7 @@ impl IcebergCommitterCounters {
         metrics::counter!(m::COMMITS, "outcome" => "ok").increment(1);
         metrics::counter!(m::TRADES_COMMITTED).increment(outcome.rows);
         metrics::histogram!(m::COMMIT_DURATION).record(elapsed.as_secs_f64());
-        metrics::gauge!(m::LAST_COMMIT).set(crate::model::now_us() as f64 / 1e6);
+        metrics::gauge!(m::LAST_COMMIT).set(landed_us as f64 / 1e6);
         if !outcome.fenced.is_empty() {
             metrics::counter!(m::COMMIT_FENCED).increment(outcome.fenced.len() as u64);
         }
@@ -147,6 +159,18 @@ pub struct IcebergCommitterParams {
     pub windows: Arc<UnorderedWindows>,
 }
 
+/// A lane stage state to tell of a commit: its checkpoint, the next offset
+/// committed, whether its staged state is in force.
+type Told = (Arc<dyn Checkpoint>, i64, bool);
+
+/// A commit that runs beside the mailbox.
+struct InFlight {
+    started: Instant,
+    rows: u64,
+    /// Replies owed to the `CommitNow` requests this commit answers.
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
 pub struct IcebergCommitter {
     committer: Arc<Committer>,
     policy: CommitPolicy,
@@ -166,6 +190,13 @@ pub struct IcebergCommitter {
     stale_reported: HashSet<i32>,
     /// Batchers held until a commit makes room.
     held: Vec<oneshot::Sender<()>>,
+    /// The commit running now, if any.
+    in_flight: Option<InFlight>,
+    /// Replies owed to `CommitNow` requests, answered by the next commit
+    /// that starts (one that runs already took its files before they came).
+    next_waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// Told when the running commit ends, successful or not.
+    settled: Vec<oneshot::Sender<()>>,
     last_commit: Instant,
     retry_after: Option<Instant>,
     epoch: u64,
@@ -191,6 +222,9 @@ impl IcebergCommitter {
             book: PendingFiles::default(),
             stale_reported: HashSet::new(),
             held: Vec::new(),
+            in_flight: None,
+            next_waiters: Vec::new(),
+            settled: Vec::new(),
             last_commit: Instant::now(),
             retry_after: None,
             epoch: 0,
@@ -227,8 +261,77 @@ impl IcebergCommitter {
         }
     }
 
-    /// Commits everything pending, as one future that holds the actor.
-    fn commit_future(&mut self) -> ResponseActFuture<Self, Result<(), String>> {
+    /// Starts a commit if one is due and none runs.
+    fn maybe_commit(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight.is_none() && self.commit_due() {
+            self.start_commit(ctx);
+        }
+    }
+
+    /// Commits everything pending, beside the mailbox, unless a commit runs
+    /// already (it starts the next one when it ends, if due or requested).
+    /// Answers the `CommitNow` requests waiting for a commit to start.
+    fn start_commit(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.next_waiters);
+        if self.book.is_empty() {
+            for waiter in waiters {
+                let _ = waiter.send(Ok(()));
+            }
+            return;
+        }
+        self.in_flight = Some(InFlight {
+            started: Instant::now(),
+            rows: self.book.rows(),
+            waiters,
+        });
+        let commit = self.commit_future().then(|(result, told), act, _ctx| {
+            // Lanes' stage state learns of the commit one lane at a time,
+            // the mailbox served in between (moving a commit's ids into the
+            // dedup windows takes ~0.6 µs an id). The commit settles after.
+            futures::stream::iter(told)
+                .for_each(|(checkpoint, next_offset, in_force)| async move {
+                    checkpoint.committed(next_offset, in_force);
+                    tokio::task::yield_now().await;
+                })
+                .map(move |()| result)
+                .into_actor(act)
+        });
+        ctx.spawn(commit.map(|result, act, ctx| {
+            let done = act.in_flight.take().expect("the running commit is recorded");
+            for waiter in done.waiters {
+                let _ = waiter.send(result.clone());
+            }
+            for settled in act.settled.drain(..) {
+                let _ = settled.send(());
+            }
+            if !act.next_waiters.is_empty() {
+                act.start_commit(ctx);
+            } else {
+                act.maybe_commit(ctx);
+            }
+        }));
+    }
+
+    /// Resolves once no commit runs that was running when it was asked for.
+    fn commit_settled(&mut self) -> impl Future<Output = ()> + use<> {
+        let rx = self.in_flight.is_some().then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.settled.push(tx);
+            rx
+        });
+        async move {
+            if let Some(rx) = rx {
+                let _ = rx.await;
+            }
+        }
+    }
+
+    /// Commits everything pending, as one actor future. Returns the lane
+    /// stage states to tell of the commit ([`Checkpoint::committed`]).
+    fn commit_future(&mut self) -> ResponseActFuture<Self, (Result<(), String>, Vec<Told>)> {
         let (heads, ranges): (Vec<(LaneId, u64)>, Vec<PartitionRange>) = self
             .book
             .take()
@@ -260,9 +363,19 @@ impl IcebergCommitter {
             async move {
                 let staged: Vec<_> = epoch.iter().map(|c| c.staged.clone()).collect();
                 if let Err(err) = store.stage(&writer, &staged).await {
-                    return (ranges, epoch, Err(CommitError::State(err.to_string())), None);
+                    let landed = (started.elapsed(), crate::model::now_us());
+                    return (
+                        ranges,
+                        epoch,
+                        Err(CommitError::State(err.to_string())),
+                        None,
+                        landed,
+                    );
                 }
                 let result = catalog_call(&breaker, &faults, committer.commit(&ranges)).await;
+                // Durable from here; what follows (state promotion, ids into
+                // the dedup windows) is K2's own bookkeeping.
+                let landed = (started.elapsed(), crate::model::now_us());
                 let promotion = match &result {
                     Ok(outcome) => {
                         faults.hold_after_commit().await;
@@ -270,23 +383,28 @@ impl IcebergCommitter {
                     }
                     Err(_) => None,
                 };
-                (ranges, epoch, result, promotion)
+                (ranges, epoch, result, promotion, landed)
             }
             .into_actor(self)
-            .map(move |(ranges, epoch, result, promotion), act, _ctx| {
+            .map(move |(ranges, epoch, result, promotion, landed), act, _ctx| {
                 act.last_commit = Instant::now();
                 match result {
                     Ok(outcome) => {
                         let promotion = promotion.unwrap_or_default();
-                        for c in &epoch {
-                            if outcome.committed.get(&c.partition) == Some(&c.next_offset) {
-                                c.checkpoint
-                                    .committed(c.next_offset, promotion.in_force(&c.staged.scope));
-                            }
-                        }
+                        let told = epoch
+                            .iter()
+                            .filter(|c| outcome.committed.get(&c.partition) == Some(&c.next_offset))
+                            .map(|c| {
+                                (
+                                    c.checkpoint.clone(),
+                                    c.next_offset,
+                                    promotion.in_force(&c.staged.scope),
+                                )
+                            })
+                            .collect();
                         act.note_promotion(&promotion, &heads);
-                        act.apply_outcome(&outcome, &heads, &ranges, started.elapsed());
-                        Ok(())
+                        act.apply_outcome(&outcome, &heads, &ranges, landed);
+                        (Ok(()), told)
                     }
                     Err(err) => {
                         warn!(error = %err, "commit failed, keeping files for the next attempt");
@@ -312,7 +430,7 @@ impl IcebergCommitter {
                             act.health.oldest_pending_ms.store(0, Relaxed);
                         }
                         act.publish_pending();
-                        Err(err.to_string())
+                        (Err(err.to_string()), Vec::new())
                     }
                 }
             }),
@@ -340,10 +458,10 @@ impl IcebergCommitter {
         outcome: &CommitOutcome,
         heads: &[(LaneId, u64)],
         ranges: &[PartitionRange],
-        elapsed: Duration,
+        (elapsed, landed_us): (Duration, i64),
     ) {
         self.retry_after = None;
-        self.counters.record_commit(outcome, elapsed);
+        self.counters.record_commit(outcome, elapsed, landed_us);
         self.health.consecutive_failures.store(0, Relaxed);
         self.health
             .last_duration_ms
@@ -358,7 +476,11 @@ impl IcebergCommitter {
         self.health.oldest_pending_ms.store(arrived, Relaxed);
         self.publish_pending();
         for (&partition, &next) in &outcome.committed {
-            self.committed.insert(partition, next);
+            // A partition released while the commit ran is not this
+            // process's any more.
+            if self.book.current(partition).is_some() {
+                self.committed.insert(partition, next);
+            }
         }
         for &(partition, table_next) in &outcome.fenced {
             self.fenced(partition, table_next, heads, ranges);
@@ -435,11 +557,14 @@ impl IcebergCommitter {
         }
     }
 
-    /// Reads the trades table's recorded offsets, through the catalog breaker.
-    fn load_offsets(&self) -> impl Future<Output = Result<TopicOffsets, OffsetsUnavailable>> + 'static {
+    /// Reads the trades table's recorded offsets, through the catalog
+    /// breaker, once the running commit (if any) ended: it may move them.
+    fn load_offsets(&mut self) -> impl Future<Output = Result<TopicOffsets, OffsetsUnavailable>> + use<> {
+        let settled = self.commit_settled();
         let (committer, breaker, faults) =
             (self.committer.clone(), self.breaker.clone(), self.faults.clone());
         async move {
+            settled.await;
             catalog_call(&breaker, &faults, committer.load_offsets())
                 .await
                 .map_err(|e| OffsetsUnavailable(e.to_string()))
@@ -486,11 +611,7 @@ impl Actor for IcebergCommitter {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(64);
         let tick = (self.policy.interval / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
-        ctx.run_interval(tick, |act, ctx| {
-            if act.commit_due() {
-                ctx.notify(CommitNow);
-            }
-        });
+        ctx.run_interval(tick, |act, ctx| act.maybe_commit(ctx));
     }
 }
 
@@ -524,6 +645,8 @@ impl Handler<RegisterLane> for IcebergCommitter {
         }
         self.checkpoints.insert(partition, msg.checkpoints);
         self.files_dropped(partition);
+        // A running commit may hold the old lane's range of the partition:
+        // the new lane starts where the table stands once it ended.
         Box::pin(self.load_offsets().into_actor(self).map(move |result, act, _| {
             let next = result?.next_offset(partition);
             if let Some(next) = next {
@@ -612,17 +735,13 @@ impl Handler<FilesWritten> for IcebergCommitter {
         }
         self.publish_pending();
         if self.commit_due() {
-            ctx.notify(CommitNow);
+            self.maybe_commit(ctx);
         } else if let Some(gap) = self.policy.caught_up_gap
             && self.book.all_caught_up()
         {
             // Input stopped: commit once the gap since the last commit passed.
             let wait = gap.saturating_sub(self.last_commit.elapsed());
-            ctx.run_later(wait, |act, ctx| {
-                if act.commit_due() {
-                    ctx.notify(CommitNow);
-                }
-            });
+            ctx.run_later(wait, |act, ctx| act.maybe_commit(ctx));
         }
         if self.book.bytes() > self.policy.max_pending_bytes {
             // Hold the batcher until a commit makes room.
@@ -636,19 +755,24 @@ impl Handler<FilesWritten> for IcebergCommitter {
     }
 }
 
-/// Commit what is pending now (on the interval, on size, or on shutdown).
+/// Commit what is pending now (on shutdown, or on request): answered when
+/// a commit that started after the request ends, or at once if nothing
+/// waits and no commit runs.
 #[derive(Message)]
 #[rtype(result = "Result<(), String>")]
 pub struct CommitNow;
 
 impl Handler<CommitNow> for IcebergCommitter {
-    type Result = AtomicResponse<Self, Result<(), String>>;
+    type Result = ResponseFuture<Result<(), String>>;
 
-    fn handle(&mut self, _: CommitNow, _: &mut Context<Self>) -> Self::Result {
-        if self.book.is_empty() {
-            return AtomicResponse::new(Box::pin(actix::fut::ready(Ok(()))));
-        }
-        AtomicResponse::new(Box::pin(self.commit_future()))
+    fn handle(&mut self, _: CommitNow, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.next_waiters.push(tx);
+        self.start_commit(ctx);
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err("the committer stopped before the commit ended".to_string()))
+        })
     }
 }
 
@@ -711,8 +835,13 @@ pub struct CommitterStatus {
     pub fenced_behind: u64,
     pub stale_files_dropped: u64,
     pub stale_partitions: Vec<StalePartition>,
+    /// Rows of files accepted and not yet in a commit.
     pub pending_rows: u64,
     pub pending_bytes: u64,
+    /// How long the running commit has run; null: none runs.
+    pub commit_in_flight_ms: Option<u64>,
+    /// Rows the running commit carries.
+    pub in_flight_rows: u64,
     pub last_commit_ms: Option<u64>,
     pub last_error: Option<String>,
     pub committed_offsets: BTreeMap<i32, i64>,
@@ -751,6 +880,11 @@ impl Handler<GetCommitterStatus> for IcebergCommitter {
             stale_partitions,
             pending_rows: self.book.rows(),
             pending_bytes: self.book.bytes(),
+            commit_in_flight_ms: self
+                .in_flight
+                .as_ref()
+                .map(|f| f.started.elapsed().as_millis() as u64),
+            in_flight_rows: self.in_flight.as_ref().map_or(0, |f| f.rows),
             last_commit_ms: c.last_commit_ms,
             last_error: c.last_error.clone(),
             committed_offsets: self.committed.clone(),

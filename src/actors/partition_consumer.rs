@@ -225,6 +225,13 @@ impl PartitionConsumer {
             if shed_by_key && early.offer(&self.params.tiers, self.level, message.key(), offset) {
                 continue;
             }
+            // The injected `poison` fault: this record arrives corrupted.
+            let poisoned = self
+                .params
+                .faults
+                .take_poison(partition)
+                .then(|| crate::faults::poisoned(payload));
+            let payload = poisoned.as_deref().unwrap_or(payload);
             match decoder.decode(payload, partition, offset, now) {
                 Ok(trade) => trades.push(trade),
                 Err(err) => dead_letters.push(DeadLetter {

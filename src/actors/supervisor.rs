@@ -884,7 +884,7 @@ impl Handler<GetPipelineStatus> for Supervisor {
 }
 
 /// Resident memory of this process (Linux `/proc/self/status`, `VmRSS`).
-fn resident_bytes() -> Option<u64> {
+pub(crate) fn resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -91,6 +91,8 @@ impl Handler<GetCommitterStatus> for FakeCommitter {
             stale_partitions: Vec::new(),
             pending_rows: 0,
             pending_bytes: 0,
+            commit_in_flight_ms: None,
+            in_flight_rows: 0,
             last_commit_ms: None,
             last_error: None,
             committed_offsets: BTreeMap::new(),

@@ -37,15 +37,30 @@ pub struct ChunkSink {
     pub chunks: Recipient<TradeChunk>,
     pub flush: Recipient<Flush>,
     pub failures: Recipient<LaneFailed>,
+    /// The injected `slow_stage` fault delays the forward.
+    pub faults: std::sync::Arc<crate::faults::Faults>,
 }
 
 impl ChunkSink {
     /// Sends `chunk` on, waiting while the next stage's mailbox is full. If
     /// the next stage is gone, the chunk is lost to this lane: the lane is
-    /// reported failed (and rebuilt from the table), never left short.
+    /// reported failed (and rebuilt from the table), never left short. A
+    /// stage the `slow_stage` fault targets waits first, holding its lane.
     pub fn forward(&self, chunk: TradeChunk, from: Stage) -> impl Future<Output = ()> + 'static {
-        let (lane, send) = (chunk.lane, self.chunks.send(chunk));
+        let lane = chunk.lane;
+        let delay = self.faults.chunk_delay(from, lane.partition);
         let failures = self.failures.clone();
+        let send = match delay {
+            // Sent only after the delay: `send` enqueues at once when it can.
+            Some(delay) => {
+                let chunks = self.chunks.clone();
+                futures::future::Either::Left(async move {
+                    tokio::time::sleep(delay).await;
+                    chunks.send(chunk).await
+                })
+            }
+            None => futures::future::Either::Right(self.chunks.send(chunk)),
+        };
         async move {
             if let Err(err) = send.await {
                 report(&failures, lane, from, err);

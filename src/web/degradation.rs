@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use serde_json::json;
 
-use super::AppState;
+use super::{AppState, error, refusal};
 use crate::actors::supervisor::{ClearForce, ForceLevel, GetDegradation};
 use crate::degradation::DegradationLevel;
 
@@ -25,35 +24,6 @@ pub struct ForceBody {
     level: String,
     reason: String,
     ttl_s: Option<u64>,
-}
-
-fn error(status: actix_web::http::StatusCode, message: impl Into<String>) -> HttpResponse {
-    HttpResponse::build(status).json(json!({ "error": message.into() }))
-}
-
-/// The refusal, unless the request carries the configured key.
-fn refusal(state: &AppState, request: &HttpRequest) -> Option<HttpResponse> {
-    use actix_web::http::StatusCode;
-    let given = request.headers().get("x-api-key").map(|v| v.as_bytes());
-    let Some(given) = given else {
-        return Some(error(
-            StatusCode::UNAUTHORIZED,
-            "this endpoint changes K2's behaviour and needs an API key in the X-API-Key header",
-        ));
-    };
-    let Some(key) = state.api_key.as_deref() else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "mutations are disabled: no API key is configured (set http.api_key or K2_HTTP__API_KEY)",
-        ));
-    };
-    (!constant_time_eq(given, key.as_bytes())).then(|| error(StatusCode::FORBIDDEN, "wrong API key"))
-}
-
-/// Compares without an early exit, so the time taken does not reveal how
-/// much of a guessed key was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn unavailable(err: actix::MailboxError) -> HttpResponse {
@@ -132,17 +102,5 @@ pub async fn delete_degradation(state: web::Data<AppState>, request: HttpRequest
     match state.supervisor.send(ClearForce).await {
         Ok(view) => HttpResponse::Ok().json(view),
         Err(err) => unavailable(err),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn keys_compare_exactly() {
-        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
-        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeF"));
-        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
     }
 }

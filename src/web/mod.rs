@@ -1,7 +1,9 @@
-//! The HTTP control plane (actix-web): health, readiness, Prometheus metrics
-//! and the pipeline view. Routes are wired here; one file per resource.
+//! The HTTP control plane (actix-web): health, readiness, Prometheus metrics,
+//! the pipeline view, degradation and faults. Routes are wired here; one
+//! file per resource.
 
 mod degradation;
+mod faults;
 mod health;
 mod pipeline;
 mod sequence;
@@ -11,9 +13,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use actix::Addr;
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use iceberg::Catalog;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
 
 use crate::actors::Supervisor;
 use crate::storage::tables::TableIdents;
@@ -31,6 +34,10 @@ pub struct AppState {
     pub maintenance: Arc<crate::actors::table_maintainer::MaintenanceStatus>,
     /// Required by mutating endpoints (`X-API-Key`); None refuses them.
     pub api_key: Option<String>,
+    /// What `/v1/faults` injects into.
+    pub faults: Arc<crate::faults::Faults>,
+    /// `[faults] enabled`: false refuses every injection.
+    pub faults_enabled: bool,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -44,7 +51,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/v1/degradation",
             web::delete().to(degradation::delete_degradation),
-        );
+        )
+        .route("/v1/faults", web::get().to(faults::get_faults))
+        .route("/v1/faults", web::post().to(faults::post_fault))
+        .route("/v1/faults/{id}", web::delete().to(faults::delete_fault));
 }
 
 /// Binds the server (port 0 picks a free port) and returns it with the
@@ -76,4 +86,45 @@ pub fn serve(state: AppState, listen: &str) -> anyhow::Result<(actix_web::dev::S
         .copied()
         .context("server bound to no address")?;
     Ok((server.run(), addr))
+}
+
+fn error(status: actix_web::http::StatusCode, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(json!({ "error": message.into() }))
+}
+
+/// The refusal, unless the request carries the configured key.
+fn refusal(state: &AppState, request: &HttpRequest) -> Option<HttpResponse> {
+    use actix_web::http::StatusCode;
+    let given = request.headers().get("x-api-key").map(|v| v.as_bytes());
+    let Some(given) = given else {
+        return Some(error(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint changes K2's behaviour and needs an API key in the X-API-Key header",
+        ));
+    };
+    let Some(key) = state.api_key.as_deref() else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "mutations are disabled: no API key is configured (set http.api_key or K2_HTTP__API_KEY)",
+        ));
+    };
+    (!constant_time_eq(given, key.as_bytes())).then(|| error(StatusCode::FORBIDDEN, "wrong API key"))
+}
+
+/// Compares without an early exit, so the time taken does not reveal how
+/// much of a guessed key was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn keys_compare_exactly() {
+        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!constant_time_eq(b"0123456789abcdef", b"0123456789abcde"));
+    }
 }

@@ -54,6 +54,16 @@ pub fn config(dir: &Path, group: &str) -> K2Config {
     config
 }
 
+/// Injects `fault` into `pipeline` for as long as a test runs (an hour;
+/// clear it by id or kind sooner) and returns its id.
+pub fn inject(pipeline: &Pipeline, fault: k2::faults::Fault) -> u64 {
+    pipeline
+        .faults
+        .inject(fault, Duration::from_secs(3600))
+        .expect("fault injected")
+        .id
+}
+
 /// Keeps the retention headroom from raising the level. For tests of faults
 /// that stall lanes long enough to come close to what the mock broker
 /// retains (~5 MiB a partition): the level would rightly climb and shed, and
@@ -83,14 +93,16 @@ pub fn init_logs() {
 pub async fn start(config: &K2Config, broker: &EmbeddedBroker, dir: &Path, instance: &str) -> Pipeline {
     init_logs();
     k2::metrics::install();
-    pipeline::start(PipelineParams {
+    let pipeline = pipeline::start(PipelineParams {
         config: config.clone(),
         brokers: broker.bootstrap_servers().to_string(),
         base_dir: dir.to_path_buf(),
         instance: instance.to_string(),
     })
     .await
-    .expect("pipeline starts")
+    .expect("pipeline starts");
+    pipeline.faults.set_broker_control(broker.control());
+    pipeline
 }
 
 /// What the catalog under `config` holds.
@@ -154,19 +166,10 @@ pub async fn committed_rows(pipeline: &Pipeline) -> u64 {
 
 /// Reads an ids file written by the load generator ("exchange,symbol,trade_id" lines).
 pub fn read_ids(path: &Path) -> HashSet<TradeKey> {
-    std::fs::read_to_string(path)
+    k2::loadgen::read_ids_file(path)
         .expect("ids file readable")
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let mut fields = l.splitn(3, ',').map(str::to_string);
-            let mut next = || {
-                fields
-                    .next()
-                    .unwrap_or_else(|| panic!("malformed ids line {l:?}"))
-            };
-            (next(), next(), next())
-        })
+        .into_iter()
+        .map(|trade| trade.key)
         .collect()
 }
 
@@ -296,9 +299,11 @@ pub fn spawn_loadgen(
         brokers: bootstrap.to_string(),
         topic: TOPIC.to_string(),
         rate,
+        shape: Default::default(),
         duration: None,
         total: Some(total),
         ids_file: Some(ids.to_path_buf()),
+        tiers: Default::default(),
         generator: k2::loadgen::GeneratorParams {
             seed: 11,
             ..k2::loadgen::GeneratorParams::default()
@@ -306,6 +311,54 @@ pub fn spawn_loadgen(
         progress: false,
     };
     actix_rt::spawn(k2::loadgen::run_loadgen(params, futures::future::pending()))
+}
+
+/// Serves the control plane of `pipeline` on a free port; returns its address.
+pub fn serve_api(pipeline: &Pipeline, api_key: Option<&str>, faults_enabled: bool) -> String {
+    use k2::web::{self, AppState};
+    let (server, addr) = web::serve(
+        AppState {
+            supervisor: pipeline.supervisor.clone(),
+            metrics: k2::metrics::install(),
+            catalog: pipeline.catalog.clone(),
+            tables: pipeline.tables.clone(),
+            maintenance: pipeline.maintenance.clone(),
+            api_key: api_key.map(str::to_string),
+            faults: pipeline.faults.clone(),
+            faults_enabled,
+        },
+        "127.0.0.1:0",
+    )
+    .expect("HTTP server binds");
+    actix_rt::spawn(server);
+    addr.to_string()
+}
+
+/// One JSON request to the control plane at `addr`, with the API key if
+/// given; the status and the JSON answer.
+pub async fn api(
+    addr: &str,
+    path: &str,
+    method: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (addr, path, method, body) = (
+        addr.to_string(),
+        path.to_string(),
+        method.to_string(),
+        body.to_string(),
+    );
+    let key = key.map(str::to_string);
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        let mut headers: Vec<(&str, &str)> = key.iter().map(|k| ("X-API-Key", k.as_str())).collect();
+        headers.push(("Content-Type", "application/json"));
+        http(&addr, &method, &path, &headers, &body)
+    })
+    .await
+    .unwrap();
+    let json = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text}"));
+    (status, json)
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns (status, body).

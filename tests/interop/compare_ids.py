@@ -1,6 +1,7 @@
 """Reads the trades table with PyIceberg, an independent Iceberg implementation, and compares it with
-the ids file a load generator wrote ("exchange,symbol,trade_id" per produced trade). Prints one JSON
-object: rows, distinct keys, and how many produced trades are missing, duplicated or unknown.
+the ids file a load generator wrote ("exchange,symbol,trade_id,priority,partition,offset" per produced
+trade; the first three are the key). Prints one JSON object: rows, distinct keys, and how many produced
+trades are missing, duplicated or unknown.
 
 usage: compare_ids.py CATALOG_DB WAREHOUSE_URI TABLE IDS_FILE
 """
@@ -23,7 +24,7 @@ def main() -> None:
         arrow.column("trade_id").to_pylist(),
     ))
     with open(ids_file, encoding="utf-8") as f:
-        produced = {tuple(line.rstrip("\n").split(",", 2)) for line in f if line.strip()}
+        produced = {tuple(line.rstrip("\n").split(",")[:3]) for line in f if line.strip()}
     missing = [k for k in produced if k not in counts]
     print(json.dumps({
         "rows": arrow.num_rows,
