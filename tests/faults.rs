@@ -208,21 +208,28 @@ async fn every_fault_injected_over_http_breaks_k2_for_real_ends_and_leaves_the_t
     .await;
 
     // memory_pressure: resident memory and the memory signal rise, and fall
-    // once the fault is cleared.
+    // once the fault is cleared. 512 MiB is an eighth of the default memory
+    // budget (4 GiB), so the signal must rise by more than 0.05.
     let (rss, signal) = (resident_mib(), memory_signal(&addr).await);
-    let pressure = post(&addr, r#"{"kind": "memory_pressure", "params": {"mib": 256}}"#).await;
+    let pressure = post(&addr, r#"{"kind": "memory_pressure", "params": {"mib": 512}}"#).await;
     let held = resident_mib();
-    assert!(held >= rss + 240, "resident {rss} -> {held} MiB");
+    // The rest of the process moves too (trades keep flowing): the margins
+    // leave it a few tens of MiB either way.
+    assert!(held >= rss + 450, "resident {rss} -> {held} MiB");
     wait_for(
         Duration::from_secs(10),
         "the memory signal sees the pressure",
-        || async { memory_signal(&addr).await >= signal + 0.05 },
+        || async { memory_signal(&addr).await >= signal + 0.08 },
     )
     .await;
     let (status, cleared) =
         common::api(&addr, &format!("{FAULTS}/{pressure}"), "DELETE", "", Some(KEY)).await;
     assert_eq!((status, cleared["kind"].as_str()), (200, Some("memory_pressure")));
-    assert!(resident_mib() + 200 <= held, "the pressure was not released");
+    let released = resident_mib();
+    assert!(
+        released + 350 <= held,
+        "the pressure was not released: resident {held} -> {released} MiB"
+    );
 
     // catalog_down, storage_down, commit_latency, slow_stage and
     // broker_down each last 2 s and expire by themselves.
