@@ -433,7 +433,7 @@ mod replay {
     use iceberg::Catalog;
     use k2::config::CatalogConfig;
     use k2::faults::{FaultInjectingCatalog, Faults};
-    use k2::model::{ProbableDuplicate, Side, SideRows, Trade};
+    use k2::model::{ProbableDuplicate, SequenceEventRow, Side, SideRows, Trade};
     use k2::storage::catalog::open_catalog;
     use k2::storage::commit::{Committer, PartitionRange};
     use k2::storage::reader::committed_record_count;
@@ -570,5 +570,70 @@ mod replay {
             2,
             "a trade was dropped with no row that says so"
         );
+    }
+    fn gap(received: i64, reported_offset: i64) -> SequenceEventRow {
+        SequenceEventRow {
+            kind: "gap",
+            exchange: "ASX".into(),
+            symbol: "BHP".into(),
+            expected: Some(received - 1),
+            received,
+            missing: Some(1),
+            previous: None,
+            topic: SIDE_TOPIC.into(),
+            partition: 0,
+            offset: reported_offset - 1,
+            reported_offset,
+            detected_at_us: k2::model::now_us(),
+        }
+    }
+
+    /// Partition 0's tail as a lane stops: an empty range at offset 10 with
+    /// the gaps its closed reorder windows report, about record 9.
+    fn tail() -> PartitionRange {
+        PartitionRange {
+            partition: 0,
+            first_offset: 10,
+            next_offset: 10,
+            files: Vec::new(),
+            rows: 0,
+            side: SideRows {
+                sequence_events: vec![gap(11, 9), gap(21, 9)],
+                ..SideRows::default()
+            },
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_lanes_tail_of_gaps_lands_below_the_side_tables_offset_once_even_when_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let committer = committer(dir.path(), faults.clone()).await;
+        // Records 0..10 commit with a gap closed at record 7: the side table
+        // stands at 10 for partition 0.
+        let mut first = range(&committer, &(0..10).collect::<Vec<_>>(), Vec::new()).await;
+        first.side.sequence_events.push(gap(5, 7));
+        committer.commit(&[first]).await.unwrap();
+        assert_eq!(rows(&committer, K2Table::SequenceGaps).await, 1);
+
+        // The lane stops: its tail lands although its rows are about record 9.
+        committer.commit(&[tail()]).await.unwrap();
+        assert_eq!(
+            rows(&committer, K2Table::SequenceGaps).await,
+            3,
+            "the tail's gaps were dropped"
+        );
+        // The same tail again, as a retry after a commit that landed but was
+        // not seen: nothing is written twice.
+        committer.commit(&[tail()]).await.unwrap();
+        assert_eq!(rows(&committer, K2Table::SequenceGaps).await, 3);
+
+        // In one commit with the range before it, the tail lands too.
+        let dir = tempfile::tempdir().unwrap();
+        let committer = self::committer(dir.path(), faults).await;
+        let mut before = range(&committer, &(0..10).collect::<Vec<_>>(), Vec::new()).await;
+        before.side.sequence_events.push(gap(5, 7));
+        committer.commit(&[before, tail()]).await.unwrap();
+        assert_eq!(rows(&committer, K2Table::SequenceGaps).await, 3);
     }
 }

@@ -208,6 +208,7 @@ impl Committer {
         for _ in 0..MAX_FENCE_RETRIES {
             let table = self.catalog.load_table(ident).await?;
             let mut offsets = TopicOffsets::from_table(&table, &self.topic)?;
+            let in_table = offsets.clone();
             let mut rows = Vec::new();
             for range in ranges {
                 let range_rows = rows_of(&range.side);
@@ -215,17 +216,29 @@ impl Committer {
                     continue;
                 }
                 let committed_below = offsets.next_offset(range.partition).unwrap_or(i64::MIN);
+                // A lane's tail: rows reported as it stopped, on an empty
+                // range at its next offset, about records below it. New
+                // unless the table already holds this tail (a retried
+                // commit whose first attempt landed).
+                let tail = range.first_offset == range.next_offset && committed_below <= range.next_offset;
+                let new_tail = tail && !in_table.has_tail(range.partition, range.next_offset);
                 rows.extend(
                     range_rows
                         .iter()
-                        .filter(|r| replayed(r) == Replayed::Keep || offset_of(r) >= committed_below)
+                        .filter(|r| {
+                            new_tail || replayed(r) == Replayed::Keep || offset_of(r) >= committed_below
+                        })
                         .cloned(),
                 );
-                offsets.set(
-                    range.partition,
-                    range.next_offset.max(committed_below),
-                    &self.writer_id,
-                );
+                if tail {
+                    offsets.set_tail(range.partition, range.next_offset, &self.writer_id);
+                } else {
+                    offsets.set(
+                        range.partition,
+                        range.next_offset.max(committed_below),
+                        &self.writer_id,
+                    );
+                }
             }
             if rows.is_empty() {
                 return Ok(0);

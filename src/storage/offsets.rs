@@ -27,6 +27,12 @@ pub struct PartitionOffset {
     pub next_offset: i64,
     /// The K2 instance that last advanced this partition.
     pub writer: String,
+    /// Side tables only: the rows a lane reported on its last, empty range
+    /// at `next_offset` as it stopped (its tail) are in the table. Their
+    /// offsets lie below `next_offset`, so only this tells a retried tail
+    /// from a new one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tail: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -111,6 +117,7 @@ impl TopicOffsets {
             PartitionOffset {
                 next_offset,
                 writer: writer.to_string(),
+                tail: false,
             },
         );
         Ok(())
@@ -124,8 +131,29 @@ impl TopicOffsets {
             PartitionOffset {
                 next_offset,
                 writer: writer.to_string(),
+                tail: false,
             },
         );
+    }
+
+    /// Records that `partition`'s tail at `next_offset` is in the table
+    /// (side tables only; see [`PartitionOffset::tail`]).
+    pub fn set_tail(&mut self, partition: i32, next_offset: i64, writer: &str) {
+        self.partitions.insert(
+            partition,
+            PartitionOffset {
+                next_offset,
+                writer: writer.to_string(),
+                tail: true,
+            },
+        );
+    }
+
+    /// Whether the table holds `partition`'s tail at `next_offset`.
+    pub fn has_tail(&self, partition: i32, next_offset: i64) -> bool {
+        self.partitions
+            .get(&partition)
+            .is_some_and(|p| p.tail && p.next_offset == next_offset)
     }
 }
 
@@ -181,5 +209,20 @@ mod tests {
             err.to_string()
                 .starts_with("snapshot summary key `k2.offsets.t` is not a valid offsets map")
         );
+    }
+    #[test]
+    fn a_tail_mark_is_written_only_when_set_and_old_summaries_read_without_it() {
+        let old = TopicOffsets::from_json("k", r#"{"0":{"next_offset":10,"writer":"w"}}"#).unwrap();
+        assert!(!old.has_tail(0, 10));
+        assert_eq!(old.to_json(), r#"{"0":{"next_offset":10,"writer":"w"}}"#);
+        let mut offsets = old.clone();
+        offsets.set_tail(0, 10, "w");
+        assert!(offsets.has_tail(0, 10) && !offsets.has_tail(0, 11) && !offsets.has_tail(1, 10));
+        assert_eq!(
+            offsets.to_json(),
+            r#"{"0":{"next_offset":10,"writer":"w","tail":true}}"#
+        );
+        offsets.set(0, 12, "w");
+        assert!(!offsets.has_tail(0, 12));
     }
 }
