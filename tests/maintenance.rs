@@ -386,8 +386,11 @@ async fn maintenance_and_ingestion_commits_race_and_neither_loses() {
     .await;
     let idents = fx.idents.clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Rewrites so far: ingestion goes on until maintenance has rewritten the
+    // table a few times under it, however fast passes run on this machine.
+    let rewritten = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let passes = {
-        let (stop, maintainer, idents) = (stop.clone(), &maintainer, &idents);
+        let (stop, rewritten, maintainer, idents) = (stop.clone(), rewritten.clone(), &maintainer, &idents);
         async move {
             let (mut rewrites, mut conflicts, mut passes) = (0, 0, 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -398,14 +401,17 @@ async fn maintenance_and_ingestion_commits_race_and_neither_loses() {
                 let report = &reports[0];
                 assert_ne!(end, PassEnd::Failed, "{report:?}");
                 rewrites += usize::from(report.rewrite.snapshot_id.is_some());
+                rewritten.store(rewrites, std::sync::atomic::Ordering::Relaxed);
                 conflicts += report.rewrite.conflicts;
             }
             (passes, rewrites, conflicts)
         }
     };
     let ingest = async {
-        for i in 0..60 {
+        let mut i = 0;
+        while i < 60 || (rewritten.load(std::sync::atomic::Ordering::Relaxed) < 3 && i < 600) {
             fx.commit(i % 3, 20).await;
+            i += 1;
         }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     };
