@@ -44,11 +44,12 @@ fn chunk() -> Vec<k2::model::Trade> {
     messages()
         .iter()
         .enumerate()
-        .map(|(offset, (_, payload))| {
-            decoder
-                .decode(payload, 0, offset as i64, now)
-                .expect("generated trades decode")
-        })
+        .map(
+            |(offset, (_, payload))| match decoder.decode_record(payload, 0, offset as i64, now) {
+                Ok(k2::decode::Record::Trade(trade)) => trade,
+                other => panic!("generated trades decode to trades, got {other:?}"),
+            },
+        )
         .collect()
 }
 
@@ -89,7 +90,7 @@ fn bench(c: &mut Criterion) {
         let mut decoded = Vec::new();
         for (offset, (key, payload)) in messages.iter().enumerate() {
             if !early.offer(&tiers, level, Some(key.as_bytes()), offset as i64) {
-                decoded.push(decoder.decode(payload, 0, offset as i64, now));
+                decoded.push(decoder.decode_record(payload, 0, offset as i64, now));
             }
         }
         (early.finish("t", 0, level), decoded)
@@ -135,7 +136,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("decode_the_same_records", |b| {
         b.iter(|| {
             for (offset, (_, payload)) in shed_only.iter().enumerate() {
-                black_box(decoder.decode(payload, 0, offset as i64, now)).ok();
+                black_box(decoder.decode_record(payload, 0, offset as i64, now)).ok();
             }
         })
     });

@@ -83,7 +83,7 @@ fn bench_trade_decoder(c: &mut Criterion) {
     // A benchmark of the error path would measure nothing useful.
     for (name, decoder, payloads) in &cases {
         for (offset, payload) in payloads.iter().enumerate() {
-            if let Err(err) = decoder.decode(payload, 0, offset as i64, NOW_US) {
+            if let Err(err) = decoder.decode_record(payload, 0, offset as i64, NOW_US) {
                 panic!("{name} payload {offset} does not decode: {err}");
             }
         }
@@ -95,7 +95,7 @@ fn bench_trade_decoder(c: &mut Criterion) {
         group.bench_function(*name, |b| {
             b.iter(|| {
                 for (offset, payload) in payloads.iter().enumerate() {
-                    let _ = black_box(decoder.decode(black_box(payload), 0, offset as i64, NOW_US));
+                    let _ = black_box(decoder.decode_record(black_box(payload), 0, offset as i64, NOW_US));
                 }
             })
         });

@@ -44,17 +44,21 @@ use tracing::{error, info, warn};
 
 use self::kafka_reader::{EntryRead, Fetched, FetchedRecord, PartitionPlan, ShedReader};
 use crate::config::K2Config;
-use crate::decode::{DecoderConfig, TradeDecoder};
+use crate::decode::{DecoderConfig, Record, TradeDecoder};
 use crate::metrics as m;
-use crate::model::{DeadLetter, Trade, TradeKey, now_us};
+use crate::model::{DeadLetter, ReferenceRecord, Trade, TradeKey, now_us};
 use crate::sequence::{RecordPosition, SequenceEvent, SequenceTracker};
 use crate::shedding::{LedgerAction, OffsetRanges, ShedEntry};
 use crate::storage::catalog::open_existing_catalog;
 use crate::storage::commit::Committer;
 use crate::storage::offsets::TopicOffsets;
-use crate::storage::reader::{find_trade_keys, scan_dead_letters, scan_shed_ledger};
+use crate::storage::reader::{
+    find_trade_keys, scan_dead_letters, scan_reference_positions, scan_shed_ledger,
+};
 use crate::storage::tables::TableIdents;
-use crate::storage::writer::{TableWriter, TradeBatchBuilder, dead_letter_batch, shed_ledger_batch};
+use crate::storage::writer::{
+    TableWriter, TradeBatchBuilder, dead_letter_batch, reference_batch, shed_ledger_batch,
+};
 
 /// Trades held before they are deduplicated and committed: what bounds a
 /// backfill's memory (about 20 MB of trades, plus their keys).
@@ -417,6 +421,8 @@ struct EntryCounts {
 struct Batch {
     partition: i32,
     trades: Vec<(usize, Trade)>,
+    /// Shed reference data, for `market.reference`.
+    reference: Vec<(usize, ReferenceRecord)>,
     /// Shed records that do not decode (shed by key, before decoding).
     dead_letters: Vec<DeadLetter>,
     done: Vec<usize>,
@@ -563,7 +569,7 @@ impl<'a> Run<'a> {
                     self.decode(entries, partition, record);
                 }
                 self.count_sequence_events();
-                if self.batch.trades.len() >= FLUSH_RECORDS {
+                if self.batch.trades.len() + self.batch.reference.len() >= FLUSH_RECORDS {
                     self.flush(entries).await?;
                 }
             }
@@ -620,9 +626,10 @@ impl<'a> Run<'a> {
         // current then is not rejected for being old now.
         match self
             .decoder
-            .decode(payload, partition, record.offset, shed.recorded_at_us)
+            .decode_record(payload, partition, record.offset, shed.recorded_at_us)
         {
-            Ok(trade) => {
+            Ok(Record::Reference(reference)) => self.batch.reference.push((record.entry, reference)),
+            Ok(Record::Trade(trade)) => {
                 let at = RecordPosition {
                     partition,
                     offset: record.offset,
@@ -678,10 +685,14 @@ impl<'a> Run<'a> {
     async fn flush(&mut self, entries: &[ShedEntry]) -> anyhow::Result<()> {
         let partition = self.batch.partition;
         let trades = std::mem::take(&mut self.batch.trades);
+        let reference = std::mem::take(&mut self.batch.reference);
         let dead_letters = std::mem::take(&mut self.batch.dead_letters);
         let done = std::mem::take(&mut self.batch.done);
         if !trades.is_empty() {
             self.commit_trades(partition, &trades).await?;
+        }
+        if !reference.is_empty() {
+            self.commit_reference(partition, reference).await?;
         }
         if !dead_letters.is_empty() {
             self.commit_dead_letters(partition, dead_letters).await?;
@@ -748,6 +759,49 @@ impl<'a> Run<'a> {
         metrics::counter!(m::BACKFILL_RECORDS, "outcome" => "committed").increment(committed);
         metrics::counter!(m::BACKFILL_RECORDS, "outcome" => "present").increment(present);
         info!(partition, committed, present, "backfilled trades committed");
+        Ok(())
+    }
+
+    /// Appends shed reference data to `market.reference`, leaving out the
+    /// positions it holds already (a rerun, or records committed after all),
+    /// with its offsets summary carried forward.
+    async fn commit_reference(
+        &mut self,
+        partition: i32,
+        rows: Vec<(usize, ReferenceRecord)>,
+    ) -> anyhow::Result<()> {
+        let ident = self.idents.reference.clone();
+        let table = self.load(&ident).await?;
+        let mut held: HashSet<(i32, i64)> = scan_reference_positions(&table)
+            .await
+            .with_context(|| format!("failed to read {ident}"))?
+            .into_iter()
+            .filter(|(p, _)| *p == partition)
+            .collect();
+        let mut new_rows = Vec::with_capacity(rows.len());
+        for (entry, row) in rows {
+            if held.insert((row.partition, row.offset)) {
+                self.counts[entry].committed += 1;
+                new_rows.push(row);
+            } else {
+                self.counts[entry].present += 1;
+                self.report.records_present += 1;
+            }
+        }
+        if new_rows.is_empty() {
+            return Ok(());
+        }
+        self.append_rows(&ident, &table, |schema| reference_batch(&new_rows, schema))
+            .await
+            .with_context(|| format!("failed to commit {} reference records to {ident}", new_rows.len()))?;
+        let committed = new_rows.len() as u64;
+        self.report.records_committed += committed;
+        metrics::counter!(m::BACKFILL_RECORDS, "outcome" => "committed").increment(committed);
+        info!(
+            partition,
+            reference = committed,
+            "backfilled reference data committed"
+        );
         Ok(())
     }
 

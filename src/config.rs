@@ -376,6 +376,9 @@ pub struct LoadgenConfig {
     pub rate: u64,
     /// Fraction of messages deliberately malformed (to exercise the dead-letter path), 0 to 1.
     pub malformed_ratio: f64,
+    /// Fraction of messages that are reference-data updates (stored in `market.reference`, LOW
+    /// priority: the first records shed under load), 0 to 1.
+    pub reference_ratio: f64,
     /// Random seed, so a run can be reproduced.
     pub seed: u64,
 }
@@ -494,6 +497,7 @@ impl Default for LoadgenConfig {
             enabled: true,
             rate: 20_000,
             malformed_ratio: 0.001,
+            reference_ratio: 0.0,
             seed: 42,
         }
     }
@@ -777,6 +781,9 @@ impl LoadgenConfig {
         // Written so that NaN fails too.
         if !(0.0..=1.0).contains(&self.malformed_ratio) {
             return Err(invalid("loadgen.malformed_ratio", "must be between 0 and 1"));
+        }
+        if !(0.0..=1.0).contains(&self.reference_ratio) {
+            return Err(invalid("loadgen.reference_ratio", "must be between 0 and 1"));
         }
         Ok(())
     }
@@ -1652,6 +1659,19 @@ mod tests {
         );
         assert!(accepted(|c| c.loadgen.malformed_ratio = 0.0));
         assert!(accepted(|c| c.loadgen.malformed_ratio = 1.0));
+    }
+
+    #[test]
+    fn reference_ratio_outside_0_to_1_is_rejected() {
+        for bad in [1.5, -0.1, f64::NAN] {
+            assert_eq!(
+                rejected_key(|c| c.loadgen.reference_ratio = bad),
+                "loadgen.reference_ratio",
+                "{bad}"
+            );
+        }
+        assert!(accepted(|c| c.loadgen.reference_ratio = 0.0));
+        assert!(accepted(|c| c.loadgen.reference_ratio = 1.0));
     }
 
     #[test]

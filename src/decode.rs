@@ -1,4 +1,5 @@
-//! Turns one Kafka payload into a validated [`Trade`], or says precisely why not.
+//! Turns one Kafka payload into a validated [`Trade`] or [`ReferenceRecord`]
+//! (a [`Record`]), or says precisely why not.
 //!
 //! Every record the pipeline reads passes through here, so this is where bad input
 //! stops. A payload that fails is never guessed at or repaired (a rounded price is a
@@ -6,13 +7,15 @@
 //! message, verbatim, so each message names the field and the offending value.
 //!
 //! Two wire formats are understood: K2's canonical JSON and Binance's trade stream
-//! event. Both are read in one pass over the bytes into a single loose record that
-//! borrows strings from the payload (escaped strings are the only copies), and the
-//! format is decided afterwards; this runs for every message, hundreds of thousands
-//! per second.
+//! event. Canonical JSON also carries reference data: an object with
+//! `"type":"reference"` is a [`ReferenceRecord`] (whatever the configured format:
+//! Binance's stream has no reference data); `"type"` absent or `"trade"` is a trade.
+//! All are read in one pass over the bytes into a single loose record that borrows
+//! strings from the payload (escaped strings are the only copies), and the format is
+//! decided afterwards; this runs for every message, hundreds of thousands per second.
 //!
 //! Plain logic with no actix and no Kafka: the consumer actor owns a [`TradeDecoder`]
-//! and calls [`TradeDecoder::decode`].
+//! and calls [`TradeDecoder::decode_record`].
 
 use std::borrow::Cow;
 use std::fmt;
@@ -21,7 +24,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DECIMAL_PRECISION, DECIMAL_SCALE, Side, Trade};
+use crate::model::{DECIMAL_PRECISION, DECIMAL_SCALE, ReferenceRecord, Side, Trade};
 
 /// Digits allowed after the decimal point: the scale of `decimal(18,8)`.
 const MAX_FRACTION_DIGITS: usize = DECIMAL_SCALE as usize;
@@ -130,6 +133,8 @@ pub enum DecodeError {
     },
     #[error("field `e`: unsupported Binance event type {value:?} (expected \"trade\")")]
     UnsupportedEvent { value: String },
+    #[error("field `type`: unsupported record type {value:?} (expected \"trade\" or \"reference\")")]
+    UnsupportedRecordType { value: String },
 }
 
 impl DecodeError {
@@ -153,12 +158,21 @@ impl DecodeError {
             | DecodeError::BadTimestamp { .. }
             | DecodeError::TimestampOutOfRange { .. } => "bad_value",
             DecodeError::EventTimeSkew { .. } => "event_time_skew",
-            DecodeError::UnsupportedEvent { .. } => "unsupported_event",
+            DecodeError::UnsupportedEvent { .. } | DecodeError::UnsupportedRecordType { .. } => {
+                "unsupported_event"
+            }
         }
     }
 }
 
-/// Decodes and validates trade payloads. Holds only configuration, so one per
+/// What one payload holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Trade(Trade),
+    Reference(ReferenceRecord),
+}
+
+/// Decodes and validates trade and reference-data payloads. Holds only configuration, so one per
 /// consumer is enough and `decode` takes `&self`.
 #[derive(Debug, Clone)]
 pub struct TradeDecoder {
@@ -172,13 +186,13 @@ impl TradeDecoder {
 
     /// Decode and validate one Kafka payload. `now_us` is wall-clock now (µs since epoch) used for the
     /// skew check and as ingest_time when the message has none.
-    pub fn decode(
+    pub fn decode_record(
         &self,
         payload: &[u8],
         partition: i32,
         offset: i64,
         now_us: i64,
-    ) -> Result<Trade, DecodeError> {
+    ) -> Result<Record, DecodeError> {
         if payload.iter().all(|&byte| is_json_whitespace(byte)) {
             return Err(DecodeError::Empty);
         }
@@ -186,21 +200,61 @@ impl TradeDecoder {
             byte: err.valid_up_to(),
         })?;
         let mut fields = Fields::parse(text)?;
-        let is_binance = match self.config.format {
-            TradeFormat::Canonical => false,
-            TradeFormat::Binance => true,
-            TradeFormat::Auto => fields.looks_like_binance(),
-        };
         let position = Position {
             partition,
             offset,
             now_us,
         };
-        if is_binance {
+        match fields.take(Key::Type) {
+            None | Some(Value::Null) => {}
+            Some(Value::Str(kind)) if kind == "trade" => {}
+            Some(Value::Str(kind)) if kind == "reference" => {
+                return self.reference(&mut fields, position).map(Record::Reference);
+            }
+            Some(Value::Str(kind)) => {
+                return Err(DecodeError::UnsupportedRecordType {
+                    value: excerpt(&kind),
+                });
+            }
+            Some(other) => return Err(wrong_type(Key::Type, "a string", &other)),
+        }
+        let is_binance = match self.config.format {
+            TradeFormat::Canonical => false,
+            TradeFormat::Binance => true,
+            TradeFormat::Auto => fields.looks_like_binance(),
+        };
+        let trade = if is_binance {
             self.binance(&mut fields, position)
         } else {
             self.canonical(&mut fields, position)
-        }
+        };
+        trade.map(Record::Trade)
+    }
+
+    fn reference(&self, fields: &mut Fields<'_>, at: Position) -> Result<ReferenceRecord, DecodeError> {
+        let exchange = fields.non_empty_string(Key::Exchange)?;
+        let symbol = fields.non_empty_string(Key::Symbol)?;
+        let name = fields.optional_string(Key::Name)?;
+        let currency = fields.optional_string(Key::Currency)?;
+        let tick_size = fields.decimal(Key::TickSize)?;
+        let lot_size = fields.decimal(Key::LotSize)?;
+        let status = fields.non_empty_string(Key::Status)?;
+        let effective_time_us = fields.rfc3339_us(Key::EffectiveTime)?;
+        self.check_skew(Key::EffectiveTime, effective_time_us, at.now_us)?;
+        let ingest_time_us = fields.ingest_time_us(at.now_us)?;
+        Ok(ReferenceRecord {
+            exchange,
+            symbol,
+            name,
+            currency,
+            tick_size,
+            lot_size,
+            status,
+            effective_time_us,
+            ingest_time_us,
+            partition: at.partition,
+            offset: at.offset,
+        })
     }
 
     fn canonical(&self, fields: &mut Fields<'_>, at: Position) -> Result<Trade, DecodeError> {
@@ -213,10 +267,7 @@ impl TradeDecoder {
         let side = fields.side(Key::Side)?;
         let event_time_us = fields.rfc3339_us(Key::EventTime)?;
         self.check_skew(Key::EventTime, event_time_us, at.now_us)?;
-        let ingest_time_us = match fields.take(Key::IngestTime) {
-            None | Some(Value::Null) => at.now_us,
-            Some(value) => rfc3339_us(Key::IngestTime, value)?,
-        };
+        let ingest_time_us = fields.ingest_time_us(at.now_us)?;
         Ok(Trade {
             exchange,
             symbol,
@@ -325,9 +376,16 @@ enum Key {
     BinanceQuantity,
     BinanceTradeTime,
     BinanceBuyerIsMaker,
+    Type,
+    Name,
+    Currency,
+    TickSize,
+    LotSize,
+    Status,
+    EffectiveTime,
 }
 
-const KEY_COUNT: usize = Key::BinanceBuyerIsMaker as usize + 1;
+const KEY_COUNT: usize = Key::EffectiveTime as usize + 1;
 
 impl Key {
     fn from_name(name: &str) -> Option<Key> {
@@ -349,6 +407,13 @@ impl Key {
             "q" => Key::BinanceQuantity,
             "T" => Key::BinanceTradeTime,
             "m" => Key::BinanceBuyerIsMaker,
+            "type" => Key::Type,
+            "name" => Key::Name,
+            "currency" => Key::Currency,
+            "tick_size" => Key::TickSize,
+            "lot_size" => Key::LotSize,
+            "status" => Key::Status,
+            "effective_time" => Key::EffectiveTime,
             _ => return None,
         })
     }
@@ -373,6 +438,13 @@ impl Key {
             Key::BinanceQuantity => "q",
             Key::BinanceTradeTime => "T",
             Key::BinanceBuyerIsMaker => "m",
+            Key::Type => "type",
+            Key::Name => "name",
+            Key::Currency => "currency",
+            Key::TickSize => "tick_size",
+            Key::LotSize => "lot_size",
+            Key::Status => "status",
+            Key::EffectiveTime => "effective_time",
         }
     }
 }
@@ -570,6 +642,24 @@ impl<'a> Fields<'a> {
             Value::Str(s) if s.is_empty() => Err(DecodeError::EmptyString { field: key.name() }),
             Value::Str(s) => Ok(s.into_owned()),
             other => Err(wrong_type(key, "a string", &other)),
+        }
+    }
+
+    /// A string that may be absent or null; when present it must not be empty.
+    fn optional_string(&mut self, key: Key) -> Result<Option<String>, DecodeError> {
+        match self.take(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Str(s)) if s.is_empty() => Err(DecodeError::EmptyString { field: key.name() }),
+            Some(Value::Str(s)) => Ok(Some(s.into_owned())),
+            Some(other) => Err(wrong_type(key, "a string", &other)),
+        }
+    }
+
+    /// `ingest_time` when the producer stamped one, else now.
+    fn ingest_time_us(&mut self, now_us: i64) -> Result<i64, DecodeError> {
+        match self.take(Key::IngestTime) {
+            None | Some(Value::Null) => Ok(now_us),
+            Some(value) => rfc3339_us(Key::IngestTime, value),
         }
     }
 
@@ -873,7 +963,10 @@ mod tests {
             format,
             ..DecoderConfig::default()
         };
-        TradeDecoder::new(config).decode(payload, 3, 42, NOW_US)
+        match TradeDecoder::new(config).decode_record(payload, 3, 42, NOW_US)? {
+            Record::Trade(trade) => Ok(trade),
+            Record::Reference(reference) => panic!("a trade was expected, got {reference:?}"),
+        }
     }
 
     fn price(value: &str) -> Result<Trade, DecodeError> {
@@ -1016,9 +1109,12 @@ mod tests {
             binance_exchange: "BINANCE_US".to_owned(),
             ..DecoderConfig::default()
         };
-        let trade = TradeDecoder::new(config)
-            .decode(binance().to_string().as_bytes(), 0, 0, NOW_US)
+        let decoded = TradeDecoder::new(config)
+            .decode_record(binance().to_string().as_bytes(), 0, 0, NOW_US)
             .expect("valid trade");
+        let Record::Trade(trade) = decoded else {
+            panic!("a trade was expected, got {decoded:?}");
+        };
         assert_eq!(trade.exchange, "BINANCE_US");
     }
 
@@ -1482,7 +1578,7 @@ mod tests {
         let event_time_us = 1_924_992_000_000_000;
         let now_us = event_time_us - 1500 * DAY_US;
         let err = TradeDecoder::new(DecoderConfig::default())
-            .decode(&payload, 0, 0, now_us)
+            .decode_record(&payload, 0, 0, now_us)
             .unwrap_err();
         assert_eq!(
             err,
@@ -1504,7 +1600,7 @@ mod tests {
     fn event_time_far_in_past_is_rejected() {
         let now_us = EVENT_US + DAY_US + 3_600_000_000;
         let err = TradeDecoder::new(DecoderConfig::default())
-            .decode(canonical().to_string().as_bytes(), 0, 0, now_us)
+            .decode_record(canonical().to_string().as_bytes(), 0, 0, now_us)
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -1519,7 +1615,7 @@ mod tests {
             ..DecoderConfig::default()
         };
         let err = TradeDecoder::new(config)
-            .decode(canonical().to_string().as_bytes(), 0, 0, EVENT_US - 5_000_001)
+            .decode_record(canonical().to_string().as_bytes(), 0, 0, EVENT_US - 5_000_001)
             .unwrap_err();
         assert!(
             err.to_string().ends_with("is 5.1 seconds from now (limit 5s)"),
@@ -1532,10 +1628,10 @@ mod tests {
         let decoder = TradeDecoder::new(DecoderConfig::default());
         let payload = canonical().to_string();
         for now_us in [EVENT_US - DAY_US, EVENT_US + DAY_US] {
-            assert!(decoder.decode(payload.as_bytes(), 0, 0, now_us).is_ok());
+            assert!(decoder.decode_record(payload.as_bytes(), 0, 0, now_us).is_ok());
         }
         for now_us in [EVENT_US - DAY_US - 1, EVENT_US + DAY_US + 1] {
-            assert!(decoder.decode(payload.as_bytes(), 0, 0, now_us).is_err());
+            assert!(decoder.decode_record(payload.as_bytes(), 0, 0, now_us).is_err());
         }
     }
 
@@ -1642,10 +1738,10 @@ mod tests {
         let decoder = TradeDecoder::new(DecoderConfig::default());
         for sample in [canonical().to_string(), binance().to_string()] {
             let bytes = sample.as_bytes();
-            assert!(decoder.decode(bytes, 0, 0, NOW_US).is_ok());
+            assert!(decoder.decode_record(bytes, 0, 0, NOW_US).is_ok());
             for end in 0..bytes.len() {
                 assert!(
-                    decoder.decode(&bytes[..end], 0, 0, NOW_US).is_err(),
+                    decoder.decode_record(&bytes[..end], 0, 0, NOW_US).is_err(),
                     "prefix of {end} bytes"
                 );
             }
@@ -1654,7 +1750,7 @@ mod tests {
             for index in 0..mutated.len() {
                 for bit in 0..8 {
                     mutated[index] ^= 1 << bit;
-                    let _ = decoder.decode(&mutated, 0, 0, NOW_US);
+                    let _ = decoder.decode_record(&mutated, 0, 0, NOW_US);
                     mutated[index] ^= 1 << bit;
                 }
             }
@@ -1672,7 +1768,149 @@ mod tests {
                     alphabet[(state % alphabet.len() as u64) as usize]
                 })
                 .collect();
-            assert!(decoder.decode(&payload, 0, 0, NOW_US).is_err(), "{payload:?}");
+            assert!(
+                decoder.decode_record(&payload, 0, 0, NOW_US).is_err(),
+                "{payload:?}"
+            );
         }
+    }
+
+    fn reference() -> serde_json::Value {
+        json!({
+            "type": "reference",
+            "exchange": "ASX",
+            "symbol": "BHP",
+            "name": "BHP Group",
+            "currency": "AUD",
+            "tick_size": "0.005",
+            "lot_size": "1",
+            "status": "trading",
+            "effective_time": "2026-11-23T10:15:30.123456Z",
+        })
+    }
+
+    fn decode_reference(format: TradeFormat, payload: &[u8]) -> Result<ReferenceRecord, DecodeError> {
+        let config = DecoderConfig {
+            format,
+            ..DecoderConfig::default()
+        };
+        match TradeDecoder::new(config).decode_record(payload, 3, 42, NOW_US)? {
+            Record::Reference(reference) => Ok(reference),
+            Record::Trade(trade) => panic!("a reference record was expected, got {trade:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reference_record_decodes_in_every_format_with_exact_sizes() {
+        for format in [TradeFormat::Canonical, TradeFormat::Binance, TradeFormat::Auto] {
+            let reference = decode_reference(format, reference().to_string().as_bytes()).expect("valid");
+            assert_eq!(
+                reference,
+                ReferenceRecord {
+                    exchange: "ASX".into(),
+                    symbol: "BHP".into(),
+                    name: Some("BHP Group".into()),
+                    currency: Some("AUD".into()),
+                    tick_size: 500_000,
+                    lot_size: 100_000_000,
+                    status: "trading".into(),
+                    effective_time_us: EVENT_US,
+                    ingest_time_us: NOW_US,
+                    partition: 3,
+                    offset: 42,
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_reference_records_name_and_currency_may_be_absent_or_null_but_not_empty() {
+        let payload = without(reference(), "name");
+        let payload: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        let reference_ =
+            decode_reference(TradeFormat::Auto, &with(payload, "currency", json!(null))).unwrap();
+        assert_eq!((reference_.name, reference_.currency), (None, None));
+        assert_eq!(
+            decode_reference(TradeFormat::Auto, &with(reference(), "name", json!(""))).unwrap_err(),
+            DecodeError::EmptyString { field: "name" }
+        );
+        assert_eq!(
+            decode_reference(TradeFormat::Auto, &with(reference(), "currency", json!(7))).unwrap_err(),
+            DecodeError::WrongType {
+                field: "currency",
+                expected: "a string",
+                found: "number"
+            }
+        );
+    }
+
+    #[test]
+    fn a_bad_reference_record_names_its_field() {
+        let cases = [
+            (
+                without(reference(), "tick_size"),
+                DecodeError::MissingField { field: "tick_size" },
+            ),
+            (
+                with(reference(), "lot_size", json!("0")),
+                DecodeError::NotPositive {
+                    field: "lot_size",
+                    value: "0".into(),
+                },
+            ),
+            (
+                with(reference(), "status", json!("")),
+                DecodeError::EmptyString { field: "status" },
+            ),
+            (
+                without(reference(), "effective_time"),
+                DecodeError::MissingField {
+                    field: "effective_time",
+                },
+            ),
+        ];
+        for (payload, expected) in cases {
+            assert_eq!(
+                decode_reference(TradeFormat::Auto, &payload).unwrap_err(),
+                expected
+            );
+        }
+        let skewed = decode_reference(
+            TradeFormat::Auto,
+            &with(reference(), "effective_time", json!("2020-01-01T00:00:00Z")),
+        )
+        .unwrap_err();
+        assert_eq!(skewed.kind(), "event_time_skew");
+        assert!(
+            skewed.to_string().starts_with("field `effective_time`: "),
+            "{skewed}"
+        );
+    }
+
+    #[test]
+    fn the_type_field_says_trade_or_reference_and_nothing_else() {
+        let trade = decode(&with(canonical(), "type", json!("trade"))).expect("an explicit trade");
+        assert_eq!(trade.symbol, "AAPL");
+        assert_eq!(
+            decode(&with(canonical(), "type", json!("quote"))).unwrap_err(),
+            DecodeError::UnsupportedRecordType {
+                value: "quote".into()
+            }
+        );
+        assert_eq!(
+            decode(&with(canonical(), "type", json!(1))).unwrap_err(),
+            DecodeError::WrongType {
+                field: "type",
+                expected: "a string",
+                found: "number"
+            }
+        );
+        assert_eq!(
+            DecodeError::UnsupportedRecordType {
+                value: "quote".into()
+            }
+            .to_string(),
+            "field `type`: unsupported record type \"quote\" (expected \"trade\" or \"reference\")"
+        );
     }
 }

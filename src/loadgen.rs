@@ -4,7 +4,9 @@
 //! trades that looks like a real feed: a few symbols dominate (Zipf popularity), prices random-walk,
 //! every (exchange, symbol) has its own gap-free sequence, and Binance trades arrive partly in
 //! Binance's native trade-event format. Optionally a share of messages is deliberately malformed, to
-//! exercise the dead-letter path. [`TradeGenerator`] builds the messages (deterministically from a
+//! exercise the dead-letter path, and a share are reference-data updates (an instrument's name,
+//! currency, tick and lot size, trading status), which K2 stores in `market.reference` and sheds
+//! first under load. [`TradeGenerator`] builds the messages (deterministically from a
 //! seed, with no Kafka involved); [`run_loadgen`] and [`preload`] produce them to any Kafka.
 //!
 //! Trade ids follow each feed's own rule. ASX and Coinbase style ids are `SYMBOL-000000123`, unique per
@@ -109,6 +111,10 @@ pub struct GeneratorParams {
     /// Fraction of valid trades whose symbol skips a sequence number first (default 0.0), as a feed
     /// that lost a message would: K2 records the gap.
     pub gap_ratio: f64,
+    /// Fraction of messages that are reference-data updates of the picked instrument (default 0.0),
+    /// in K2's canonical JSON with `"type":"reference"`. They are LOW priority: the first records K2
+    /// sheds under load.
+    pub reference_ratio: f64,
     /// The sequence number (and, on Binance, the trade id) of every symbol's first trade (default
     /// 1). A run that starts above every earlier run's numbers gets trade ids of its own: see
     /// [`run_start_sequence`].
@@ -133,6 +139,7 @@ impl Default for GeneratorParams {
             binance_native_ratio: 0.5,
             duplicate_ratio: 0.0,
             gap_ratio: 0.0,
+            reference_ratio: 0.0,
             first_sequence: 1,
         }
     }
@@ -174,6 +181,7 @@ impl GeneratorParams {
             ("binance_native_ratio", self.binance_native_ratio),
             ("duplicate_ratio", self.duplicate_ratio),
             ("gap_ratio", self.gap_ratio),
+            ("reference_ratio", self.reference_ratio),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 return Err(LoadgenError::Ratio { name, value });
@@ -189,13 +197,25 @@ impl GeneratorParams {
 /// One message ready to produce.
 #[derive(Debug, Clone)]
 pub struct GeneratedMessage {
-    /// Kafka key: "EXCHANGE:SYMBOL", so one symbol's trades stay in one partition, in order.
+    /// Kafka key: "EXCHANGE:SYMBOL", so one symbol's trades (and its reference data) stay in one
+    /// partition, in order.
     pub key: String,
     pub payload: Vec<u8>,
-    /// Some((exchange, trade_id)) for a valid trade; None for a deliberately malformed message.
+    /// Some((exchange, symbol, trade_id)) for a valid trade; None for a reference-data update and
+    /// for a deliberately malformed message.
     pub trade: Option<TradeKey>,
     /// A byte-for-byte repeat of the previous valid trade (`duplicate_ratio`).
     pub duplicate: bool,
+    /// Some((exchange, symbol)) for a reference-data update (`reference_ratio`): valid, but not a
+    /// trade. None otherwise.
+    pub reference: Option<(String, String)>,
+}
+
+impl GeneratedMessage {
+    /// A deliberately malformed message: neither a trade nor reference data.
+    pub fn is_malformed(&self) -> bool {
+        self.trade.is_none() && self.reference.is_none()
+    }
 }
 
 const BINANCE: &str = "BINANCE";
@@ -260,6 +280,94 @@ const COINBASE_SYMBOLS: &[(&str, f64)] = &[
 ];
 const CRYPTO_EXCHANGES: &[&str] = &[BINANCE, "COINBASE", "KRAKEN", "BYBIT", "OKX", "BITSTAMP"];
 
+/// Names of the default universe, for reference data: ASX companies by ticker, crypto assets by
+/// the base of their pair.
+const ASX_NAMES: &[(&str, &str)] = &[
+    ("BHP", "BHP Group"),
+    ("CBA", "Commonwealth Bank of Australia"),
+    ("CSL", "CSL"),
+    ("NAB", "National Australia Bank"),
+    ("WBC", "Westpac Banking Corporation"),
+    ("ANZ", "ANZ Group Holdings"),
+    ("WES", "Wesfarmers"),
+    ("MQG", "Macquarie Group"),
+    ("TLS", "Telstra Group"),
+    ("RIO", "Rio Tinto"),
+    ("WOW", "Woolworths Group"),
+    ("FMG", "Fortescue"),
+    ("GMG", "Goodman Group"),
+    ("TCL", "Transurban Group"),
+    ("ALL", "Aristocrat Leisure"),
+    ("STO", "Santos"),
+    ("WDS", "Woodside Energy Group"),
+    ("COL", "Coles Group"),
+    ("QBE", "QBE Insurance Group"),
+    ("SUN", "Suncorp Group"),
+];
+const CRYPTO_NAMES: &[(&str, &str)] = &[
+    ("BTC", "Bitcoin"),
+    ("ETH", "Ethereum"),
+    ("SOL", "Solana"),
+    ("BNB", "BNB"),
+    ("XRP", "XRP"),
+    ("ADA", "Cardano"),
+    ("DOGE", "Dogecoin"),
+    ("AVAX", "Avalanche"),
+    ("DOT", "Polkadot"),
+    ("LINK", "Chainlink"),
+    ("LTC", "Litecoin"),
+    ("TRX", "TRON"),
+    ("SHIB", "Shiba Inu"),
+    ("ATOM", "Cosmos"),
+    ("UNI", "Uniswap"),
+    ("NEAR", "NEAR Protocol"),
+    ("APT", "Aptos"),
+    ("ARB", "Arbitrum"),
+    ("OP", "Optimism"),
+    ("SUI", "Sui"),
+];
+/// Quote currencies recognised at the end of a pair's symbol (`BTCUSDT`, `BTC-USD`). USDT and USDC
+/// come before USD, though neither ends with it, so the list reads longest first.
+const QUOTE_CURRENCIES: &[&str] = &["USDT", "USDC", "USD", "EUR", "GBP", "BTC", "ETH"];
+/// How often a reference update halts a trading instrument, and lifts a halt.
+const HALT_PROBABILITY: f64 = 0.05;
+const RESUME_PROBABILITY: f64 = 0.5;
+
+/// The quote currency a pair's symbol ends with, and the base before it (without a `-`, `/` or
+/// `_` between them); None when the symbol ends with none, or is nothing but the currency.
+fn split_pair(symbol: &str) -> Option<(&str, &'static str)> {
+    QUOTE_CURRENCIES.iter().find_map(|quote| {
+        let base = symbol.strip_suffix(quote)?;
+        let base = base.trim_end_matches(['-', '/', '_']);
+        (!base.is_empty()).then_some((base, *quote))
+    })
+}
+
+/// The instrument's name and currency as its reference data gives them: ASX shares in AUD, crypto
+/// pairs in their quote currency (or the exchange's usual one), other symbols by their quote suffix
+/// or with no currency. Unknown names are the symbol itself.
+fn reference_identity(exchange: &str, symbol: &str, crypto: bool) -> (String, Option<&'static str>) {
+    fn lookup(table: &[(&str, &'static str)], key: &str) -> Option<&'static str> {
+        table.iter().find(|(k, _)| *k == key).map(|(_, name)| *name)
+    }
+    if exchange == "ASX" {
+        let name = lookup(ASX_NAMES, symbol).unwrap_or(symbol);
+        return (name.to_owned(), Some("AUD"));
+    }
+    let pair = split_pair(symbol);
+    let usual = match exchange {
+        BINANCE => Some("USDT"),
+        "COINBASE" => Some("USD"),
+        _ => None,
+    };
+    let currency = pair.map(|(_, quote)| quote).or(usual.filter(|_| crypto));
+    let name = match pair {
+        Some((base, quote)) if crypto => lookup(CRYPTO_NAMES, base).map(|name| format!("{name} / {quote}")),
+        _ => None,
+    };
+    (name.unwrap_or_else(|| symbol.to_owned()), currency)
+}
+
 /// Per-trade volatility (standard deviation of the log-price step).
 const CRYPTO_VOLATILITY: f64 = 0.000_4;
 const EQUITY_VOLATILITY: f64 = 0.000_2;
@@ -294,6 +402,12 @@ struct Instrument {
     quantity: LogNormal<f64>,
     /// Equities trade in whole shares; crypto quantities are a notional divided by the price.
     quantity_is_notional: bool,
+    /// The name reference data gives, as a JSON string body.
+    json_name: String,
+    /// The currency reference data gives, if any.
+    currency: Option<&'static str>,
+    /// The trading status the last reference update gave: halted or trading.
+    halted: bool,
 }
 
 impl Instrument {
@@ -338,6 +452,7 @@ impl Instrument {
         };
         let quantity = quantity.unwrap_or_else(|_| unreachable!("constant lognormal parameters"));
         let log_price = start_price.ln();
+        let (name, currency) = reference_identity(exchange, symbol, crypto);
         Instrument {
             exchange: exchange.clone(),
             symbol: Arc::from(symbol),
@@ -354,6 +469,9 @@ impl Instrument {
             quantity_decimals,
             quantity,
             quantity_is_notional: crypto,
+            json_name: json_escape(&name),
+            currency,
+            halted: false,
         }
     }
 
@@ -434,10 +552,12 @@ pub struct TradeGenerator {
     binance_native_ratio: f64,
     duplicate_ratio: f64,
     gap_ratio: f64,
+    reference_ratio: f64,
     num_generated: u64,
     num_malformed: u64,
     num_duplicates: u64,
     num_gaps: u64,
+    num_references: u64,
     /// What a duplicate repeats.
     last_valid: Option<GeneratedMessage>,
     buf: String,
@@ -502,10 +622,12 @@ impl TradeGenerator {
             binance_native_ratio: clamp_ratio(params.binance_native_ratio),
             duplicate_ratio: clamp_ratio(params.duplicate_ratio),
             gap_ratio: clamp_ratio(params.gap_ratio),
+            reference_ratio: clamp_ratio(params.reference_ratio),
             num_generated: 0,
             num_malformed: 0,
             num_duplicates: 0,
             num_gaps: 0,
+            num_references: 0,
             last_valid: None,
             buf: String::with_capacity(256),
             clock: SecondCache::default(),
@@ -516,6 +638,10 @@ impl TradeGenerator {
     pub fn next_message(&mut self, now_us: i64) -> GeneratedMessage {
         self.num_generated += 1;
         let index = self.pick_instrument();
+        if self.reference_ratio > 0.0 && self.rng.random_bool(self.reference_ratio) {
+            self.num_references += 1;
+            return self.reference_message(index, now_us);
+        }
         if self.malformed_ratio > 0.0 && self.rng.random_bool(self.malformed_ratio) {
             let kind = MALFORMED_KINDS[(self.num_malformed % MALFORMED_KINDS.len() as u64) as usize];
             self.num_malformed += 1;
@@ -573,6 +699,7 @@ impl TradeGenerator {
                 fields.trade_id,
             )),
             duplicate: false,
+            reference: None,
         };
         if self.duplicate_ratio > 0.0 {
             self.last_valid = Some(message.clone());
@@ -600,10 +727,40 @@ impl TradeGenerator {
         self.num_gaps
     }
 
+    /// Reference-data updates generated so far (`reference_ratio`).
+    pub fn references(&self) -> u64 {
+        self.num_references
+    }
+
     fn pick_instrument(&mut self) -> usize {
         let rank: f64 = self.popularity.sample(&mut self.rng);
         // `as` saturates; ranks are 1..=n.
         (rank as usize).saturating_sub(1).min(self.instruments.len() - 1)
+    }
+
+    /// A reference-data update of the instrument, effective `now_us`. It takes no sequence number
+    /// and no trade id. Its status mostly stays `trading`; now and then an update halts the
+    /// instrument, and a later one lifts the halt.
+    fn reference_message(&mut self, index: usize, now_us: i64) -> GeneratedMessage {
+        let instrument = &mut self.instruments[index];
+        let change = if instrument.halted {
+            RESUME_PROBABILITY
+        } else {
+            HALT_PROBABILITY
+        };
+        if self.rng.random_bool(change) {
+            instrument.halted = !instrument.halted;
+        }
+        self.buf.clear();
+        // Writing into a String cannot fail.
+        let _ = write_reference(&mut self.buf, &mut self.clock, instrument, now_us);
+        GeneratedMessage {
+            key: instrument.key.clone(),
+            payload: self.buf.as_bytes().to_vec(),
+            trade: None,
+            duplicate: false,
+            reference: Some((instrument.exchange.to_string(), instrument.symbol.to_string())),
+        }
     }
 
     /// A broken variant of the instrument's next trade. It carries the sequence number the next
@@ -675,6 +832,7 @@ impl TradeGenerator {
             payload,
             trade: None,
             duplicate: false,
+            reference: None,
         }
     }
 }
@@ -761,6 +919,35 @@ fn write_canonical_trade(
     };
     write!(buf, r#"","side":"{side}","event_time":""#)?;
     clock.write_rfc3339_micros(buf, fields.event_time_us)?;
+    buf.push_str("\"}");
+    Ok(())
+}
+
+/// `{"type":"reference","exchange":"ASX","symbol":"BHP","name":"BHP Group","currency":"AUD",
+/// "tick_size":"0.01","lot_size":"1","status":"trading","effective_time":"2026-11-23T10:15:30.123456Z"}`:
+/// the tick is the price's last decimal, the lot the quantity's (a whole share on equities);
+/// `currency` is left out when unknown.
+fn write_reference(
+    buf: &mut String,
+    clock: &mut SecondCache,
+    instrument: &Instrument,
+    effective_time_us: i64,
+) -> fmt::Result {
+    write!(
+        buf,
+        r#"{{"type":"reference","exchange":"{}","symbol":"{}","name":"{}""#,
+        instrument.json_exchange, instrument.json_symbol, instrument.json_name
+    )?;
+    if let Some(currency) = instrument.currency {
+        write!(buf, r#","currency":"{currency}""#)?;
+    }
+    buf.push_str(r#","tick_size":""#);
+    write_fixed(buf, 1, instrument.price_decimals)?;
+    buf.push_str(r#"","lot_size":""#);
+    write_fixed(buf, 1, instrument.quantity_decimals)?;
+    let status = if instrument.halted { "halted" } else { "trading" };
+    write!(buf, r#"","status":"{status}","effective_time":""#)?;
+    clock.write_rfc3339_micros(buf, effective_time_us)?;
     buf.push_str("\"}");
     Ok(())
 }
@@ -871,8 +1058,8 @@ pub struct LoadgenParams {
     pub duration: Option<Duration>,
     /// Stop after this many messages (None = unlimited).
     pub total: Option<u64>,
-    /// Append every produced valid trade to this file (one line each, see [`ProducedTrade`]),
-    /// written only for messages whose delivery was acknowledged.
+    /// Append every produced valid trade and reference-data update to this file (one line each, see
+    /// [`ProducedTrade`]), written only for messages whose delivery was acknowledged.
     pub ids_file: Option<PathBuf>,
     /// The symbol tiers that give each trade in the ids file its priority (K2's `[shedding]`).
     pub tiers: TierTable,
@@ -973,6 +1160,8 @@ pub struct LoadgenReport {
     pub duplicates: u64,
     /// Sequence numbers skipped (`gap_ratio`).
     pub gaps: u64,
+    /// Of `produced`, the reference-data updates (`reference_ratio`).
+    pub reference: u64,
     /// Messages whose delivery failed (each was logged).
     pub failed: u64,
     pub elapsed: Duration,
@@ -987,6 +1176,8 @@ pub struct PreloadReport {
     pub malformed: u64,
     /// Repeats of a valid trade produced (`duplicate_ratio`; not in `valid`).
     pub duplicates: u64,
+    /// Reference-data updates produced (`reference_ratio`; not in `valid`).
+    pub reference: u64,
     /// Payload bytes produced.
     pub bytes: u64,
 }
@@ -1027,8 +1218,8 @@ pub enum Spread {
 }
 
 /// Produce exactly `count` messages as fast as possible, wait until all are acknowledged, and return
-/// the valid trades' (exchange, symbol, trade_id) in production order plus the malformed count. For
-/// benchmarks and tests; blocking.
+/// the valid trades' (exchange, symbol, trade_id) in production order plus the counts of the other
+/// messages. For benchmarks and tests; blocking.
 pub fn preload(
     brokers: &str,
     topic: &str,
@@ -1055,6 +1246,7 @@ pub fn preload(
         valid: Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(10_000_000)),
         malformed: 0,
         duplicates: 0,
+        reference: 0,
         bytes: 0,
     };
     let never = AtomicBool::new(false);
@@ -1077,6 +1269,7 @@ pub fn preload(
         match message.trade {
             Some(_) if message.duplicate => report.duplicates += 1,
             Some(trade) => report.valid.push(trade),
+            None if message.reference.is_some() => report.reference += 1,
             None => report.malformed += 1,
         }
         if i % 1024 == 0 {
@@ -1108,16 +1301,29 @@ enum DeliveryTag {
     Malformed,
     Duplicate,
     Valid(Option<TradeKey>),
+    /// A reference-data update, with its (exchange, symbol) when ids are being recorded.
+    Reference(Option<(String, String)>),
 }
 
 impl DeliveryTag {
     fn of(message: &GeneratedMessage, record_id: bool) -> Self {
-        match &message.trade {
-            None => DeliveryTag::Malformed,
-            Some(_) if message.duplicate => DeliveryTag::Duplicate,
-            Some(trade) => DeliveryTag::Valid(record_id.then(|| trade.clone())),
+        match (&message.trade, &message.reference) {
+            (None, Some(instrument)) => DeliveryTag::Reference(record_id.then(|| instrument.clone())),
+            (None, None) => DeliveryTag::Malformed,
+            (Some(_), _) if message.duplicate => DeliveryTag::Duplicate,
+            (Some(trade), _) => DeliveryTag::Valid(record_id.then(|| trade.clone())),
         }
     }
+}
+
+/// An acknowledged record for the ids file, before its priority is looked up.
+struct AckedId {
+    /// (exchange, symbol, trade_id); a reference record has [`ProducedTrade::REFERENCE_ID`] for
+    /// a trade id.
+    key: TradeKey,
+    reference: bool,
+    partition: i32,
+    offset: i64,
 }
 
 /// Counts delivery reports. Callbacks run on the thread that polls the producer.
@@ -1126,9 +1332,23 @@ struct DeliveryTracker {
     num_acked: AtomicU64,
     num_acked_malformed: AtomicU64,
     num_acked_duplicates: AtomicU64,
+    num_acked_references: AtomicU64,
     num_failed: AtomicU64,
-    /// Acknowledged trades not yet written to the ids file, with their partition and offset.
-    acked_ids: Mutex<Vec<(TradeKey, i32, i64)>>,
+    /// Acknowledged trades and reference records not yet written to the ids file.
+    acked_ids: Mutex<Vec<AckedId>>,
+}
+
+impl DeliveryTracker {
+    fn record_id(&self, key: TradeKey, reference: bool, message: &rdkafka::message::BorrowedMessage<'_>) {
+        if let Ok(mut ids) = self.acked_ids.lock() {
+            ids.push(AckedId {
+                key,
+                reference,
+                partition: message.partition(),
+                offset: message.offset(),
+            });
+        }
+    }
 }
 
 impl ClientContext for DeliveryTracker {
@@ -1151,12 +1371,15 @@ impl ProducerContext for DeliveryTracker {
                     DeliveryTag::Duplicate => {
                         self.num_acked_duplicates.fetch_add(1, Ordering::Relaxed);
                     }
-                    DeliveryTag::Valid(Some(trade)) => {
-                        if let Ok(mut ids) = self.acked_ids.lock() {
-                            ids.push((trade, message.partition(), message.offset()));
+                    DeliveryTag::Valid(Some(trade)) => self.record_id(trade, false, message),
+                    DeliveryTag::Valid(None) => {}
+                    DeliveryTag::Reference(instrument) => {
+                        self.num_acked_references.fetch_add(1, Ordering::Relaxed);
+                        if let Some((exchange, symbol)) = instrument {
+                            let key = (exchange, symbol, ProducedTrade::REFERENCE_ID.to_owned());
+                            self.record_id(key, true, message);
                         }
                     }
-                    DeliveryTag::Valid(None) => {}
                 }
             }
             Err((error, message)) => {
@@ -1349,6 +1572,7 @@ fn produce_until_done(params: &LoadgenParams, stop: &AtomicBool) -> anyhow::Resu
         malformed: tracker.num_acked_malformed.load(Ordering::Relaxed),
         duplicates: tracker.num_acked_duplicates.load(Ordering::Relaxed),
         gaps: generator.gaps(),
+        reference: tracker.num_acked_references.load(Ordering::Relaxed),
         failed: tracker.num_failed.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     };
@@ -1368,6 +1592,7 @@ fn produce_until_done(params: &LoadgenParams, stop: &AtomicBool) -> anyhow::Resu
         malformed = report.malformed,
         duplicates = report.duplicates,
         gaps = report.gaps,
+        reference = report.reference,
         failed = report.failed,
         elapsed_ms = report.elapsed.as_millis() as u64,
         "load generator finished"
@@ -1451,15 +1676,20 @@ fn write_acked_ids(
         Ok(mut ids) => std::mem::take(&mut *ids),
         Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
     };
-    for (key, partition, offset) in ids {
-        let priority = tiers.trade_priority(&key.0, &key.1);
-        let trade = ProducedTrade {
-            key,
-            priority,
-            partition,
-            offset,
+    for id in ids {
+        // Reference data is always LOW; trades never are.
+        let priority = if id.reference {
+            Priority::Low
+        } else {
+            tiers.trade_priority(&id.key.0, &id.key.1)
         };
-        writeln!(file, "{trade}").context("failed to write the ids file")?;
+        let line = ProducedTrade {
+            key: id.key,
+            priority,
+            partition: id.partition,
+            offset: id.offset,
+        };
+        writeln!(file, "{line}").context("failed to write the ids file")?;
     }
     Ok(())
 }
@@ -1468,12 +1698,36 @@ fn write_acked_ids(
 /// `BINANCE,BTCUSDT,1733000000000001,CRITICAL,3,1041`. The priority is the one K2's
 /// `[shedding]` tiers give the trade, so a verdict can say what shedding deferred; partition
 /// and offset are where Kafka put it, so it can be matched with `k2.shed_ledger`'s ranges.
+///
+/// A reference-data record has the literal `reference` for a trade id and is always LOW (no trade
+/// is): `ASX,BHP,reference,LOW,2,377`. Its identity is its partition and offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProducedTrade {
     pub key: TradeKey,
     pub priority: Priority,
     pub partition: i32,
     pub offset: i64,
+}
+
+impl ProducedTrade {
+    /// What a reference-data record's line has where a trade's has its id.
+    pub const REFERENCE_ID: &str = "reference";
+
+    /// The line of a reference-data record.
+    pub fn reference(exchange: String, symbol: String, partition: i32, offset: i64) -> Self {
+        ProducedTrade {
+            key: (exchange, symbol, Self::REFERENCE_ID.to_owned()),
+            priority: Priority::Low,
+            partition,
+            offset,
+        }
+    }
+
+    /// Whether the line is a reference-data record rather than a trade: reference data is LOW,
+    /// and no trade is.
+    pub fn is_reference(&self) -> bool {
+        self.priority == Priority::Low
+    }
 }
 
 impl fmt::Display for ProducedTrade {
@@ -1571,10 +1825,11 @@ impl Progress {
         };
         let failed = tracker.num_failed.load(Ordering::Relaxed);
         self.bar.set_message(format!(
-            "produced {produced}  {rate:.0}/s now ({target})  malformed {}  duplicates {}  gaps {}  failed {failed}",
+            "produced {produced}  {rate:.0}/s now ({target})  malformed {}  duplicates {}  gaps {}  reference {}  failed {failed}",
             generator.malformed(),
             generator.duplicates(),
             generator.gaps(),
+            generator.references(),
         ));
     }
 }
@@ -1855,27 +2110,17 @@ mod tests {
 
     #[test]
     fn same_seed_gives_identical_payloads() {
-        let a = generate(
-            GeneratorParams {
-                malformed_ratio: 0.05,
-                ..seeded(6)
-            },
-            10_000,
+        let params = |seed| GeneratorParams {
+            malformed_ratio: 0.05,
+            reference_ratio: 0.05,
+            ..seeded(seed)
+        };
+        let (a, b, c) = (
+            generate(params(6), 10_000),
+            generate(params(6), 10_000),
+            generate(params(7), 10_000),
         );
-        let b = generate(
-            GeneratorParams {
-                malformed_ratio: 0.05,
-                ..seeded(6)
-            },
-            10_000,
-        );
-        let c = generate(
-            GeneratorParams {
-                malformed_ratio: 0.05,
-                ..seeded(7)
-            },
-            10_000,
-        );
+        assert!(a.iter().filter(|m| m.reference.is_some()).count() > 300);
         let payloads = |messages: &[GeneratedMessage]| -> Vec<(String, Vec<u8>)> {
             messages
                 .iter()
@@ -2029,6 +2274,22 @@ mod tests {
             ..seeded(1)
         };
         assert!(matches!(bad_zipf.validate(), Err(LoadgenError::ZipfExponent(_))));
+        for reference_ratio in [-0.1, 1.01, f64::NAN] {
+            let bad_reference = GeneratorParams {
+                reference_ratio,
+                ..seeded(1)
+            };
+            assert!(
+                matches!(
+                    bad_reference.validate(),
+                    Err(LoadgenError::Ratio {
+                        name: "reference_ratio",
+                        ..
+                    })
+                ),
+                "{reference_ratio}"
+            );
+        }
         let empty = GeneratorParams {
             exchanges: vec![("ASX".into(), vec![])],
             ..seeded(1)
@@ -2083,6 +2344,201 @@ mod tests {
         };
         assert!(granted >= 100, "only {granted} permits of credit");
         assert!(wait <= Duration::from_millis(1), "{wait:?}");
+    }
+
+    /// A reference-data update as a strict reader takes it: exactly these fields, once each.
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ReferenceJson {
+        r#type: String,
+        exchange: String,
+        symbol: String,
+        name: Option<String>,
+        currency: Option<String>,
+        tick_size: String,
+        lot_size: String,
+        status: String,
+        effective_time: String,
+    }
+
+    fn strict_parse_reference(message: &GeneratedMessage) -> Result<ReferenceJson, String> {
+        let parsed: ReferenceJson = serde_json::from_slice(&message.payload).map_err(|e| e.to_string())?;
+        if parsed.r#type != "reference" {
+            return Err(format!("type {}", parsed.r#type));
+        }
+        positive_decimal(&parsed.tick_size)?;
+        positive_decimal(&parsed.lot_size)?;
+        if parsed.status.is_empty() {
+            return Err("empty status".into());
+        }
+        chrono::DateTime::parse_from_rfc3339(&parsed.effective_time).map_err(|e| e.to_string())?;
+        let instrument = (parsed.exchange.clone(), parsed.symbol.clone());
+        assert_eq!(message.reference.as_ref(), Some(&instrument));
+        assert_eq!(message.key, format!("{}:{}", parsed.exchange, parsed.symbol));
+        Ok(parsed)
+    }
+
+    #[test]
+    fn reference_ratio_is_respected_and_trade_sequences_stay_gap_free() {
+        let mut generator = TradeGenerator::new(GeneratorParams {
+            reference_ratio: 0.1,
+            malformed_ratio: 0.02,
+            duplicate_ratio: 0.02,
+            ..seeded(14)
+        });
+        let messages: Vec<_> = (0..100_000)
+            .map(|i| generator.next_message(NOW_US + i as i64))
+            .collect();
+        let references: Vec<_> = messages.iter().filter(|m| m.reference.is_some()).collect();
+        let share = references.len() as f64 / messages.len() as f64;
+        assert!((0.095..=0.105).contains(&share), "reference share {share}");
+        assert_eq!(generator.references(), references.len() as u64);
+        for message in &references {
+            assert!(message.trade.is_none() && !message.duplicate && !message.is_malformed());
+            let parsed = strict_parse_reference(message).expect("a valid reference update");
+            assert!(
+                strict_parse(&message.key, &message.payload).is_err(),
+                "a reference update reads as a trade: {parsed:?}"
+            );
+        }
+        // A duplicate repeats the previous trade, never a reference update.
+        let duplicates: Vec<_> = messages.iter().filter(|m| m.duplicate).collect();
+        assert!(duplicates.len() > 1_000, "{} duplicates", duplicates.len());
+        for message in duplicates {
+            assert!(message.reference.is_none() && message.trade.is_some());
+            strict_parse(&message.key, &message.payload).expect("a duplicate is a trade");
+        }
+        let malformed = messages.iter().filter(|m| m.is_malformed()).count() as u64;
+        assert_eq!(malformed, generator.malformed());
+        // Reference updates take no sequence number: the trades around them stay 1, 2, 3, ...
+        let trades: Vec<_> = messages.iter().filter(|m| !m.duplicate).cloned().collect();
+        assert_gap_free(&trades);
+    }
+
+    #[test]
+    fn reference_payloads_carry_name_currency_tick_lot_and_status() {
+        let mut generator = TradeGenerator::new(GeneratorParams {
+            reference_ratio: 1.0,
+            ..seeded(15)
+        });
+        let mut by_key: HashMap<String, ReferenceJson> = HashMap::new();
+        let mut statuses: HashMap<String, usize> = HashMap::new();
+        for _ in 0..20_000 {
+            let message = generator.next_message(NOW_US);
+            let parsed = strict_parse_reference(&message).expect("a valid reference update");
+            assert_eq!(parsed.effective_time, "2026-11-23T10:15:30.123456Z");
+            *statuses.entry(parsed.status.clone()).or_default() += 1;
+            by_key.insert(message.key, parsed);
+        }
+        assert_eq!(generator.references(), 20_000);
+        assert_eq!(generator.generated(), 20_000);
+        let expected = [
+            ("ASX:BHP", "BHP Group", "AUD", "0.01", "1"),
+            ("ASX:TLS", "Telstra Group", "AUD", "0.01", "1"),
+            ("BINANCE:BTCUSDT", "Bitcoin / USDT", "USDT", "0.01", "0.00001"),
+            ("BINANCE:XRPUSDT", "XRP / USDT", "USDT", "0.00001", "1"),
+            ("BINANCE:SHIBUSDT", "Shiba Inu / USDT", "USDT", "0.00000001", "1"),
+            ("COINBASE:ETH-USD", "Ethereum / USD", "USD", "0.01", "0.001"),
+        ];
+        for (key, name, currency, tick, lot) in expected {
+            let parsed = &by_key[key];
+            assert_eq!(
+                (
+                    parsed.name.as_deref(),
+                    parsed.currency.as_deref(),
+                    parsed.tick_size.as_str(),
+                    parsed.lot_size.as_str()
+                ),
+                (Some(name), Some(currency), tick, lot),
+                "{key}"
+            );
+        }
+        // Mostly trading, now and then a halt.
+        let trading = statuses.remove("trading").unwrap_or(0);
+        let halted = statuses.remove("halted").unwrap_or(0);
+        assert!(statuses.is_empty(), "other statuses: {statuses:?}");
+        assert!(
+            trading > 15_000 && halted > 500,
+            "{trading} trading, {halted} halted"
+        );
+    }
+
+    #[test]
+    fn reference_identity_falls_back_to_the_quote_suffix_and_the_symbol() {
+        assert_eq!(
+            reference_identity("ASX", "XYZ", false),
+            ("XYZ".to_owned(), Some("AUD"))
+        );
+        assert_eq!(
+            reference_identity("KRAKEN", "XBT/EUR", true),
+            ("XBT/EUR".to_owned(), Some("EUR"))
+        );
+        assert_eq!(
+            reference_identity("BINANCE", "ETHBTC", true),
+            ("Ethereum / BTC".to_owned(), Some("BTC"))
+        );
+        assert_eq!(
+            reference_identity("BINANCE", "PEPE", true),
+            ("PEPE".to_owned(), Some("USDT"))
+        );
+        assert_eq!(reference_identity("NYSE", "IBM", false), ("IBM".to_owned(), None));
+        assert_eq!(reference_identity("NYSE", "USD", false), ("USD".to_owned(), None));
+        // No currency: the field is left out, as the format allows.
+        let mut generator = TradeGenerator::new(GeneratorParams {
+            exchanges: vec![("NYSE".into(), vec!["IBM".into()])],
+            reference_ratio: 1.0,
+            ..seeded(16)
+        });
+        let parsed = strict_parse_reference(&generator.next_message(NOW_US)).expect("valid");
+        assert_eq!((parsed.name.as_deref(), parsed.currency), (Some("IBM"), None));
+    }
+
+    #[test]
+    fn k2_decodes_every_generated_reference_update_as_reference_data() {
+        use crate::decode::{DecoderConfig, Record, TradeDecoder};
+
+        let decoder = TradeDecoder::new(DecoderConfig::default());
+        let mut generator = TradeGenerator::new(GeneratorParams {
+            reference_ratio: 0.2,
+            ..seeded(17)
+        });
+        let mut decoded = 0;
+        for offset in 0..20_000 {
+            let message = generator.next_message(NOW_US);
+            let Some((exchange, symbol)) = &message.reference else {
+                continue;
+            };
+            let parsed = strict_parse_reference(&message).expect("valid");
+            let record = decoder
+                .decode_record(&message.payload, 1, offset, NOW_US)
+                .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&message.payload)));
+            let record = match record {
+                Record::Reference(record) => record,
+                other => panic!("not reference data: {other:?}"),
+            };
+            assert_eq!((&record.exchange, &record.symbol), (exchange, symbol));
+            let tick: f64 = parsed.tick_size.parse().expect("tick");
+            assert_eq!(
+                record.tick_size,
+                (tick * 1e8).round() as i128,
+                "{}",
+                parsed.tick_size
+            );
+            let lot: f64 = parsed.lot_size.parse().expect("lot");
+            assert_eq!(
+                record.lot_size,
+                (lot * 1e8).round() as i128,
+                "{}",
+                parsed.lot_size
+            );
+            assert_eq!((record.name, record.currency), (parsed.name, parsed.currency));
+            assert_eq!(record.status, parsed.status);
+            assert_eq!(record.effective_time_us, NOW_US);
+            assert_eq!((record.partition, record.offset), (1, offset));
+            decoded += 1;
+        }
+        assert_eq!(decoded, generator.references());
+        assert!(decoded > 3_000, "{decoded} reference updates");
     }
 
     // Kafka round trips against librdkafka's mock cluster.
@@ -2245,12 +2701,18 @@ mod tests {
             offset: 1041,
         };
         assert_eq!(trade.to_string(), "BINANCE,BTCUSDT,17,CRITICAL,3,1041");
+        assert!(!trade.is_reference());
         assert_eq!(trade.to_string().parse::<ProducedTrade>(), Ok(trade));
         let error = |line: &str| line.parse::<ProducedTrade>().expect_err(line);
         assert!(error("BINANCE,BTCUSDT,17").contains("expected 6 fields"));
         assert!(error("BINANCE,BTCUSDT,17,URGENT,3,1").contains("URGENT"));
         assert!(error("BINANCE,BTCUSDT,17,LOW,x,1").contains("partition `x`"));
         assert!(error("BINANCE,BTCUSDT,17,LOW,3,-").contains("offset `-`"));
+        let reference = ProducedTrade::reference("ASX".into(), "BHP".into(), 2, 377);
+        assert_eq!(reference.to_string(), "ASX,BHP,reference,LOW,2,377");
+        let parsed: ProducedTrade = "ASX,BHP,reference,LOW,2,377".parse().expect("a reference line");
+        assert!(parsed.is_reference());
+        assert_eq!(parsed, reference);
     }
 
     #[test]
@@ -2269,6 +2731,7 @@ mod tests {
             tiers: Default::default(),
             generator: GeneratorParams {
                 malformed_ratio: 0.1,
+                reference_ratio: 0.05,
                 ..seeded(12)
             },
             progress: false,
@@ -2283,24 +2746,32 @@ mod tests {
         assert_eq!(report.produced, 5_000);
         assert_eq!(report.failed, 0);
         assert!((300..700).contains(&report.malformed), "{}", report.malformed);
+        assert!((150..350).contains(&report.reference), "{}", report.reference);
         let ids = read_ids_file(&ids_path).expect("ids file");
         assert_eq!(ids.len() as u64, report.produced - report.malformed);
         let tiers = TierTable::default();
         let mut offsets = HashSet::new();
         for trade in &ids {
-            let (exchange, symbol, _) = &trade.key;
+            let (exchange, symbol, trade_id) = &trade.key;
             assert!(
                 ["BINANCE", "ASX", "COINBASE"].contains(&exchange.as_str()),
                 "{trade}"
             );
-            assert_eq!(trade.priority, tiers.trade_priority(exchange, symbol), "{trade}");
+            if trade_id == ProducedTrade::REFERENCE_ID {
+                assert!(trade.is_reference(), "{trade}");
+            } else {
+                assert_eq!(trade.priority, tiers.trade_priority(exchange, symbol), "{trade}");
+            }
             assert!(
                 offsets.insert((trade.partition, trade.offset)),
                 "offset twice: {trade}"
             );
         }
-        // The default tiers make BTCUSDT CRITICAL and leave the tail of the universe NORMAL.
-        for priority in [Priority::Critical, Priority::High, Priority::Normal] {
+        let references = ids.iter().filter(|t| t.is_reference()).count() as u64;
+        assert_eq!(references, report.reference);
+        // The default tiers make BTCUSDT CRITICAL and leave the tail of the universe NORMAL;
+        // reference data is LOW.
+        for priority in Priority::ALL {
             assert!(ids.iter().any(|t| t.priority == priority), "no {priority} trade");
         }
         assert_eq!(

@@ -100,7 +100,8 @@ enum Command {
         #[arg(long)]
         total: Option<u64>,
         /// Append every acknowledged valid trade to this file, one line each:
-        /// exchange,symbol,trade_id,priority,partition,offset.
+        /// exchange,symbol,trade_id,priority,partition,offset. A reference-data update's line has
+        /// `reference` for a trade id and priority LOW.
         #[arg(long)]
         ids_file: Option<PathBuf>,
         /// K2 config file whose [shedding] tiers give each trade its priority in --ids-file
@@ -123,6 +124,10 @@ enum Command {
         /// the gap.
         #[arg(long, default_value_t = 0.0)]
         gap_ratio: f64,
+        /// Fraction of messages that are reference-data updates (0..1): K2 stores them in
+        /// market.reference, and sheds them first (LOW priority) under load.
+        #[arg(long, default_value_t = 0.0)]
+        reference_share: f64,
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
@@ -372,12 +377,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             malformed_ratio,
             duplicate_ratio,
             gap_ratio,
+            reference_share,
             seed,
         } => {
             let tiers = match &config {
                 Some(path) => k2::shedding::TierTable::new(&load_config(Some(path))?.shedding),
                 None => Default::default(),
             };
+            // Written so that NaN fails too; the generator's own check would name reference_ratio.
+            if !(0.0..=1.0).contains(&reference_share) {
+                anyhow::bail!("--reference-share must be between 0 and 1, got {reference_share}");
+            }
             let first_sequence = start_sequence
                 .unwrap_or_else(|| k2::loadgen::run_start_sequence(std::time::SystemTime::now()));
             let seconds = |name: &str, s: f64| {
@@ -415,6 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     malformed_ratio,
                     duplicate_ratio,
                     gap_ratio,
+                    reference_ratio: reference_share,
                     first_sequence,
                     ..GeneratorParams::default()
                 },
@@ -432,10 +443,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await?;
             println!(
-                "k2 loadgen: produced {} ({} malformed, {} duplicates; {} sequence numbers skipped), {} failed, in {:.1} s",
+                "k2 loadgen: produced {} ({} malformed, {} duplicates, {} reference data; {} sequence numbers skipped), {} failed, in {:.1} s",
                 report.produced,
                 report.malformed,
                 report.duplicates,
+                report.reference,
                 report.gaps,
                 report.failed,
                 report.elapsed.as_secs_f64()

@@ -22,6 +22,7 @@ pub const COMMITS: &str = "k2_commits_total";
 pub const COMMIT_DURATION: &str = "k2_commit_duration_seconds";
 pub const COMMIT_PENDING_BYTES: &str = "k2_commit_pending_bytes";
 pub const TRADES_COMMITTED: &str = "k2_trades_committed_total";
+pub const REFERENCE_COMMITTED: &str = "k2_reference_records_committed_total";
 pub const COMMIT_FENCED: &str = "k2_commit_fenced_total";
 pub const RETENTION_LOST_RECORDS: &str = "k2_kafka_retention_lost_records_total";
 pub const LANE_RESTARTS: &str = "k2_lane_restarts_total";
@@ -226,6 +227,11 @@ fn describe() {
         "Bytes of data files written but not committed"
     );
     describe_counter!(TRADES_COMMITTED, Unit::Count, "Trades made durable in Iceberg");
+    describe_counter!(
+        REFERENCE_COMMITTED,
+        Unit::Count,
+        "Reference-data updates made durable in market.reference"
+    );
     describe_counter!(
         COMMIT_FENCED,
         Unit::Count,

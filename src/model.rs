@@ -1,4 +1,5 @@
-//! The records that flow through a lane: decoded trades and dead letters.
+//! The records that flow through a lane: decoded trades, reference data and
+//! dead letters.
 //!
 //! Prices and quantities are fixed-point integers at scale 8, which is exactly
 //! Iceberg's `decimal(18,8)`: no float ever touches a price.
@@ -44,6 +45,33 @@ pub struct Trade {
     /// Kafka partition the record was read from.
     pub partition: i32,
     /// Kafka offset of the record.
+    pub offset: i64,
+}
+
+/// One reference-data update of an instrument (its name, currency, tick and
+/// lot size, trading status from a point in time), as stored in
+/// `market.reference`. Reference data travels in the trades topic, keyed by
+/// its symbol like the symbol's trades, and is always LOW priority: the first
+/// thing shed under load (ledgered, backfilled later), never lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceRecord {
+    pub exchange: String,
+    pub symbol: String,
+    /// The instrument's name, when the feed gives one.
+    pub name: Option<String>,
+    /// The currency prices are quoted in, when the feed gives one.
+    pub currency: Option<String>,
+    /// Smallest price step, times 10^8 (> 0).
+    pub tick_size: i128,
+    /// Smallest quantity step, times 10^8 (> 0).
+    pub lot_size: i128,
+    /// Trading status as the feed names it (`trading`, `halted`, ...).
+    pub status: String,
+    /// When the update takes effect, microseconds since the Unix epoch (UTC).
+    pub effective_time_us: i64,
+    /// When the record entered the platform, microseconds since the Unix epoch (UTC).
+    pub ingest_time_us: i64,
+    pub partition: i32,
     pub offset: i64,
 }
 
@@ -123,6 +151,8 @@ pub struct SideRows {
     pub probable_duplicates: Vec<ProbableDuplicate>,
     /// What the load shedder left out, for `k2.shed_ledger`.
     pub shed: Vec<crate::shedding::ShedEntry>,
+    /// Reference data of the range, for `market.reference`.
+    pub reference: Vec<ReferenceRecord>,
 }
 
 impl SideRows {
@@ -131,6 +161,7 @@ impl SideRows {
         self.sequence_events.extend(other.sequence_events);
         self.probable_duplicates.extend(other.probable_duplicates);
         self.shed.extend(other.shed);
+        self.reference.extend(other.reference);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -138,5 +169,6 @@ impl SideRows {
             && self.sequence_events.is_empty()
             && self.probable_duplicates.is_empty()
             && self.shed.is_empty()
+            && self.reference.is_empty()
     }
 }

@@ -17,7 +17,9 @@ use crate::loadgen::{GeneratorParams, LoadgenParams, LoadgenReport, run_loadgen}
 use crate::model::TradeKey;
 use crate::pipeline::{self, Pipeline, PipelineParams};
 use crate::shedding::{LedgerAction, OffsetRanges, Priority, ShedEntry};
-use crate::storage::reader::{committed_record_count, scan_dead_letters, scan_shed_ledger, scan_trade_keys};
+use crate::storage::reader::{
+    committed_record_count, scan_dead_letters, scan_reference_positions, scan_shed_ledger, scan_trade_keys,
+};
 use crate::web::{self, AppState};
 
 pub struct ServiceOptions {
@@ -41,9 +43,14 @@ pub struct ServiceOptions {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Verdict {
     pub produced: u64,
+    /// Of `produced`, the valid trades (from the ids file).
     pub produced_valid: u64,
+    /// Of `produced`, the reference-data records (the ids file's LOW lines).
+    pub produced_reference: u64,
     pub committed_rows: u64,
     pub distinct_trades: u64,
+    /// Rows of `market.reference`.
+    pub reference_rows: u64,
     pub dead_lettered: u64,
     /// Of the produced valid trades, those that are dead letters: corrupted
     /// on the way (the `poison` fault), not malformed by the generator.
@@ -53,6 +60,8 @@ pub struct Verdict {
     pub shed_ledgered: u64,
     /// Shed records the demo's backfill ingested (`overload`).
     pub backfilled: u64,
+    /// Rows beyond the first of one trade in `market.trades`, or of one
+    /// Kafka position in `market.reference`.
     pub duplicates: u64,
     /// Records Kafka deleted before K2 read them, each range reported in
     /// `k2.dead_letters` (retention outran the lag).
@@ -62,8 +71,9 @@ pub struct Verdict {
     /// stops). Shown apart from losses: against an external Kafka the next
     /// run reads them; the embedded broker ends with the demo.
     pub unread_in_kafka: u64,
-    /// Produced trades that are nowhere: not committed, not shed, not lost
-    /// to retention, not waiting in Kafka. Anything here is a bug.
+    /// Produced trades and reference records that are nowhere: not
+    /// committed, not shed, not lost to retention, not waiting in Kafka.
+    /// Anything here is a bug.
     pub lost: u64,
     /// Rows of `k2.sequence_gaps` (gaps and resets).
     pub sequence_events: u64,
@@ -71,22 +81,34 @@ pub struct Verdict {
     pub probable_duplicates: u64,
     /// The produced valid trades of each priority (from the ids file) and
     /// what became of them: what shedding deferred, and what is committed.
+    /// LOW counts the reference records, committed to `market.reference`.
     pub by_priority: BTreeMap<Priority, PriorityCounts>,
     /// The failure demo's own checks (`k2 demo <scenario>`).
     pub checks: Vec<crate::demo::Check>,
 }
 
-/// Produced valid trades of one priority.
+/// Produced valid records of one priority: trades, or (LOW) reference records.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PriorityCounts {
     pub produced: u64,
-    /// Of `produced`, the trades at offsets `k2.shed_ledger` records as
+    /// Of `produced`, the records at offsets `k2.shed_ledger` records as
     /// shed (whether or not backfilled since).
     pub shed: u64,
-    /// Of `shed`, the trades in the table (the backfill ingested them).
+    /// Of `shed`, the records in their table (the backfill ingested them).
     pub shed_committed: u64,
-    /// Of `produced`, the trades in the table.
+    /// Of `produced`, the records in their table.
     pub committed: u64,
+}
+
+impl PriorityCounts {
+    fn count(&mut self, shed: bool, in_table: bool) {
+        self.produced += 1;
+        if shed {
+            self.shed += 1;
+            self.shed_committed += u64::from(in_table);
+        }
+        self.committed += u64::from(in_table);
+    }
 }
 
 /// The offsets each partition's ledger entries shed, merged and in order.
@@ -192,6 +214,7 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
             generator: GeneratorParams {
                 seed: config.loadgen.seed,
                 malformed_ratio: config.loadgen.malformed_ratio,
+                reference_ratio: config.loadgen.reference_ratio,
                 ..GeneratorParams::default()
             },
             progress: false,
@@ -396,6 +419,7 @@ fn embedded_partitions(config: &K2Config) -> i32 {
     let profile = crate::loadgen::message_profile(&GeneratorParams {
         seed: config.loadgen.seed,
         malformed_ratio: config.loadgen.malformed_ratio,
+        reference_ratio: config.loadgen.reference_ratio,
         ..GeneratorParams::default()
     });
     let load = crate::embedded::TopicLoad {
@@ -525,8 +549,18 @@ pub(crate) async fn verdict(
     topic: &str,
     log_ends: &std::collections::BTreeMap<i32, i64>,
 ) -> anyhow::Result<Verdict> {
-    let produced_trades = crate::loadgen::read_ids_file(ids_file)?;
+    // The ids file's LOW lines are reference records, known by their Kafka
+    // position; the others are trades, known by their key.
+    let (produced_reference, produced_trades): (Vec<_>, Vec<_>) = crate::loadgen::read_ids_file(ids_file)?
+        .into_iter()
+        .partition(|line| line.is_reference());
     let produced: HashSet<&TradeKey> = produced_trades.iter().map(|t| &t.key).collect();
+    let produced_positions: HashSet<(i32, i64)> = produced_reference
+        .iter()
+        .map(|r| (r.partition, r.offset))
+        .collect();
+    let reference_rows = scan_reference_positions(&catalog.load_table(&tables.reference).await?).await?;
+    let reference_committed: HashSet<(i32, i64)> = reference_rows.iter().copied().collect();
     let trades = catalog.load_table(&tables.trades).await?;
     let keys = scan_trade_keys(&trades).await?;
     let recorded = crate::storage::offsets::TopicOffsets::from_table(&trades, topic)?;
@@ -563,33 +597,41 @@ pub(crate) async fn verdict(
         .filter(|e| open.insert(e.entry_id.as_str()))
         .map(|e| e.records)
         .sum();
-    let missing = produced.iter().filter(|id| !committed.contains(**id)).count() as u64;
+    let missing_trades = produced.iter().filter(|id| !committed.contains(**id)).count();
+    let missing_reference = produced_positions.difference(&reference_committed).count();
+    let missing = (missing_trades + missing_reference) as u64;
     let shed = shed_offsets(&ledger, topic);
     let mut by_priority: BTreeMap<Priority, PriorityCounts> = BTreeMap::new();
     for trade in &produced_trades {
-        let counts = by_priority.entry(trade.priority).or_default();
-        counts.produced += 1;
-        let in_table = committed.contains(&trade.key);
-        if is_shed(&shed, trade.partition, trade.offset) {
-            counts.shed += 1;
-            counts.shed_committed += u64::from(in_table);
-        }
-        counts.committed += u64::from(in_table);
+        by_priority.entry(trade.priority).or_default().count(
+            is_shed(&shed, trade.partition, trade.offset),
+            committed.contains(&trade.key),
+        );
     }
+    for reference in &produced_reference {
+        let position = (reference.partition, reference.offset);
+        by_priority.entry(Priority::Low).or_default().count(
+            is_shed(&shed, position.0, position.1),
+            reference_committed.contains(&position),
+        );
+    }
+    let duplicates = (keys.keys.len() - committed.len()) + (reference_rows.len() - reference_committed.len());
     Ok(Verdict {
         produced: report.produced,
         produced_valid: produced.len() as u64,
+        produced_reference: produced_positions.len() as u64,
         committed_rows: keys.keys.len() as u64,
         distinct_trades: committed.len() as u64,
+        reference_rows: reference_rows.len() as u64,
         dead_lettered: committed_record_count(&dead_letters),
         valid_dead_lettered,
         shed_ledgered,
         backfilled: 0,
-        duplicates: (keys.keys.len() - committed.len()) as u64,
+        duplicates: duplicates as u64,
         lost_to_retention,
         unread_in_kafka: unread,
-        // A shed trade is missing from the table on purpose, and ledgered; a
-        // trade lost to retention is missing and reported; one not read
+        // A shed record is missing from its table on purpose, and ledgered;
+        // a record lost to retention is missing and reported; one not read
         // before the demo stopped is still in Kafka.
         lost: missing.saturating_sub(shed_ledgered + lost_to_retention + unread + valid_dead_lettered),
         sequence_events: committed_record_count(&sequence_events),
@@ -634,8 +676,13 @@ pub fn print_verdict(v: &Verdict) {
     println!("  ------------------------- --------");
     println!("  produced                   {:>8}", v.produced);
     println!("    valid trades             {:>8}", v.produced_valid);
+    println!("    reference data           {:>8}", v.produced_reference);
     println!("  committed rows             {:>8}", v.committed_rows);
     println!("  distinct trades committed  {:>8}", v.distinct_trades);
+    println!(
+        "  reference data rows        {:>8}  (market.reference)",
+        v.reference_rows
+    );
     println!("  dead-lettered              {:>8}", v.dead_lettered);
     if v.valid_dead_lettered > 0 {
         println!(
@@ -691,7 +738,7 @@ pub fn print_verdict(v: &Verdict) {
         println!("{red}  verdict: FAILED{plain}");
     } else {
         println!(
-            "{green}  verdict: every produced trade is committed, deferred (ledgered) or a dead letter{plain}"
+            "{green}  verdict: every produced trade and reference record is committed, deferred (ledgered) or a dead letter{plain}"
         );
     }
     println!();

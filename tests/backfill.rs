@@ -14,7 +14,7 @@ use iceberg::Catalog;
 use iceberg::table::Table;
 use k2::backfill::{BACKFILL_RUN_KEY, BackfillOptions, BackfillReport, backfill, open_entries};
 use k2::config::K2Config;
-use k2::decode::{DecoderConfig, TradeDecoder};
+use k2::decode::{DecoderConfig, Record, TradeDecoder};
 use k2::degradation::DegradationLevel;
 use k2::embedded::EmbeddedBroker;
 use k2::loadgen::{GeneratorParams, Spread, preload};
@@ -84,11 +84,10 @@ async fn read_back(broker: &EmbeddedBroker, partitions: i32) -> Vec<Trade> {
                 };
                 let message = message.unwrap();
                 let payload = message.payload().unwrap();
-                trades.push(
-                    decoder
-                        .decode(payload, partition, message.offset(), now_us())
-                        .unwrap(),
-                );
+                match decoder.decode_record(payload, partition, message.offset(), now_us()) {
+                    Ok(Record::Trade(trade)) => trades.push(trade),
+                    other => panic!("the generator made a trade, read back {other:?}"),
+                }
                 next = message.offset() + 1;
             }
         }

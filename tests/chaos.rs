@@ -227,7 +227,13 @@ async fn chaos(variant: Variant, seed: u64) {
     stop_k2(child, dir.path(), &name);
     let log = process_log(dir.path(), &name);
 
-    let found = common::pyiceberg(&python, "compare_ids.py", dir.path(), &[ids.as_os_str()]);
+    let found = common::pyiceberg(
+        &python,
+        "compare_ids.py",
+        dir.path(),
+        "market.trades",
+        &[ids.as_os_str()],
+    );
     eprintln!(
         "chaos {variant:?} (seed {seed}): {KILLS} kills, {} inside a commit, in {elapsed:?}; {total} produced: {found}",
         run.in_commit

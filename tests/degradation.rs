@@ -14,7 +14,10 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use common::{assert_exactly_once, http, read_ids, read_tables, spawn_loadgen, wait_for};
+use common::{
+    assert_exactly_once, http, read_ids, read_reference_ids, read_tables, spawn_loadgen, spawn_loadgen_with,
+    wait_for,
+};
 use k2::backfill::{BackfillOptions, backfill};
 use k2::faults::{Fault, FaultKind};
 use k2::pipeline::Pipeline;
@@ -90,7 +93,17 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
     .await;
     assert_eq!(status, 403, "{body}");
 
-    let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 60_000, 10_000);
+    // 3 % of the records are reference data: LOW, shed from GRACEFUL up.
+    let generator = k2::loadgen::GeneratorParams {
+        seed: 11,
+        reference_ratio: 0.03,
+        ..k2::loadgen::GeneratorParams::default()
+    };
+    let loadgen = spawn_loadgen_with(broker.bootstrap_servers(), &ids, 60_000, 10_000, generator);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let graceful = r#"{"level": "GRACEFUL", "reason": "drill 0"}"#;
+    let (status, body) = common::api(&addr, "/v1/degradation", "PUT", graceful, Some(KEY)).await;
+    assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let (status, body) = common::api(&addr, "/v1/degradation", "PUT", force, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
@@ -120,7 +133,8 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
         .collect();
     assert!(
         transitions.starts_with(&[
-            ("NORMAL".into(), "AGGRESSIVE".into()),
+            ("NORMAL".into(), "GRACEFUL".into()),
+            ("GRACEFUL".into(), "AGGRESSIVE".into()),
             ("AGGRESSIVE".into(), "CIRCUIT_BREAK".into()),
         ]),
         "{transitions:?}"
@@ -132,6 +146,8 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
 
     let report = loadgen.await.unwrap().unwrap();
     let produced = read_ids(&ids);
+    let produced_reference = read_reference_ids(&ids);
+    assert!(produced_reference.len() > 1_000, "{}", produced_reference.len());
     // Offsets start at 0 in every partition: committed offsets summing to
     // what was produced account for every record (written or shed).
     wait_for(Duration::from_secs(120), "every record accounted for", || async {
@@ -151,6 +167,7 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
     }
     let metric = shed_metric_by_priority();
     assert_eq!(ledger, metric, "ledger by priority != shed counters");
+    assert!(ledger.get("LOW").copied().unwrap_or(0) > 0, "{ledger:?}");
     assert!(ledger.get("NORMAL").copied().unwrap_or(0) > 0, "{ledger:?}");
     assert!(ledger.get("HIGH").copied().unwrap_or(0) > 0, "{ledger:?}");
     assert!(!ledger.contains_key("CRITICAL"), "tier 1 is never shed");
@@ -167,9 +184,26 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
         shed_positions.is_disjoint(&written),
         "a shed record was also written"
     );
+    let written_reference: HashSet<(i32, i64)> = contents.reference.iter().copied().collect();
     assert_eq!(
-        (shed_positions.len() + written.len()) as u64,
-        produced.len() as u64,
+        written_reference.len(),
+        contents.reference.len(),
+        "reference data written twice"
+    );
+    assert!(
+        shed_positions.is_disjoint(&written_reference),
+        "shed reference data was also written"
+    );
+    assert!(written_reference.is_subset(&produced_reference));
+    assert!(
+        !written_reference.is_empty() && written_reference.len() < produced_reference.len(),
+        "reference data is written at NORMAL and shed from GRACEFUL up: {} of {}",
+        written_reference.len(),
+        produced_reference.len()
+    );
+    assert_eq!(
+        (shed_positions.len() + written.len() + written_reference.len()) as u64,
+        (produced.len() + produced_reference.len()) as u64,
         "shed + written != produced"
     );
 
@@ -189,6 +223,14 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
     assert_eq!(report.records_committed as usize, shed_positions.len());
     let contents = read_tables(&config, dir.path()).await;
     assert_exactly_once(&contents, &produced);
+    let mut reference = contents.reference.clone();
+    reference.sort_unstable();
+    let mut expected_reference: Vec<(i32, i64)> = produced_reference.into_iter().collect();
+    expected_reference.sort_unstable();
+    assert_eq!(
+        reference, expected_reference,
+        "after the backfill, market.reference holds every produced reference record once"
+    );
     let before = snapshot_ids(&config, dir.path()).await;
     let again = backfill(
         &config,

@@ -84,7 +84,7 @@ fn the_live_view_of_overload_shows_the_level_the_signals_and_shedding_then_the_v
         "[ok] no CRITICAL trade was shed",
         "by priority",
         "backfilled",
-        "verdict: every produced trade is committed",
+        "verdict: every produced trade and reference record is committed",
         "demo-exit=0",
     ] {
         assert!(end.contains(shown), "the end of the demo lacks {shown:?}:\n{end}");

@@ -433,7 +433,7 @@ mod replay {
     use iceberg::Catalog;
     use k2::config::CatalogConfig;
     use k2::faults::{FaultInjectingCatalog, Faults};
-    use k2::model::{ProbableDuplicate, SequenceEventRow, Side, SideRows, Trade};
+    use k2::model::{ProbableDuplicate, ReferenceRecord, SequenceEventRow, Side, SideRows, Trade};
     use k2::storage::catalog::open_catalog;
     use k2::storage::commit::{Committer, PartitionRange};
     use k2::storage::reader::committed_record_count;
@@ -635,5 +635,69 @@ mod replay {
         before.side.sequence_events.push(gap(5, 7));
         committer.commit(&[before, tail()]).await.unwrap();
         assert_eq!(rows(&committer, K2Table::SequenceGaps).await, 3);
+    }
+
+    fn reference(offset: i64) -> ReferenceRecord {
+        ReferenceRecord {
+            exchange: "ASX".into(),
+            symbol: "BHP".into(),
+            name: Some("BHP Group".into()),
+            currency: Some("AUD".into()),
+            tick_size: 500_000,
+            lot_size: 100_000_000,
+            status: "trading".into(),
+            effective_time_us: k2::model::now_us(),
+            ingest_time_us: k2::model::now_us(),
+            partition: 0,
+            offset,
+        }
+    }
+
+    #[actix_rt::test]
+    async fn reference_data_of_a_replayed_epoch_lands_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let committer = committer(dir.path(), faults.clone()).await;
+        // Records 3 and 7 are reference data; the first attempt writes them,
+        // then its trades commit does not persist.
+        faults
+            .inject(
+                k2::faults::Fault::LoseCommits {
+                    table: K2Table::Trades,
+                    commits: 1,
+                },
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+        let trades: Vec<i64> = (0..10).filter(|o| ![3, 7].contains(o)).collect();
+        let mut first = range(&committer, &trades, Vec::new()).await;
+        first.side.reference = vec![reference(3), reference(7)];
+        let outcome = committer.commit(&[first]).await;
+        assert!(outcome.is_err(), "the fault lost the trades commit: {outcome:?}");
+        assert_eq!(rows(&committer, K2Table::Trades).await, 0);
+        assert_eq!(rows(&committer, K2Table::Reference).await, 2);
+        // The replay carries the same range: its reference rows are skipped.
+        let mut replay = range(&committer, &trades, Vec::new()).await;
+        replay.side.reference = vec![reference(3), reference(7)];
+        let outcome = committer.commit(&[replay]).await.unwrap();
+        assert_eq!(outcome.committed.get(&0), Some(&10));
+        assert_eq!(outcome.reference, 0, "the replay wrote reference data again");
+        assert_eq!(rows(&committer, K2Table::Trades).await, 8);
+        assert_eq!(rows(&committer, K2Table::Reference).await, 2);
+        // The next range's reference data lands.
+        let next = PartitionRange {
+            partition: 0,
+            first_offset: 10,
+            next_offset: 12,
+            files: Vec::new(),
+            rows: 0,
+            side: SideRows {
+                reference: vec![reference(10), reference(11)],
+                ..SideRows::default()
+            },
+        };
+        let outcome = committer.commit(&[next]).await.unwrap();
+        assert_eq!((outcome.committed.get(&0), outcome.reference), (Some(&12), 2));
+        assert_eq!(rows(&committer, K2Table::Reference).await, 4);
     }
 }

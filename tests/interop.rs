@@ -1,6 +1,7 @@
 //! Tables K2 writes are read by independent readers: PyIceberg (in a venv
 //! made by `scripts/test`, path in `K2_PYTHON`) finds the same rows, schema,
-//! partition spec and `k2.offsets` summary. And the SQL catalog works on
+//! partition spec and `k2.offsets` summary in `market.trades`, and the same
+//! reference data in `market.reference`. And the SQL catalog works on
 //! PostgreSQL (`K2_TEST_POSTGRES_URL`).
 
 mod common;
@@ -18,14 +19,17 @@ fn required_env(name: &str) -> String {
     })
 }
 
+/// Ingests `count` generated records, 2 % of them reference data; returns
+/// the trades and the number of reference records produced.
 async fn ingest(
     config: &k2::config::K2Config,
     dir: &std::path::Path,
     count: u64,
-) -> HashSet<k2::model::TradeKey> {
+) -> (HashSet<k2::model::TradeKey>, u64) {
     let broker = common::broker(4);
     let generator = GeneratorParams {
         seed: 3,
+        reference_ratio: 0.02,
         ..GeneratorParams::default()
     };
     let loaded = common::preload_to(&broker, count, generator, Spread::Even { partitions: 4 }).await;
@@ -36,7 +40,7 @@ async fn ingest(
     })
     .await;
     pipeline.shutdown().await.unwrap();
-    loaded.valid.into_iter().collect()
+    (loaded.valid.into_iter().collect(), loaded.reference)
 }
 
 #[actix_rt::test]
@@ -45,11 +49,12 @@ async fn pyiceberg_reads_the_rows_schema_and_offsets_k2_wrote() {
     let python = required_env("K2_PYTHON");
     let dir = tempfile::tempdir().unwrap();
     let config = common::config(dir.path(), "k2-interop");
-    let expected = ingest(&config, dir.path(), 20_000).await;
+    let (expected, reference) = ingest(&config, dir.path(), 20_000).await;
     let ours = read_tables(&config, dir.path()).await;
     assert_exactly_once(&ours, &expected);
+    assert_eq!(ours.reference.len() as u64, reference);
 
-    let found = common::pyiceberg(&python, "read_table.py", dir.path(), &[]);
+    let found = common::pyiceberg(&python, "read_table.py", dir.path(), "market.trades", &[]);
 
     assert_eq!(found["rows"], expected.len());
     assert_eq!(found["distinct_keys"], expected.len());
@@ -92,6 +97,60 @@ async fn pyiceberg_reads_the_rows_schema_and_offsets_k2_wrote() {
         ours.offsets.to_json(),
         "PyIceberg sees the offsets K2 recorded"
     );
+
+    let found = common::pyiceberg(&python, "read_reference.py", dir.path(), "market.reference", &[]);
+    assert!(reference > 200, "{reference}");
+    assert_eq!(found["rows"], reference);
+    assert_eq!(found["distinct_positions"], reference);
+    let fields: Vec<String> = found["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {} {} {}",
+                f[0],
+                f[1].as_str().unwrap(),
+                f[2].as_str().unwrap(),
+                f[3]
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "1 exchange string true",
+            "2 symbol string true",
+            "3 name string false",
+            "4 currency string false",
+            "5 tick_size decimal(18, 8) true",
+            "6 lot_size decimal(18, 8) true",
+            "7 status string true",
+            "8 effective_time timestamptz true",
+            "9 ingest_time timestamptz true",
+            "10 kafka_partition int true",
+            "11 kafka_offset long true",
+        ]
+    );
+    // PyIceberg reads K2's decimals exactly: an ASX share ticks in cents
+    // and trades in whole shares (the generator's universe).
+    let sizes = found["sizes"].as_array().unwrap();
+    let bhp = sizes
+        .iter()
+        .find(|s| s[0] == "ASX" && s[1] == "BHP")
+        .expect("BHP, the most popular ASX symbol, has reference data");
+    assert_eq!(
+        (bhp[2].as_str(), bhp[3].as_str()),
+        (Some("0.01000000"), Some("1.00000000")),
+        "{bhp}"
+    );
+    assert!(
+        found["statuses"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("trading")),
+        "{found}"
+    );
 }
 
 #[actix_rt::test]
@@ -103,9 +162,10 @@ async fn sql_catalog_on_postgresql_ingests_exactly_once() {
     config.catalog.uri = url;
     // A catalog name of its own keeps this run's tables apart from earlier runs'.
     config.catalog.name = format!("k2test_{}", uuid::Uuid::now_v7().simple());
-    let expected = ingest(&config, dir.path(), 20_000).await;
+    let (expected, reference) = ingest(&config, dir.path(), 20_000).await;
     let contents = read_tables(&config, dir.path()).await;
     assert_exactly_once(&contents, &expected);
+    assert_eq!(contents.reference.len() as u64, reference);
     let next: i64 = contents.offsets.iter().map(|(_, o)| o.next_offset).sum();
     assert_eq!(next, 20_000);
 }

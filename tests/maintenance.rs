@@ -267,7 +267,13 @@ fn assert_pyiceberg_reads(dir: &Path, committed: &HashSet<String>) {
         .map(|id| format!("ASX,{},{id}\n", symbol_of(id)))
         .collect();
     std::fs::write(&ids, text).unwrap();
-    let found = common::pyiceberg(&python, "compare_ids.py", dir, &[ids.as_os_str()]);
+    let found = common::pyiceberg(
+        &python,
+        "compare_ids.py",
+        dir,
+        "market.trades",
+        &[ids.as_os_str()],
+    );
     assert_eq!(found["rows"], committed.len(), "{found}");
     assert_eq!(
         (&found["missing"], &found["duplicated"], &found["unknown"]),

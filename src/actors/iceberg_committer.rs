@@ -90,6 +90,7 @@ pub struct IcebergCommitterCounters {
     /// Commits the catalog reported and the table did not hold.
     pub num_not_persisted: u64,
     pub num_rows_committed: u64,
+    pub num_reference_committed: u64,
     pub num_dead_letters_committed: u64,
     pub num_sequence_events_committed: u64,
     pub num_probable_duplicates_committed: u64,
@@ -110,6 +111,7 @@ impl IcebergCommitterCounters {
     fn record_commit(&mut self, outcome: &CommitOutcome, elapsed: Duration, landed_us: i64) {
         self.num_commits += 1;
         self.num_rows_committed += outcome.rows;
+        self.num_reference_committed += outcome.reference;
         self.num_dead_letters_committed += outcome.dead_letters;
         self.num_sequence_events_committed += outcome.sequence_events;
         self.num_probable_duplicates_committed += outcome.probable_duplicates;
@@ -118,6 +120,7 @@ impl IcebergCommitterCounters {
         self.last_error = None;
         metrics::counter!(m::COMMITS, "outcome" => "ok").increment(1);
         metrics::counter!(m::TRADES_COMMITTED).increment(outcome.rows);
+        metrics::counter!(m::REFERENCE_COMMITTED).increment(outcome.reference);
         metrics::histogram!(m::COMMIT_DURATION).record(elapsed.as_secs_f64());
         metrics::gauge!(m::LAST_COMMIT).set(landed_us as f64 / 1e6);
         if !outcome.fenced.is_empty() {
@@ -821,6 +824,8 @@ pub struct CommitterStatus {
     /// not hold (read back after every commit, ADR 0006).
     pub commits_not_persisted: u64,
     pub rows_committed: u64,
+    /// Reference-data rows committed to `market.reference`.
+    pub reference_committed: u64,
     pub dead_letters_committed: u64,
     pub sequence_events_committed: u64,
     pub probable_duplicates_committed: u64,
@@ -869,6 +874,7 @@ impl Handler<GetCommitterStatus> for IcebergCommitter {
             failed_commits: c.num_failed_commits,
             commits_not_persisted: c.num_not_persisted,
             rows_committed: c.num_rows_committed,
+            reference_committed: c.num_reference_committed,
             dead_letters_committed: c.num_dead_letters_committed,
             sequence_events_committed: c.num_sequence_events_committed,
             probable_duplicates_committed: c.num_probable_duplicates_committed,

@@ -1,7 +1,8 @@
 //! The lane's load-shedding stage (after dedup, before the batcher).
 //!
 //! At the level in force (the supervisor's [`LevelChanged`] broadcast) it
-//! leaves out the trades whose priority that level sheds. Shedding defers,
+//! leaves out the trades whose priority that level sheds, and reference data
+//! (always LOW) from GRACEFUL up. Shedding defers,
 //! it does not lose: every shed record's offset goes into a [`ShedEntry`]
 //! (per priority, offsets as ranges) that travels with the chunk and is
 //! committed to `k2.shed_ledger` in the same epoch as the trades around it.
@@ -16,7 +17,7 @@ use actix::prelude::*;
 use crate::degradation::DegradationLevel;
 use crate::messages::{ChunkSink, Flush, LevelChanged, Stage, TradeChunk};
 use crate::metrics as m;
-use crate::model::Trade;
+use crate::model::{ReferenceRecord, Trade};
 use crate::shedding::{OffsetRanges, Priority, ShedEntry, TierTable, ledger_entries};
 
 #[derive(Debug, Default)]
@@ -86,6 +87,32 @@ pub fn shed(
     (kept, entries)
 }
 
+/// Splits reference data (always LOW) into what `level` keeps and its ledger
+/// entry.
+pub fn shed_reference(
+    reference: Vec<ReferenceRecord>,
+    level: DegradationLevel,
+    topic: &str,
+) -> (Vec<ReferenceRecord>, Vec<ShedEntry>) {
+    let Some(partition) = reference.first().map(|r| r.partition) else {
+        return (reference, Vec::new());
+    };
+    if !Priority::Low.is_shed_at(level) {
+        return (reference, Vec::new());
+    }
+    let mut offsets = OffsetRanges::default();
+    for record in &reference {
+        offsets.push(record.offset);
+    }
+    let entries = ledger_entries(
+        topic,
+        partition,
+        level,
+        BTreeMap::from([(Priority::Low, offsets)]),
+    );
+    (Vec::new(), entries)
+}
+
 impl Actor for LoadShedder {
     type Context = Context<Self>;
 
@@ -102,7 +129,11 @@ impl Handler<TradeChunk> for LoadShedder {
             .faults
             .check_panic(Stage::LoadShedder, chunk.lane.partition);
         let trades = std::mem::take(&mut chunk.trades);
-        let (kept, entries) = shed(trades, self.level, &self.params.tiers, &self.params.topic);
+        let (kept, mut entries) = shed(trades, self.level, &self.params.tiers, &self.params.topic);
+        let reference = std::mem::take(&mut chunk.side.reference);
+        let (kept_reference, reference_entries) = shed_reference(reference, self.level, &self.params.topic);
+        entries.extend(reference_entries);
+        chunk.side.reference = kept_reference;
         for entry in &entries {
             self.counters.num_shed += entry.records;
             metrics::counter!(
@@ -188,6 +219,49 @@ mod tests {
             (entry.priority, entry.level),
             (Priority::Normal, DegradationLevel::Aggressive)
         );
+    }
+
+    fn reference(offset: i64) -> ReferenceRecord {
+        ReferenceRecord {
+            exchange: "ASX".into(),
+            symbol: "BHP".into(),
+            name: None,
+            currency: None,
+            tick_size: 1,
+            lot_size: 1,
+            status: "trading".into(),
+            effective_time_us: 0,
+            ingest_time_us: 0,
+            partition: 3,
+            offset,
+        }
+    }
+
+    #[test]
+    fn reference_data_is_kept_below_graceful_and_ledgered_as_low_from_graceful_up() {
+        for level in [DegradationLevel::Normal, DegradationLevel::Soft] {
+            let (kept, entries) = shed_reference(vec![reference(15), reference(17)], level, "t");
+            assert_eq!((kept.len(), entries.len()), (2, 0), "{level:?}");
+        }
+        for level in [
+            DegradationLevel::Graceful,
+            DegradationLevel::Aggressive,
+            DegradationLevel::CircuitBreak,
+        ] {
+            let (kept, entries) =
+                shed_reference(vec![reference(15), reference(17), reference(18)], level, "t");
+            assert!(kept.is_empty(), "{level:?}");
+            assert_eq!(entries.len(), 1);
+            let entry = &entries[0];
+            assert_eq!(entry.entry_id, "t/3/15/LOW");
+            assert_eq!(entry.offsets.to_string(), "15,17-18");
+            assert_eq!(
+                (entry.records, entry.priority, entry.level),
+                (3, Priority::Low, level)
+            );
+        }
+        let (kept, entries) = shed_reference(Vec::new(), DegradationLevel::CircuitBreak, "t");
+        assert!(kept.is_empty() && entries.is_empty());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tracing::{error, warn};
 
 use crate::config::OffsetGaps;
-use crate::decode::TradeDecoder;
+use crate::decode::{Record, TradeDecoder};
 use crate::degradation::DegradationLevel;
 use crate::kafka::{self, KafkaConsumer, LaneQueue};
 use crate::messages::{
@@ -158,6 +158,7 @@ impl PartitionConsumer {
             return Ok(None);
         };
         let mut trades = Vec::new();
+        let mut reference = Vec::new();
         let mut dead_letters = Vec::new();
         let first_offset = self.position;
         // The next offset this chunk accounts for (None until the first
@@ -232,8 +233,9 @@ impl PartitionConsumer {
                 .take_poison(partition)
                 .then(|| crate::faults::poisoned(payload));
             let payload = poisoned.as_deref().unwrap_or(payload);
-            match decoder.decode(payload, partition, offset, now) {
-                Ok(trade) => trades.push(trade),
+            match decoder.decode_record(payload, partition, offset, now) {
+                Ok(Record::Trade(trade)) => trades.push(trade),
+                Ok(Record::Reference(record)) => reference.push(record),
                 Err(err) => dead_letters.push(DeadLetter {
                     topic: self.params.topic.clone(),
                     partition,
@@ -275,6 +277,7 @@ impl PartitionConsumer {
             side: SideRows {
                 dead_letters,
                 shed,
+                reference,
                 ..SideRows::default()
             },
             caught_up,

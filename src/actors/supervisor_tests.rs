@@ -80,6 +80,7 @@ impl Handler<GetCommitterStatus> for FakeCommitter {
             failed_commits: 0,
             commits_not_persisted: 0,
             rows_committed: 0,
+            reference_committed: 0,
             dead_letters_committed: 0,
             sequence_events_committed: 0,
             probable_duplicates_committed: 0,

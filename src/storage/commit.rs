@@ -1,9 +1,9 @@
 //! The commit protocol: one Iceberg snapshot per table per epoch, carrying
 //! the offsets the data covers, fenced against concurrent writers.
 //!
-//! Order within an epoch: K2's side tables first (`k2.dead_letters`,
-//! `k2.sequence_gaps`, `k2.probable_duplicates`, `k2.shed_ledger`, each with
-//! its own offsets summary), then trades (in the trades table, whose offsets are the source
+//! Order within an epoch: the side tables first (`market.reference`,
+//! `k2.dead_letters`, `k2.sequence_gaps`, `k2.probable_duplicates`,
+//! `k2.shed_ledger`, each with its own offsets summary), then trades (in the trades table, whose offsets are the source
 //! of truth for restarts). A crash in between replays the epoch: the trades
 //! are written again (their offsets were not recorded) and side rows below a
 //! side table's recorded offset are skipped, so no table holds anything
@@ -32,7 +32,8 @@ use super::catalog::{FencedCatalog, is_fence_error};
 use super::offsets::{OffsetsError, TopicOffsets, summary_key};
 use super::tables::TableIdents;
 use super::writer::{
-    TableWriter, dead_letter_batch, probable_duplicates_batch, sequence_events_batch, shed_ledger_batch,
+    TableWriter, dead_letter_batch, probable_duplicates_batch, reference_batch, sequence_events_batch,
+    shed_ledger_batch,
 };
 use crate::model::SideRows;
 
@@ -58,6 +59,8 @@ pub struct CommitOutcome {
     /// Partitions refused: the table stands elsewhere (its next offset).
     pub fenced: Vec<(i32, Option<i64>)>,
     pub rows: u64,
+    /// Reference-data rows written to `market.reference`.
+    pub reference: u64,
     pub dead_letters: u64,
     pub sequence_events: u64,
     pub probable_duplicates: u64,
@@ -141,6 +144,16 @@ impl Committer {
     /// Commits one epoch. Ranges the table refuses are reported in
     /// `fenced`; their files are left out (orphans no reader sees).
     pub async fn commit(&self, ranges: &[PartitionRange]) -> Result<CommitOutcome, CommitError> {
+        let reference = self
+            .commit_side(
+                &self.idents.reference,
+                ranges,
+                |side| &side.reference,
+                |row| row.offset,
+                |_| Replayed::Skip,
+                reference_batch,
+            )
+            .await?;
         let dead_letters = self
             .commit_side(
                 &self.idents.dead_letters,
@@ -182,6 +195,7 @@ impl Committer {
             )
             .await?;
         let mut outcome = self.commit_trades(ranges).await?;
+        outcome.reference = reference;
         outcome.dead_letters = dead_letters;
         outcome.sequence_events = sequence_events;
         outcome.probable_duplicates = probable_duplicates;

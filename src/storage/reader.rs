@@ -103,6 +103,29 @@ pub async fn scan_dead_letters(table: &Table) -> iceberg::Result<Vec<DeadLetterR
     Ok(rows)
 }
 
+/// Scans the current snapshot of `market.reference` for the (kafka_partition, kafka_offset) of
+/// every row, in scan order: a reference row's identity, so two rows at one position are a
+/// duplicate.
+pub async fn scan_reference_positions(table: &Table) -> iceberg::Result<Vec<(i32, i64)>> {
+    if table.metadata().current_snapshot().is_none() {
+        return Ok(Vec::new());
+    }
+    let stream = table
+        .scan()
+        .select(["kafka_partition", "kafka_offset"])
+        .build()?
+        .to_arrow()
+        .await?;
+    let batches: Vec<_> = stream.try_collect().await?;
+    let mut positions = Vec::new();
+    for batch in batches {
+        let partition = batch.column(0).as_primitive::<arrow_array::types::Int32Type>();
+        let offset = batch.column(1).as_primitive::<Int64Type>();
+        positions.extend((0..batch.num_rows()).map(|row| (partition.value(row), offset.value(row))));
+    }
+    Ok(positions)
+}
+
 /// Scans the current snapshot of `k2.sequence_gaps` for rows matching `filter`.
 pub async fn scan_sequence_events(
     table: &Table,

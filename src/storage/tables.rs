@@ -10,6 +10,7 @@ use crate::model::{DECIMAL_PRECISION, DECIMAL_SCALE};
 /// Namespace of K2's own operational tables (`k2.dead_letters`, ...).
 pub const K2_NAMESPACE: &str = "k2";
 pub const TRADES_TABLE: &str = "trades";
+pub const REFERENCE_TABLE: &str = "reference";
 pub const DEAD_LETTERS_TABLE: &str = "dead_letters";
 pub const SEQUENCE_GAPS_TABLE: &str = "sequence_gaps";
 pub const PROBABLE_DUPLICATES_TABLE: &str = "probable_duplicates";
@@ -19,6 +20,8 @@ pub const SHED_LEDGER_TABLE: &str = "shed_ledger";
 #[derive(Debug, Clone)]
 pub struct TableIdents {
     pub trades: TableIdent,
+    /// `market.reference`, beside trades in the market namespace.
+    pub reference: TableIdent,
     pub dead_letters: TableIdent,
     pub sequence_gaps: TableIdent,
     pub probable_duplicates: TableIdent,
@@ -31,6 +34,10 @@ impl TableIdents {
             trades: TableIdent::new(
                 NamespaceIdent::new(market_namespace.to_string()),
                 TRADES_TABLE.to_string(),
+            ),
+            reference: TableIdent::new(
+                NamespaceIdent::new(market_namespace.to_string()),
+                REFERENCE_TABLE.to_string(),
             ),
             dead_letters: k2_table(DEAD_LETTERS_TABLE),
             sequence_gaps: k2_table(SEQUENCE_GAPS_TABLE),
@@ -45,6 +52,7 @@ impl TableIdents {
     pub fn get(&self, table: K2Table) -> &TableIdent {
         match table {
             K2Table::Trades => &self.trades,
+            K2Table::Reference => &self.reference,
             K2Table::DeadLetters => &self.dead_letters,
             K2Table::SequenceGaps => &self.sequence_gaps,
             K2Table::ProbableDuplicates => &self.probable_duplicates,
@@ -68,6 +76,7 @@ impl TableIdents {
 #[serde(rename_all = "snake_case")]
 pub enum K2Table {
     Trades,
+    Reference,
     DeadLetters,
     SequenceGaps,
     ProbableDuplicates,
@@ -75,8 +84,9 @@ pub enum K2Table {
 }
 
 impl K2Table {
-    pub const ALL: [K2Table; 5] = [
+    pub const ALL: [K2Table; 6] = [
         K2Table::Trades,
+        K2Table::Reference,
         K2Table::DeadLetters,
         K2Table::SequenceGaps,
         K2Table::ProbableDuplicates,
@@ -86,6 +96,7 @@ impl K2Table {
     pub fn as_str(self) -> &'static str {
         match self {
             K2Table::Trades => "trades",
+            K2Table::Reference => "reference",
             K2Table::DeadLetters => "dead_letters",
             K2Table::SequenceGaps => "sequence_gaps",
             K2Table::ProbableDuplicates => "probable_duplicates",
@@ -144,6 +155,30 @@ pub fn trades_partition_spec() -> UnboundPartitionSpec {
         .add_partition_field(TRADES_EVENT_TIME_FIELD_ID, "event_day", Transform::Day)
         .expect("the trades partition spec is statically valid")
         .build()
+}
+
+/// `market.reference`: one row per reference-data update, with the Kafka
+/// position it came from (its identity: a replayed or backfilled update is
+/// recognised by partition and offset).
+pub fn reference_schema() -> Schema {
+    let fields = vec![
+        NestedField::required(1, "exchange", string()),
+        NestedField::required(2, "symbol", string()),
+        NestedField::optional(3, "name", string()),
+        NestedField::optional(4, "currency", string()),
+        NestedField::required(5, "tick_size", decimal()),
+        NestedField::required(6, "lot_size", decimal()),
+        NestedField::required(7, "status", string()),
+        NestedField::required(8, "effective_time", timestamptz()),
+        NestedField::required(9, "ingest_time", timestamptz()),
+        NestedField::required(10, "kafka_partition", Type::Primitive(PrimitiveType::Int)),
+        NestedField::required(11, "kafka_offset", long()),
+    ];
+    Schema::builder()
+        .with_schema_id(0)
+        .with_fields(fields.into_iter().map(Arc::new))
+        .build()
+        .expect("the reference schema is statically valid")
 }
 
 /// `k2.dead_letters`: records that could not be decoded or validated, and
@@ -241,6 +276,7 @@ pub fn shed_ledger_schema() -> Schema {
 pub async fn ensure_tables(catalog: &dyn Catalog, idents: &TableIdents) -> iceberg::Result<()> {
     let wanted = [
         (&idents.trades, trades_schema(), Some(trades_partition_spec())),
+        (&idents.reference, reference_schema(), None),
         (&idents.dead_letters, dead_letters_schema(), None),
         (&idents.sequence_gaps, sequence_gaps_schema(), None),
         (&idents.probable_duplicates, probable_duplicates_schema(), None),

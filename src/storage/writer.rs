@@ -29,7 +29,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
 use crate::model::{
-    DECIMAL_PRECISION, DECIMAL_SCALE, DeadLetter, ProbableDuplicate, SequenceEventRow, Trade,
+    DECIMAL_PRECISION, DECIMAL_SCALE, DeadLetter, ProbableDuplicate, ReferenceRecord, SequenceEventRow, Trade,
 };
 use crate::shedding::ShedEntry;
 
@@ -169,6 +169,33 @@ pub fn dead_letter_batch(
 
 fn timestamps(values: impl Iterator<Item = i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from_iter_values(values).with_timezone(UTC))
+}
+
+/// Builds a `market.reference` batch.
+pub fn reference_batch(
+    rows: &[ReferenceRecord],
+    schema: &SchemaRef,
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let mut tick_size = decimal_builder(rows.len());
+    let mut lot_size = decimal_builder(rows.len());
+    for row in rows {
+        tick_size.append_value(row.tick_size);
+        lot_size.append_value(row.lot_size);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.exchange))),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.symbol))),
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.name.as_deref()))),
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.currency.as_deref()))),
+        Arc::new(tick_size.finish()),
+        Arc::new(lot_size.finish()),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.status))),
+        timestamps(rows.iter().map(|r| r.effective_time_us)),
+        timestamps(rows.iter().map(|r| r.ingest_time_us)),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.partition))),
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+    ];
+    RecordBatch::try_new(schema.clone(), columns)
 }
 
 /// Builds a `k2.sequence_gaps` batch.

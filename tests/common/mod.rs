@@ -108,6 +108,8 @@ pub async fn start(config: &K2Config, broker: &EmbeddedBroker, dir: &Path, insta
 /// What the catalog under `config` holds.
 pub struct TableContents {
     pub trades: TradeKeys,
+    /// (partition, offset) of every row of `market.reference`.
+    pub reference: Vec<(i32, i64)>,
     pub dead_letters: u64,
     pub offsets: TopicOffsets,
 }
@@ -129,8 +131,15 @@ pub async fn read_tables(config: &K2Config, dir: &Path) -> TableContents {
         .load_table(&idents.dead_letters)
         .await
         .expect("dead-letter table loads");
+    let reference = catalog
+        .load_table(&idents.reference)
+        .await
+        .expect("reference table loads");
     TableContents {
         trades: scan_trade_keys(&trades).await.expect("trades scan"),
+        reference: k2::storage::reader::scan_reference_positions(&reference)
+            .await
+            .expect("reference scan"),
         dead_letters: committed_record_count(&dead_letters),
         offsets: TopicOffsets::from_table(&trades, TOPIC).expect("offsets parse"),
     }
@@ -164,12 +173,24 @@ pub async fn committed_rows(pipeline: &Pipeline) -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads an ids file written by the load generator ("exchange,symbol,trade_id" lines).
+/// The trades of an ids file written by the load generator.
 pub fn read_ids(path: &Path) -> HashSet<TradeKey> {
     k2::loadgen::read_ids_file(path)
         .expect("ids file readable")
         .into_iter()
+        .filter(|line| !line.is_reference())
         .map(|trade| trade.key)
+        .collect()
+}
+
+/// The Kafka positions (partition, offset) of the reference data of an ids
+/// file written by the load generator.
+pub fn read_reference_ids(path: &Path) -> HashSet<(i32, i64)> {
+    k2::loadgen::read_ids_file(path)
+        .expect("ids file readable")
+        .into_iter()
+        .filter(|line| line.is_reference())
+        .map(|line| (line.partition, line.offset))
         .collect()
 }
 
@@ -295,6 +316,21 @@ pub fn spawn_loadgen(
     total: u64,
     rate: u64,
 ) -> actix_rt::task::JoinHandle<anyhow::Result<k2::loadgen::LoadgenReport>> {
+    let generator = k2::loadgen::GeneratorParams {
+        seed: 11,
+        ..k2::loadgen::GeneratorParams::default()
+    };
+    spawn_loadgen_with(bootstrap, ids, total, rate, generator)
+}
+
+/// [`spawn_loadgen`] with the generator's parameters given.
+pub fn spawn_loadgen_with(
+    bootstrap: &str,
+    ids: &std::path::Path,
+    total: u64,
+    rate: u64,
+    generator: k2::loadgen::GeneratorParams,
+) -> actix_rt::task::JoinHandle<anyhow::Result<k2::loadgen::LoadgenReport>> {
     let params = k2::loadgen::LoadgenParams {
         brokers: bootstrap.to_string(),
         topic: TOPIC.to_string(),
@@ -304,10 +340,7 @@ pub fn spawn_loadgen(
         total: Some(total),
         ids_file: Some(ids.to_path_buf()),
         tiers: Default::default(),
-        generator: k2::loadgen::GeneratorParams {
-            seed: 11,
-            ..k2::loadgen::GeneratorParams::default()
-        },
+        generator,
         progress: false,
     };
     actix_rt::spawn(k2::loadgen::run_loadgen(params, futures::future::pending()))
@@ -405,9 +438,15 @@ pub async fn table_offsets(config: &K2Config, dir: &Path) -> std::collections::B
 }
 
 /// Runs `tests/interop/<script>` with `python` (PyIceberg) on the SQLite
-/// catalog and warehouse under `dir`, table `market.trades`, plus `extra`
-/// arguments; returns the JSON object it prints.
-pub fn pyiceberg(python: &str, script: &str, dir: &Path, extra: &[&std::ffi::OsStr]) -> serde_json::Value {
+/// catalog and warehouse under `dir`, on `table`, plus `extra` arguments;
+/// returns the JSON object it prints.
+pub fn pyiceberg(
+    python: &str,
+    script: &str,
+    dir: &Path,
+    table: &str,
+    extra: &[&std::ffi::OsStr],
+) -> serde_json::Value {
     let warehouse = dir.join("warehouse").canonicalize().expect("warehouse exists");
     let output = Command::new(python)
         .arg(
@@ -417,7 +456,7 @@ pub fn pyiceberg(python: &str, script: &str, dir: &Path, extra: &[&std::ffi::OsS
         )
         .arg(dir.join("catalog.db"))
         .arg(format!("file://{}", warehouse.display()))
-        .arg("market.trades")
+        .arg(table)
         .args(extra)
         .output()
         .expect("python runs");
