@@ -148,11 +148,7 @@ async fn main() {
     if std::env::var_os("K2_BENCH_KEEP_DIR").is_some() {
         eprintln!("table health: working in {} (kept)", dir.path().display());
     }
-    let catalog_config = CatalogConfig {
-        uri: format!("sqlite:{}/catalog.db", dir.path().display()),
-        warehouse: dir.path().join("warehouse").display().to_string(),
-        ..CatalogConfig::default()
-    };
+    let catalog_config = CatalogConfig::sqlite_in(dir.path());
     let catalog = open_catalog(&catalog_config, dir.path()).await.expect("catalog");
     let idents = TableIdents::new(&catalog_config.namespace);
     ensure_tables(catalog.as_ref(), &idents).await.expect("tables");

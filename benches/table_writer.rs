@@ -44,11 +44,7 @@ fn bench(c: &mut Criterion) {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("temp dir");
     let table = rt.block_on(async {
-        let config = CatalogConfig {
-            uri: format!("sqlite:{}/catalog.db", dir.path().display()),
-            warehouse: dir.path().join("warehouse").display().to_string(),
-            ..CatalogConfig::default()
-        };
+        let config = CatalogConfig::sqlite_in(dir.path());
         let catalog = open_catalog(&config, dir.path()).await.expect("catalog opens");
         let idents = TableIdents::new(&config.namespace);
         ensure_tables(catalog.as_ref(), &idents).await.expect("tables");

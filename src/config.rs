@@ -482,6 +482,18 @@ impl Default for CatalogConfig {
     }
 }
 
+impl CatalogConfig {
+    /// The embedded layout under `dir`: a SQLite catalog `catalog.db` and the
+    /// warehouse `warehouse/` (tests and benchmarks in a temp dir).
+    pub fn sqlite_in(dir: &std::path::Path) -> Self {
+        CatalogConfig {
+            uri: format!("sqlite:{}/catalog.db", dir.display()),
+            warehouse: dir.join("warehouse").display().to_string(),
+            ..CatalogConfig::default()
+        }
+    }
+}
+
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {

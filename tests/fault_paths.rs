@@ -444,11 +444,7 @@ mod replay {
 
     /// A committer over a SQLite catalog in `dir`, with K2's tables.
     async fn committer(dir: &std::path::Path, faults: Arc<Faults>) -> Committer {
-        let config = CatalogConfig {
-            uri: format!("sqlite:{}/catalog.db", dir.display()),
-            warehouse: dir.join("warehouse").display().to_string(),
-            ..CatalogConfig::default()
-        };
+        let config = CatalogConfig::sqlite_in(dir);
         let idents = TableIdents::new(&config.namespace);
         let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(
             open_catalog(&config, dir).await.unwrap(),

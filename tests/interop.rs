@@ -43,6 +43,25 @@ async fn ingest(
     (loaded.valid.into_iter().collect(), loaded.reference)
 }
 
+/// The schema a PyIceberg script printed, one `id name type required`
+/// string per field.
+fn schema_fields(found: &serde_json::Value) -> Vec<String> {
+    found["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {} {} {}",
+                f[0],
+                f[1].as_str().unwrap(),
+                f[2].as_str().unwrap(),
+                f[3]
+            )
+        })
+        .collect()
+}
+
 #[actix_rt::test]
 #[ignore = "needs K2_PYTHON with PyIceberg; ./scripts/test runs it"]
 async fn pyiceberg_reads_the_rows_schema_and_offsets_k2_wrote() {
@@ -58,22 +77,8 @@ async fn pyiceberg_reads_the_rows_schema_and_offsets_k2_wrote() {
 
     assert_eq!(found["rows"], expected.len());
     assert_eq!(found["distinct_keys"], expected.len());
-    let fields: Vec<String> = found["fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            format!(
-                "{} {} {} {}",
-                f[0],
-                f[1].as_str().unwrap(),
-                f[2].as_str().unwrap(),
-                f[3]
-            )
-        })
-        .collect();
     assert_eq!(
-        fields,
+        schema_fields(&found),
         [
             "1 exchange string true",
             "2 symbol string true",
@@ -102,22 +107,8 @@ async fn pyiceberg_reads_the_rows_schema_and_offsets_k2_wrote() {
     assert!(reference > 200, "{reference}");
     assert_eq!(found["rows"], reference);
     assert_eq!(found["distinct_positions"], reference);
-    let fields: Vec<String> = found["fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            format!(
-                "{} {} {} {}",
-                f[0],
-                f[1].as_str().unwrap(),
-                f[2].as_str().unwrap(),
-                f[3]
-            )
-        })
-        .collect();
     assert_eq!(
-        fields,
+        schema_fields(&found),
         [
             "1 exchange string true",
             "2 symbol string true",

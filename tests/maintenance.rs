@@ -35,11 +35,7 @@ fn required_env(name: &str) -> String {
 }
 
 fn catalog_config(dir: &Path) -> CatalogConfig {
-    CatalogConfig {
-        uri: format!("sqlite:{}/catalog.db", dir.display()),
-        warehouse: dir.join("warehouse").display().to_string(),
-        ..CatalogConfig::default()
-    }
+    CatalogConfig::sqlite_in(dir)
 }
 
 /// Small thresholds, so a few dozen commits make work for every step.

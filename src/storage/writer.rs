@@ -437,11 +437,7 @@ mod tests {
     use crate::storage::tables::{TableIdents, ensure_tables};
 
     async fn trades_table(dir: &std::path::Path) -> Table {
-        let config = CatalogConfig {
-            uri: format!("sqlite:{}/catalog.db", dir.display()),
-            warehouse: dir.join("warehouse").display().to_string(),
-            ..CatalogConfig::default()
-        };
+        let config = CatalogConfig::sqlite_in(dir);
         let catalog = open_catalog(&config, dir).await.unwrap();
         let idents = TableIdents::new(&config.namespace);
         ensure_tables(catalog.as_ref(), &idents).await.unwrap();

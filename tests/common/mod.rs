@@ -44,8 +44,7 @@ pub fn config(dir: &Path, group: &str) -> K2Config {
     let mut config = K2Config::default();
     config.kafka.topic = TOPIC.to_string();
     config.kafka.group_id = group.to_string();
-    config.catalog.uri = format!("sqlite:{}/catalog.db", dir.display());
-    config.catalog.warehouse = dir.join("warehouse").display().to_string();
+    config.catalog = k2::config::CatalogConfig::sqlite_in(dir);
     config.commit.interval_ms = 200;
     config.batcher.max_age_ms = 100;
     config.batcher.max_rows = 5_000;
