@@ -18,7 +18,7 @@ use crate::config::K2Config;
 use crate::degradation::DegradationLevel;
 use crate::embedded::EmbeddedBroker;
 use crate::faults::{Fault, FaultKind};
-use crate::loadgen::{GeneratorParams, LoadgenParams, run_loadgen};
+use crate::loadgen::{LoadgenParams, run_loadgen};
 use crate::messages::Stage;
 use crate::pipeline::Pipeline;
 use crate::service::{Verdict, print_verdict};
@@ -594,21 +594,8 @@ pub async fn kill_restart(
     let _ = std::fs::remove_file(&ids_file);
     let loadgen = actix_rt::spawn(run_loadgen(
         LoadgenParams {
-            brokers: brokers.clone(),
-            topic: topic.clone(),
-            rate: config.loadgen.rate,
-            shape: Default::default(),
             duration: Some(run),
-            total: None,
-            ids_file: Some(ids_file.clone()),
-            tiers: crate::shedding::TierTable::new(&config.shedding),
-            generator: GeneratorParams {
-                seed: config.loadgen.seed,
-                malformed_ratio: config.loadgen.malformed_ratio,
-                reference_ratio: config.loadgen.reference_ratio,
-                ..GeneratorParams::default()
-            },
-            progress: false,
+            ..LoadgenParams::from_config(config, &brokers, Some(ids_file.clone()))
         },
         futures::future::pending(),
     ));

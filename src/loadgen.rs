@@ -1068,6 +1068,37 @@ pub struct LoadgenParams {
     pub progress: bool,
 }
 
+impl LoadgenParams {
+    /// The embedded load generator as `config` sets it up (`[loadgen]`, the topic, the `[shedding]`
+    /// tiers) against `brokers`, at a steady `loadgen.rate` until shutdown, with no progress line.
+    pub fn from_config(config: &crate::config::K2Config, brokers: &str, ids_file: Option<PathBuf>) -> Self {
+        LoadgenParams {
+            brokers: brokers.to_string(),
+            topic: config.kafka.topic.clone(),
+            rate: config.loadgen.rate,
+            shape: RateShape::default(),
+            duration: None,
+            total: None,
+            ids_file,
+            tiers: TierTable::new(&config.shedding),
+            generator: GeneratorParams::from_config(&config.loadgen),
+            progress: false,
+        }
+    }
+}
+
+impl GeneratorParams {
+    /// The embedded load generator's messages as `[loadgen]` sets them.
+    pub fn from_config(config: &crate::config::LoadgenConfig) -> Self {
+        GeneratorParams {
+            seed: config.seed,
+            malformed_ratio: config.malformed_ratio,
+            reference_ratio: config.reference_ratio,
+            ..GeneratorParams::default()
+        }
+    }
+}
+
 /// How the rate changes over a run: a linear ramp from the base rate to
 /// another, and bursts on top. The default keeps the base rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -195,8 +195,6 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
             let _ = std::fs::remove_file(&ids_file);
         }
         let params = LoadgenParams {
-            brokers: brokers.clone(),
-            topic: config.kafka.topic.clone(),
             rate: match options.scenario {
                 Some(crate::demo::Scenario::Overload) => (config.loadgen.rate / 5).max(1),
                 _ => config.loadgen.rate,
@@ -207,17 +205,7 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
                 }
                 _ => Default::default(),
             },
-            duration: None,
-            total: None,
-            ids_file: options.verdict.then(|| ids_file.clone()),
-            tiers: crate::shedding::TierTable::new(&config.shedding),
-            generator: GeneratorParams {
-                seed: config.loadgen.seed,
-                malformed_ratio: config.loadgen.malformed_ratio,
-                reference_ratio: config.loadgen.reference_ratio,
-                ..GeneratorParams::default()
-            },
-            progress: false,
+            ..LoadgenParams::from_config(&config, &brokers, options.verdict.then(|| ids_file.clone()))
         };
         Some(actix_rt::spawn(run_loadgen(params, async move {
             let _ = stop_rx.await;
@@ -416,12 +404,7 @@ fn embedded_partitions(config: &K2Config) -> i32 {
     if !config.loadgen.enabled {
         return minimum;
     }
-    let profile = crate::loadgen::message_profile(&GeneratorParams {
-        seed: config.loadgen.seed,
-        malformed_ratio: config.loadgen.malformed_ratio,
-        reference_ratio: config.loadgen.reference_ratio,
-        ..GeneratorParams::default()
-    });
+    let profile = crate::loadgen::message_profile(&GeneratorParams::from_config(&config.loadgen));
     let load = crate::embedded::TopicLoad {
         rate: config.loadgen.rate,
         record_bytes: profile.average_bytes + crate::supervision::RECORD_OVERHEAD_BYTES,
