@@ -75,6 +75,9 @@ pub struct Batcher {
     oldest: Option<Instant>,
     /// Chunks received, so an idle flush can tell whether another came.
     chunks: u64,
+    /// The buffer's last chunk ended where Kafka's log did: whatever
+    /// flushes it (the idle flush, age, size) tells the committer so.
+    caught_up: bool,
     /// Targets grow at SOFT and above (fewer, larger files and commits).
     growth: u32,
     partition_label: String,
@@ -105,6 +108,7 @@ impl Batcher {
             range: None,
             oldest: None,
             chunks: 0,
+            caught_up: false,
             growth,
             counters: BatcherCounters::default(),
         }
@@ -131,15 +135,19 @@ impl Batcher {
     /// Writes the buffer out and hands it to the committer, holding the
     /// actor (no other message) until the committer accepted the files.
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        if let Some(fut) = self.flush_future(false) {
+        if let Some(fut) = self.flush_future() {
             ctx.wait(fut);
         }
     }
 
     /// The flush as one actor future, so a `Flush` request can reply exactly
-    /// when its files were accepted.
-    fn flush_future(&mut self, caught_up: bool) -> Option<ResponseActFuture<Self, ()>> {
+    /// when its files were accepted. The files are caught up when the
+    /// buffer's last chunk was, whatever flushes them: an age flush that
+    /// comes before the idle flush must not leave the range waiting out the
+    /// commit interval.
+    fn flush_future(&mut self) -> Option<ResponseActFuture<Self, ()>> {
         let (first_offset, next_offset) = self.range.take()?;
+        let caught_up = std::mem::take(&mut self.caught_up);
         self.oldest = None;
         let side = std::mem::take(&mut self.side);
         let rows = self.buffer.len() as u64;
@@ -293,8 +301,9 @@ impl Handler<TradeChunk> for Batcher {
         self.side.extend(chunk.side);
         self.publish_buffered(self.buffer.estimated_bytes());
         self.chunks += 1;
+        self.caught_up = chunk.caught_up;
         if self.is_due() {
-            if let Some(fut) = self.flush_future(chunk.caught_up) {
+            if let Some(fut) = self.flush_future() {
                 ctx.wait(fut);
             }
         } else if chunk.caught_up && !self.params.idle_flush.is_zero() {
@@ -302,7 +311,7 @@ impl Handler<TradeChunk> for Batcher {
             let seen = self.chunks;
             ctx.run_later(self.params.idle_flush, move |act, ctx| {
                 if act.chunks == seen
-                    && let Some(fut) = act.flush_future(true)
+                    && let Some(fut) = act.flush_future()
                 {
                     ctx.wait(fut);
                 }
@@ -316,7 +325,7 @@ impl Handler<Flush> for Batcher {
 
     fn handle(&mut self, _: Flush, _: &mut Context<Self>) -> Self::Result {
         let fut = self
-            .flush_future(false)
+            .flush_future()
             .unwrap_or_else(|| Box::pin(actix::fut::ready(())));
         AtomicResponse::new(fut)
     }
@@ -336,5 +345,132 @@ impl Handler<LevelChanged> for Batcher {
 
     fn handle(&mut self, msg: LevelChanged, _: &mut Context<Self>) {
         self.growth = growth_at(msg.level, self.params.soft_growth);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::breaker::BreakerConfig;
+    use crate::config::CatalogConfig;
+    use crate::storage::catalog::open_catalog;
+    use crate::storage::tables::{TableIdents, ensure_tables};
+
+    /// Keeps what the batcher hands the committer.
+    struct Collector(Arc<Mutex<Vec<FilesWritten>>>);
+
+    impl Actor for Collector {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<FilesWritten> for Collector {
+        type Result = ();
+
+        fn handle(&mut self, files: FilesWritten, _: &mut Context<Self>) {
+            self.0.lock().unwrap().push(files);
+        }
+    }
+
+    struct Failures;
+
+    impl Actor for Failures {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<LaneFailed> for Failures {
+        type Result = ();
+
+        fn handle(&mut self, failed: LaneFailed, _: &mut Context<Self>) {
+            panic!("the batcher failed: {failed:?}");
+        }
+    }
+
+    /// A batcher that flushes by age after 50 ms and would flush an idle
+    /// caught-up buffer only after a minute; returns it and what it sent.
+    async fn batcher(dir: &std::path::Path) -> (Addr<Batcher>, Arc<Mutex<Vec<FilesWritten>>>) {
+        let config = CatalogConfig::sqlite_in(dir);
+        let catalog = open_catalog(&config, dir).await.unwrap();
+        let idents = TableIdents::new(&config.namespace);
+        ensure_tables(catalog.as_ref(), &idents).await.unwrap();
+        let table = catalog.load_table(&idents.trades).await.unwrap();
+        let writer = TableWriter::new(&table, 1, 64 << 20).unwrap();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let collector = Collector(sent.clone()).start();
+        let params = BatcherParams {
+            lane: LaneId {
+                partition: 3,
+                incarnation: 1,
+            },
+            max_rows: 1_000_000,
+            max_bytes: 1 << 30,
+            max_age: Duration::from_millis(50),
+            idle_flush: Duration::from_secs(60),
+            mailbox_capacity: 2,
+            soft_growth: 1,
+            level: DegradationLevel::Normal,
+            storage: Arc::new(CircuitBreaker::new("storage", &BreakerConfig::default())),
+            status: Arc::new(LaneStatus::default()),
+            faults: Arc::new(crate::faults::Faults::default()),
+        };
+        let batcher = Batcher::new(
+            params,
+            writer,
+            collector.recipient(),
+            Failures.start().recipient(),
+        );
+        (batcher.start(), sent)
+    }
+
+    fn chunk(first_offset: i64, next_offset: i64, caught_up: bool) -> TradeChunk {
+        TradeChunk {
+            lane: LaneId {
+                partition: 3,
+                incarnation: 1,
+            },
+            first_offset,
+            next_offset,
+            trades: Vec::new(),
+            shed_symbols: Vec::new(),
+            side: SideRows::default(),
+            caught_up,
+        }
+    }
+
+    /// Waits (at most 10 s) until the batcher has sent `n` flushes; returns
+    /// their ranges and caught-up flags.
+    async fn flushes(sent: &Mutex<Vec<FilesWritten>>, n: usize) -> Vec<(i64, i64, bool)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got: Vec<_> = sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|f| (f.first_offset, f.next_offset, f.caught_up))
+                .collect();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[actix_rt::test]
+    async fn an_age_flush_of_a_caught_up_buffer_says_it_is_caught_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (batcher, sent) = batcher(dir.path()).await;
+        // Not caught up: the age flush says so.
+        batcher.send(chunk(0, 10, false)).await.unwrap();
+        assert_eq!(flushes(&sent, 1).await, [(0, 10, false)]);
+        // The lane read to the high watermark; the age flush comes long
+        // before the idle one and carries the news, or the committer would
+        // wait out its interval for this range.
+        batcher.send(chunk(10, 20, false)).await.unwrap();
+        batcher.send(chunk(20, 30, true)).await.unwrap();
+        assert_eq!(flushes(&sent, 2).await, [(0, 10, false), (10, 30, true)]);
+        // A later chunk that is not caught up starts over.
+        batcher.send(chunk(30, 40, false)).await.unwrap();
+        assert_eq!(flushes(&sent, 3).await[2], (30, 40, false));
     }
 }
