@@ -33,6 +33,17 @@ fn shed_metric_by_priority() -> BTreeMap<String, u64> {
     k2::tui::shed_by_priority(&k2::metrics::install().render())
 }
 
+/// Waits until records of `priority` have been shed (the level in force
+/// sheds it and the load is still running).
+async fn shed_some(priority: &'static str) {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("{priority} records shed"),
+        || async { shed_metric_by_priority().get(priority).copied().unwrap_or(0) > 0 },
+    )
+    .await;
+}
+
 /// The ledger's "shed" entries, one per entry id.
 async fn shed_entries(config: &k2::config::K2Config, dir: &std::path::Path) -> Vec<ShedEntry> {
     let catalog = open_catalog(&config.catalog, dir).await.unwrap();
@@ -100,21 +111,31 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
         ..k2::loadgen::GeneratorParams::default()
     };
     let loadgen = spawn_loadgen_with(broker.bootstrap_servers(), &ids, 60_000, 10_000, generator);
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // At NORMAL reference data is written: the first of it is committed
+    // before GRACEFUL starts shedding it (a slow machine reads late). Each
+    // level then holds until it has shed what it sheds first, so the drill
+    // fits in the 6 s of load however late it starts (more load would
+    // outgrow what the embedded broker retains on its hottest partition).
+    wait_for(
+        Duration::from_secs(60),
+        "reference data committed at NORMAL",
+        || async { pipeline.status().await.unwrap().committer.reference_committed > 0 },
+    )
+    .await;
     let graceful = r#"{"level": "GRACEFUL", "reason": "drill 0"}"#;
     let (status, body) = common::api(&addr, "/v1/degradation", "PUT", graceful, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    shed_some("LOW").await;
     let (status, body) = common::api(&addr, "/v1/degradation", "PUT", force, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["level"], "AGGRESSIVE");
     assert_eq!(body["mode"]["mode"], "forced");
     assert_eq!(body["mode"]["reason"], "drill");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    shed_some("NORMAL").await;
     let circuit = r#"{"level": "CIRCUIT_BREAK", "reason": "drill 2"}"#;
     let (status, body) = common::api(&addr, "/v1/degradation", "PUT", circuit, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    shed_some("HIGH").await;
     let (status, body) = common::api(&addr, "/v1/degradation", "DELETE", "", Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["mode"]["mode"], "auto");
@@ -220,7 +241,15 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
     .await
     .unwrap();
     assert_eq!(report.entries_closed as usize, entries.len());
-    assert_eq!(report.records_committed as usize, shed_positions.len());
+    assert_eq!(
+        report.records_committed as usize,
+        shed_positions.len(),
+        "present {} expired {} dead {} closed {}",
+        report.records_present,
+        report.expired,
+        report.dead_letters,
+        report.entries_closed
+    );
     let contents = read_tables(&config, dir.path()).await;
     assert_exactly_once(&contents, &produced);
     let mut reference = contents.reference.clone();
