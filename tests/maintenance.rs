@@ -431,6 +431,54 @@ async fn maintenance_and_ingestion_commits_race_and_neither_loses() {
     assert_pyiceberg_reads(dir.path(), &fx.committed);
 }
 
+/// Refuses the first `conflicts` commits as the SQL catalog refuses one
+/// whose table another writer moved after the transaction last read it.
+#[derive(Debug)]
+struct Conflicting {
+    inner: std::sync::Arc<dyn iceberg::Catalog>,
+    conflicts: std::sync::atomic::AtomicU32,
+}
+
+k2::catalog_wrapper!(Conflicting, inner, |this, commit| {
+    use std::sync::atomic::Ordering::SeqCst;
+    if this
+        .conflicts
+        .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return Err(iceberg::Error::new(
+            iceberg::ErrorKind::CatalogCommitConflicts,
+            "Requirement failed: Branch or tag `main`'s snapshot has changed",
+        ));
+    }
+    this.inner.update_table(commit).await
+});
+
+#[actix_rt::test]
+async fn an_expiry_the_catalog_refuses_for_a_concurrent_commit_is_planned_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = MaintenanceConfig {
+        retain_snapshots: 3,
+        ..maintenance_config()
+    };
+    let mut fx = Fixture::new(dir.path(), config.clone()).await;
+    for i in 0..8 {
+        fx.commit(i % 2, 40).await;
+    }
+    let mut maintainer = maintainer(dir.path(), config).await;
+    maintainer.catalog = std::sync::Arc::new(Conflicting {
+        inner: maintainer.catalog.clone(),
+        conflicts: std::sync::atomic::AtomicU32::new(2),
+    });
+    let report = maintainer
+        .expire(&fx.idents.trades)
+        .await
+        .expect("the expiry is planned again after the refusals");
+    assert_eq!(report.snapshots_expired, 5, "8 snapshots, 3 kept: {report:?}");
+    assert_eq!(fx.trades().await.metadata().snapshots().count(), 3);
+    fx.assert_exact().await;
+}
+
 #[actix_rt::test]
 async fn a_rewrite_rebases_onto_commits_made_while_it_worked() {
     let dir = tempfile::tempdir().unwrap();

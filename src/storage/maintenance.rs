@@ -52,8 +52,8 @@ use super::offsets::OFFSETS_KEY_PREFIX;
 use super::writer::TableWriter;
 use crate::config::MaintenanceConfig;
 
-/// Attempts of one rewrite against concurrent commits before it gives up
-/// for this pass (ingestion commits every couple of seconds; a rewrite
+/// Attempts of one rewrite (or expiry) against concurrent commits before it
+/// gives up for this pass (ingestion commits every couple of seconds; a rewrite
 /// commits in milliseconds once its files are written).
 const MAX_REWRITE_ATTEMPTS: usize = 10;
 
@@ -693,21 +693,37 @@ impl Maintainer {
 
     /// Expires all but the newest `retain_snapshots` snapshots and deletes
     /// the files only they referenced.
+    /// An ingestion commit that lands between the table's load and the
+    /// expiry's commit makes the catalog refuse the expiry: it is planned
+    /// again on the new snapshot.
     pub async fn expire(&self, ident: &TableIdent) -> Result<CleanupReport, MaintenanceError> {
         let mut report = CleanupReport::default();
-        let base = self.catalog.load_table(ident).await?;
-        let before: Vec<SnapshotRef> = base.metadata().snapshots().cloned().collect();
-        if before.len() <= self.config.retain_snapshots {
-            return Ok(report);
-        }
-        let tx = iceberg::transaction::Transaction::new(&base);
-        let tx = iceberg::transaction::ApplyTransactionAction::apply(
-            tx.expire_snapshots()
-                .expire_older_than_ms(chrono::Utc::now().timestamp_millis())
-                .retain_last(self.config.retain_snapshots),
-            tx,
-        )?;
-        tx.commit(self.catalog.as_ref()).await?;
+        let mut attempt = 0;
+        let before = loop {
+            attempt += 1;
+            let base = self.catalog.load_table(ident).await?;
+            let before: Vec<SnapshotRef> = base.metadata().snapshots().cloned().collect();
+            if before.len() <= self.config.retain_snapshots {
+                return Ok(report);
+            }
+            let tx = iceberg::transaction::Transaction::new(&base);
+            let tx = iceberg::transaction::ApplyTransactionAction::apply(
+                tx.expire_snapshots()
+                    .expire_older_than_ms(chrono::Utc::now().timestamp_millis())
+                    .retain_last(self.config.retain_snapshots),
+                tx,
+            )?;
+            match tx.commit(self.catalog.as_ref()).await {
+                Ok(_) => break before,
+                Err(err)
+                    if err.kind() == iceberg::ErrorKind::CatalogCommitConflicts
+                        && attempt < MAX_REWRITE_ATTEMPTS =>
+                {
+                    warn!(table = %ident, attempt, "the table moved under the expiry, planning it again");
+                }
+                Err(err) => return Err(err.into()),
+            }
+        };
         // What the table holds now, read back: a commit the catalog reported
         // but did not make (ADR 0006) must not delete a file.
         let after = self.catalog.load_table(ident).await?;
