@@ -33,13 +33,29 @@ fn shed_metric_by_priority() -> BTreeMap<String, u64> {
     k2::tui::shed_by_priority(&k2::metrics::install().render())
 }
 
-/// Waits until records of `priority` have been shed (the level in force
-/// sheds it and the load is still running).
-async fn shed_some(priority: &'static str) {
+/// The tests of this file run one at a time: the shedding counters are the
+/// process's, and a catalog outage can raise the level and shed too.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `k2_shed_records_total` by priority, less what `baseline` had.
+fn shed_since(baseline: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    shed_metric_by_priority()
+        .into_iter()
+        .map(|(priority, n)| {
+            let before = baseline.get(&priority).copied().unwrap_or(0);
+            (priority, n - before)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Waits until records of `priority` have been shed since `baseline` (the
+/// level in force sheds it and the load is still running).
+async fn shed_some(priority: &'static str, baseline: &BTreeMap<String, u64>) {
     wait_for(
         Duration::from_secs(60),
         &format!("{priority} records shed"),
-        || async { shed_metric_by_priority().get(priority).copied().unwrap_or(0) > 0 },
+        || async { shed_since(baseline).contains_key(priority) },
     )
     .await;
 }
@@ -60,6 +76,8 @@ async fn shed_entries(config: &k2::config::K2Config, dir: &std::path::Path) -> V
 
 #[actix_rt::test]
 async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_restores_every_trade() {
+    let _serial = SERIAL.lock().await;
+    let baseline = shed_metric_by_priority();
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(8);
     let ids = dir.path().join("ids.csv");
@@ -125,17 +143,17 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
     let graceful = r#"{"level": "GRACEFUL", "reason": "drill 0"}"#;
     let (status, body) = common::api(&addr, "/v1/degradation", "PUT", graceful, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
-    shed_some("LOW").await;
+    shed_some("LOW", &baseline).await;
     let (status, body) = common::api(&addr, "/v1/degradation", "PUT", force, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["level"], "AGGRESSIVE");
     assert_eq!(body["mode"]["mode"], "forced");
     assert_eq!(body["mode"]["reason"], "drill");
-    shed_some("NORMAL").await;
+    shed_some("NORMAL", &baseline).await;
     let circuit = r#"{"level": "CIRCUIT_BREAK", "reason": "drill 2"}"#;
     let (status, body) = common::api(&addr, "/v1/degradation", "PUT", circuit, Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
-    shed_some("HIGH").await;
+    shed_some("HIGH", &baseline).await;
     let (status, body) = common::api(&addr, "/v1/degradation", "DELETE", "", Some(KEY)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["mode"]["mode"], "auto");
@@ -186,7 +204,7 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
         assert_eq!(entry.records, entry.offsets.count());
         *ledger.entry(entry.priority.to_string()).or_default() += entry.records;
     }
-    let metric = shed_metric_by_priority();
+    let metric = shed_since(&baseline);
     assert_eq!(ledger, metric, "ledger by priority != shed counters");
     assert!(ledger.get("LOW").copied().unwrap_or(0) > 0, "{ledger:?}");
     assert!(ledger.get("NORMAL").copied().unwrap_or(0) > 0, "{ledger:?}");
@@ -360,6 +378,7 @@ async fn end_outage(
 
 #[actix_rt::test]
 async fn a_catalog_outage_pauses_consumption_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     // Production outlasts the outage, so lag can grow while partitions pause.
     let Ingesting {
         dir,
@@ -426,6 +445,7 @@ async fn a_catalog_outage_pauses_consumption_and_loses_nothing() {
 
 #[actix_rt::test]
 async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_marked_failed() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(4);
     let ids = dir.path().join("ids.csv");
@@ -533,6 +553,7 @@ fn lane(
 
 #[actix_rt::test]
 async fn a_lane_rebuilt_while_the_catalog_is_down_waits_for_it_without_spending_its_restarts() {
+    let _serial = SERIAL.lock().await;
     use k2::actors::supervisor::LaneState;
 
     let Ingesting {
@@ -593,6 +614,7 @@ async fn a_lane_rebuilt_while_the_catalog_is_down_waits_for_it_without_spending_
 
 #[actix_rt::test]
 async fn partitions_assigned_while_the_catalog_is_down_start_when_it_returns() {
+    let _serial = SERIAL.lock().await;
     use k2::actors::supervisor::LaneState;
 
     let Ingesting {
