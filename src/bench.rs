@@ -33,6 +33,7 @@ use crate::config::K2Config;
 use crate::embedded::EmbeddedBroker;
 
 pub mod latency;
+pub mod query;
 use crate::loadgen::{GeneratorParams, Spread, preload};
 use crate::metrics as m;
 use crate::storage::catalog::open_catalog;

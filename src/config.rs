@@ -96,6 +96,8 @@ pub struct K2Config {
     pub shedding: SheddingConfig,
     /// The control-plane HTTP server.
     pub http: HttpConfig,
+    /// Queries over the tables and the rows not yet committed (`/v1/trades`, `/v1/query`, `k2 query`).
+    pub query: QueryConfig,
     /// The built-in load generator.
     pub loadgen: LoadgenConfig,
     /// Failure drills.
@@ -336,6 +338,45 @@ pub struct MaintenanceConfig {
     /// kill, a fence, a lost race) are deleted once they are this old. Keep it well above the longest
     /// a file can wait for its commit (a catalog outage), across every process writing the table.
     pub orphan_min_age_ms: u64,
+}
+
+/// Queries: each sees the trades table at one snapshot plus the rows consumed since, and each is
+/// bounded in rows, time and memory so that no query can take the process down.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Rows one answer returns at most; a query that would return more is cut there and says so
+    /// (`truncated`).
+    pub max_rows: usize,
+    /// A query still running after this long is stopped and answered with an error. Keep it well
+    /// under the time `maintenance.retain_snapshots` snapshots take to accumulate: a query reads the
+    /// snapshot current when it started.
+    pub timeout_ms: u64,
+    /// Memory one query's operators (sorts, aggregations, joins) may hold; past it the query fails
+    /// with an error instead of growing the process. Nothing spills to disk.
+    pub memory_limit_bytes: usize,
+    /// Threads that run queries, apart from ingestion's arbiters and the HTTP worker.
+    pub threads: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            max_rows: 100_000,
+            timeout_ms: 5_000,
+            memory_limit_bytes: 256 * MIB as usize,
+            threads: 1,
+        }
+    }
+}
+
+impl QueryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("query.max_rows", self.max_rows)?;
+        positive("query.timeout_ms", self.timeout_ms)?;
+        positive("query.memory_limit_bytes", self.memory_limit_bytes)?;
+        positive("query.threads", self.threads)
+    }
 }
 
 /// The Iceberg catalog and warehouse.
@@ -601,6 +642,7 @@ impl K2Config {
         self.commit.validate()?;
         self.catalog.validate()?;
         self.maintenance.validate()?;
+        self.query.validate()?;
         self.breaker
             .validate()
             .map_err(|reason| invalid("breaker", &reason))?;

@@ -62,6 +62,8 @@ pub struct LaneShared {
     /// Around data-file writes.
     pub storage_breaker: Arc<CircuitBreaker>,
     pub faults: Arc<Faults>,
+    /// Each lane's uncommitted rows, for live queries.
+    pub live: Arc<crate::query::live::LiveRows>,
 }
 
 /// The real lanes: actors on the pipeline's arbiters, lane `p` on arbiter
@@ -133,6 +135,7 @@ fn spawn_lane(
         storage: shared.storage_breaker.clone(),
         status: status.clone(),
         faults: shared.faults.clone(),
+        live: shared.live.open(lane, shared.batcher.max_rows.min(65_536)),
     };
     let (writer, committer, failures) = (
         shared.writer.clone(),

@@ -24,6 +24,7 @@ pub mod model;
 pub mod pending;
 pub mod per_symbol;
 pub mod pipeline;
+pub mod query;
 pub mod sequence;
 pub mod service;
 pub mod shedding;

@@ -154,6 +154,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read-only SQL over market.trades, market.reference, k2.* and `live` (the rows consumed
+    /// and not yet committed). Asks the K2 listening at http.listen (or --server); with none
+    /// running, reads the catalog directly (committed rows only). Prints a table.
+    Query {
+        /// The query, e.g. "SELECT symbol, count(*) FROM market.trades GROUP BY symbol".
+        sql: String,
+        /// Config file: `[http] listen` says where K2 runs, `[catalog]` where the tables are.
+        #[arg(long, short, env = "K2_CONFIG", default_value = "config/k2.toml")]
+        config: PathBuf,
+        /// Base URL of a running K2, e.g. http://127.0.0.1:8080.
+        #[arg(long, conflicts_with = "direct")]
+        server: Option<String>,
+        /// Read the catalog directly even if a K2 is running (committed rows only).
+        #[arg(long)]
+        direct: bool,
+    },
     /// End-to-end benchmark on the embedded broker: the steady rate of `k2 run` (its own
     /// process) against a raw consumer over the same preloaded trades, plus its join, tail,
     /// CPU per trade, peak RSS and commit latency. Build with --release for meaningful numbers.
@@ -162,9 +178,9 @@ enum Command {
         /// (`SYMBOL-000000123`), or Binance trade events with numeric per-symbol ids.
         #[arg(long, value_enum, default_value_t = k2::bench::Workload::Canonical)]
         workload: k2::bench::Workload,
-        /// Symbols the trades are spread over (one exchange).
-        #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
-        symbols: u32,
+        /// Symbols the trades are spread over (one exchange); default 2000, 200 with --queries.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        symbols: Option<u32>,
         /// How trades are spread over the symbols.
         #[arg(long, value_enum, default_value_t = k2::bench::Popularity::Uniform)]
         popularity: k2::bench::Popularity,
@@ -191,9 +207,22 @@ enum Command {
         /// empty topic while `k2 run` ingests them (--messages and --runs do not apply).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         rate: Option<u64>,
-        /// With --rate: how long the load runs, in seconds.
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..), requires = "rate")]
+        /// With --rate: how long the load runs, in seconds. With --queries: how long each phase
+        /// (ingestion alone, then with queries) runs.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
         seconds: u64,
+        /// Measure hybrid queries instead: a history of --history trades over --days written
+        /// into the table, then `k2 run` ingesting at --rate (default 20000) while the 15-minute
+        /// recent query and a day of 1-minute OHLCV run back to back; their p50/p99 and the
+        /// durable rate with and without queries.
+        #[arg(long)]
+        queries: bool,
+        /// With --queries: trades in the table before K2 starts.
+        #[arg(long, default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..), requires = "queries")]
+        history: u64,
+        /// With --queries: days the history covers, ending now.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..8), requires = "queries")]
+        days: u32,
         /// Print the figures (medians and every run) as one JSON object on the last line.
         #[arg(long)]
         json: bool,
@@ -487,6 +516,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("table maintenance failed for at least one table (see above)");
             }
         }
+        Command::Query {
+            sql,
+            config: path,
+            server,
+            direct,
+        } => {
+            let config = load_config(Some(&path))?;
+            let answer = k2::query::cli::query(
+                &config,
+                &std::env::current_dir()?,
+                &sql,
+                server.as_deref(),
+                direct,
+            )
+            .await?;
+            println!("{}", k2::query::cli::render(&answer)?);
+        }
         Command::Bench {
             workload,
             symbols,
@@ -498,6 +544,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             k2_binary,
             rate,
             seconds,
+            queries,
+            history,
+            days,
             json,
         } => {
             if cfg!(debug_assertions) {
@@ -508,6 +557,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => std::env::current_exe().context("failed to find the k2 binary")?,
             };
             let dir = tempfile_dir()?;
+            if queries {
+                let report = k2::bench::query::run(
+                    k2::bench::query::QueryBenchParams {
+                        history,
+                        days,
+                        symbols: symbols.unwrap_or(200),
+                        partitions,
+                        rate: rate.unwrap_or(20_000),
+                        seconds,
+                        k2_binary,
+                    },
+                    &dir,
+                )
+                .await;
+                return bench_done(&dir, report, k2::bench::query::print_report, json);
+            }
+            let symbols = symbols.unwrap_or(2_000);
             if let Some(rate) = rate {
                 let report = k2::bench::latency::run(
                     k2::bench::latency::LatencyParams {
@@ -523,13 +589,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     &dir,
                 )
                 .await;
-                let _ = std::fs::remove_dir_all(&dir);
-                let report = report?;
-                k2::bench::latency::print_report(&report);
-                if json {
-                    println!("{}", serde_json::to_string(&report)?);
-                }
-                return Ok(());
+                return bench_done(&dir, report, k2::bench::latency::print_report, json);
             }
             let report = k2::bench::run(
                 k2::bench::BenchParams {
@@ -545,13 +605,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &dir,
             )
             .await;
-            let _ = std::fs::remove_dir_all(&dir);
-            let report = report?;
-            k2::bench::print_report(&report);
-            if json {
-                println!("{}", serde_json::to_string(&report)?);
-            }
+            return bench_done(&dir, report, k2::bench::print_report, json);
         }
+    }
+    Ok(())
+}
+
+/// Removes the bench's directory, then prints the report (and with
+/// `--json`, the report as one JSON object on the last line).
+fn bench_done<R: serde::Serialize>(
+    dir: &std::path::Path,
+    report: anyhow::Result<R>,
+    print: fn(&R),
+    json: bool,
+) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    let report = report?;
+    print(&report);
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
 }

@@ -39,6 +39,7 @@ use crate::faults::FaultInjectingCatalog;
 use crate::faults::Faults;
 use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, KafkaPartitions};
 use crate::lane::{ActorLanes, LaneShared};
+use crate::query::live::LiveRows;
 use crate::shedding::TierTable;
 use crate::state::open_store;
 use crate::storage::catalog::{CatalogDb, open_catalog};
@@ -68,6 +69,8 @@ pub struct Pipeline {
     pub faults: Arc<Faults>,
     /// What table maintenance did last, for `/v1/pipeline`.
     pub maintenance: Arc<MaintenanceStatus>,
+    /// Each lane's uncommitted rows, for live queries.
+    pub live: Arc<LiveRows>,
     consumer: Arc<KafkaConsumer>,
     group: GroupDriver,
     arbiters: Vec<Arbiter>,
@@ -112,6 +115,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         commits: Arc::new(CommitHealth::default()),
     };
     let windows = Arc::new(UnorderedWindows::new(&config.dedup));
+    let live = LiveRows::new();
     let committer = IcebergCommitter::new(IcebergCommitterParams {
         committer: Arc::new(Committer {
             catalog: catalog.clone(),
@@ -137,6 +141,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         health: health.commits.clone(),
         faults: faults.clone(),
         windows: windows.clone(),
+        live: live.clone(),
     })
     .start();
 
@@ -172,6 +177,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         let config = config.clone();
         let instance = params.instance.clone();
         let faults = faults.clone();
+        let live = live.clone();
         move |ctx| {
             let shared = LaneShared {
                 topic: config.kafka.topic.clone(),
@@ -196,6 +202,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 soft_batch_growth: config.degradation.soft_batch_growth,
                 storage_breaker: health.storage.clone(),
                 faults,
+                live,
             };
             Supervisor::new(SupervisorParams {
                 lanes: Box::new(ActorLanes { shared, arbiters }),
@@ -251,6 +258,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         catalog,
         tables,
         faults,
+        live,
         consumer,
         group,
         arbiters,

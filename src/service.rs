@@ -166,6 +166,14 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
     if let Some(broker) = &broker {
         pipeline.faults.set_broker_control(broker.control());
     }
+    let query = crate::query::QueryEngine::new(
+        pipeline.catalog.clone(),
+        pipeline.tables.clone(),
+        &config.kafka.topic,
+        Some(pipeline.live.clone()),
+        config.query.clone(),
+    )
+    .await?;
     let (server, addr) = web::serve(
         AppState {
             supervisor: pipeline.supervisor.clone(),
@@ -176,13 +184,16 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
             api_key: config.http.mutation_key().map(str::to_string),
             faults: pipeline.faults.clone(),
             faults_enabled: config.faults.enabled,
+            query,
         },
         &config.http.listen,
     )?;
     let server_handle = server.handle();
     actix_rt::spawn(server);
     info!(%addr, "HTTP control plane listening");
-    eprintln!("k2: HTTP on http://{addr} (/health /ready /metrics /v1/pipeline /v1/degradation /v1/faults)");
+    eprintln!(
+        "k2: HTTP on http://{addr} (/health /ready /metrics /v1/pipeline /v1/degradation /v1/faults /v1/trades /v1/ohlcv /v1/query)"
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut stop_tx = Some(stop_tx);

@@ -83,7 +83,7 @@ async fn levels_forced_over_http_shed_by_priority_into_the_ledger_and_backfill_r
     let ids = dir.path().join("ids.csv");
     let config = common::config(dir.path(), "k2-degrade");
     let pipeline = common::start(&config, &broker, dir.path(), "degrade").await;
-    let addr = common::serve_api(&pipeline, Some(KEY), true);
+    let addr = common::serve_api(&pipeline, Some(KEY), true).await;
 
     // Mutations are guarded, and bad requests say what is wrong.
     let force = r#"{"level": "AGGRESSIVE", "reason": "drill", "ttl_s": 300}"#;
@@ -452,7 +452,7 @@ async fn a_panicking_stage_rebuilds_its_lane_and_a_lane_that_keeps_failing_is_ma
     let mut config = common::config(dir.path(), "k2-panic");
     config.lanes.max_restarts = 1;
     let pipeline = common::start(&config, &broker, dir.path(), "panic").await;
-    let addr = common::serve_api(&pipeline, None, true);
+    let addr = common::serve_api(&pipeline, None, true).await;
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, 30_000, 10_000);
     tokio::time::sleep(Duration::from_millis(800)).await;
 

@@ -76,14 +76,14 @@ async fn bad_fault_requests_are_refused_with_the_reason_and_change_nothing() {
     let broker = common::broker(2);
     let config = common::config(dir.path(), "k2-fault-requests");
     let pipeline = common::start(&config, &broker, dir.path(), "fault-requests").await;
-    let addr = common::serve_api(&pipeline, Some(KEY), true);
+    let addr = common::serve_api(&pipeline, Some(KEY), true).await;
     let catalog_down = r#"{"kind": "catalog_down", "duration_s": 5}"#;
 
     let (status, body) = common::api(&addr, FAULTS, "POST", catalog_down, None).await;
     assert_eq!(status, 401, "{body}");
     let (status, body) = common::api(&addr, FAULTS, "POST", catalog_down, Some("wrong-key-0123")).await;
     assert_eq!(status, 403, "{body}");
-    let disabled = common::serve_api(&pipeline, Some(KEY), false);
+    let disabled = common::serve_api(&pipeline, Some(KEY), false).await;
     let (status, body) = common::api(&disabled, FAULTS, "POST", catalog_down, Some(KEY)).await;
     assert_eq!(status, 403);
     assert!(
@@ -170,7 +170,7 @@ async fn every_fault_injected_over_http_breaks_k2_for_real_ends_and_leaves_the_t
     let mut config = common::config(dir.path(), "k2-faults");
     common::without_retention_headroom(&mut config);
     let pipeline = common::start(&config, &broker, dir.path(), "faults").await;
-    let addr = common::serve_api(&pipeline, Some(KEY), true);
+    let addr = common::serve_api(&pipeline, Some(KEY), true).await;
     let ids = dir.path().join("ids.csv");
     let loadgen = spawn_loadgen(broker.bootstrap_servers(), &ids, TOTAL, 3_000);
     wait_for(Duration::from_secs(60), "trades committed", || async {

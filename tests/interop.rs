@@ -160,3 +160,107 @@ async fn sql_catalog_on_postgresql_ingests_exactly_once() {
     let next: i64 = contents.offsets.iter().map(|(_, o)| o.next_offset).sum();
     assert_eq!(next, 20_000);
 }
+
+/// Produces `count` canonical trades of `instruments` (exchange, symbol),
+/// round robin, with event times from three hours ago on, some sharing a
+/// time with the trade before (open and close then fall to the sequence),
+/// and prices and quantities with all 8 decimal places used.
+fn produce_spread_trades(bootstrap: &str, instruments: &[(&str, &str)], count: usize) {
+    use rand::{Rng, SeedableRng};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("producer");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let start = chrono::Utc::now() - chrono::Duration::hours(3);
+    let step_us = 3 * 3_600_000_000i64 / count as i64;
+    let mut time = start;
+    for i in 0..count {
+        let (exchange, symbol) = instruments[i % instruments.len()];
+        if i % 5 != 4 {
+            time += chrono::Duration::microseconds(rng.random_range(1..2 * step_us));
+        }
+        let units = |lo: i64, hi: i64, rng: &mut rand::rngs::StdRng| {
+            let v = rng.random_range(lo * 100_000_000..hi * 100_000_000);
+            format!("{}.{:08}", v / 100_000_000, v % 100_000_000)
+        };
+        let value = serde_json::json!({
+            "exchange": exchange,
+            "symbol": symbol,
+            "sequence": i / instruments.len() + 1,
+            "trade_id": format!("{symbol}-{i:08}"),
+            "price": units(90, 110, &mut rng),
+            "quantity": units(0, 5, &mut rng),
+            "side": if i % 2 == 0 { "buy" } else { "sell" },
+            "event_time": time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        })
+        .to_string();
+        let key = format!("{exchange}:{symbol}");
+        producer
+            .send(BaseRecord::to(TOPIC).key(&key).payload(&value))
+            .expect("queued");
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("delivered");
+}
+
+#[actix_rt::test]
+#[ignore = "needs K2_PYTHON with PyIceberg; ./scripts/test runs it"]
+async fn ohlcv_and_vwap_agree_exactly_with_pyiceberg_and_pyarrow() {
+    let python = required_env("K2_PYTHON");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::broker(2);
+    let config = common::config(dir.path(), "k2-ohlcv");
+    let instruments = [("BINANCE", "BTCUSDT"), ("ASX", "BHP")];
+    let bootstrap = broker.bootstrap_servers().to_string();
+    tokio::task::spawn_blocking(move || produce_spread_trades(&bootstrap, &instruments, 6_000))
+        .await
+        .unwrap();
+    let pipeline = common::start(&config, &broker, dir.path(), "ohlcv").await;
+    wait_for(Duration::from_secs(120), "trades committed", || async {
+        committed_rows(&pipeline).await >= 6_000
+    })
+    .await;
+    let addr = common::serve_api(&pipeline, None, false).await;
+    for (interval, width_us) in [
+        ("1m", 60_000_000i64),
+        ("5m", 300_000_000),
+        ("1h", 3_600_000_000),
+        ("1d", 86_400_000_000),
+    ] {
+        let path = format!("/v1/ohlcv?exchange=BINANCE&symbol=BTCUSDT&interval={interval}");
+        let (status, ours) = common::api(&addr, &path, "GET", "", None).await;
+        assert_eq!(status, 200, "{ours}");
+        let ours: Vec<serde_json::Value> = ours["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|bar| {
+                let start = bar["start"].as_str().unwrap();
+                let mut bar = bar.clone();
+                bar["start_us"] = chrono::DateTime::parse_from_rfc3339(start)
+                    .unwrap_or_else(|e| panic!("{start}: {e}"))
+                    .timestamp_micros()
+                    .into();
+                bar.as_object_mut().unwrap().remove("start");
+                bar
+            })
+            .collect();
+        let width = width_us.to_string();
+        let found = common::pyiceberg(
+            &python,
+            "ohlcv.py",
+            dir.path(),
+            "market.trades",
+            &["BINANCE".as_ref(), "BTCUSDT".as_ref(), width.as_ref()],
+        );
+        assert_eq!(found["rows"], 3_000);
+        let theirs = found["bars"].as_array().unwrap();
+        if interval == "1m" {
+            assert!(theirs.len() > 100, "{} one-minute bars", theirs.len());
+        }
+        assert_eq!(&ours, theirs, "{interval} bars differ");
+    }
+    pipeline.shutdown().await.unwrap();
+}

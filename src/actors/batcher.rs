@@ -19,7 +19,8 @@ use crate::messages::{
 };
 use crate::metrics as m;
 use crate::model::SideRows;
-use crate::storage::writer::{TableWriter, TradeBatchBuilder};
+use crate::query::live::LiveLane;
+use crate::storage::writer::TableWriter;
 use crate::supervision::LaneStatus;
 
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct BatcherParams {
     pub storage: Arc<CircuitBreaker>,
     pub status: Arc<LaneStatus>,
     pub faults: Arc<crate::faults::Faults>,
+    /// The buffer, shared with live queries (`query::live`).
+    pub live: Arc<LiveLane>,
 }
 
 /// Wait between attempts to write a buffer whose write failed.
@@ -68,7 +71,9 @@ pub struct Batcher {
     writer: TableWriter,
     committer: Recipient<FilesWritten>,
     supervisor: Recipient<LaneFailed>,
-    buffer: TradeBatchBuilder,
+    /// Rows collected for the next flush, and flushed rows until their
+    /// commit, readable by live queries.
+    buffer: Arc<LiveLane>,
     side: SideRows,
     /// Offset range covered by the buffer.
     range: Option<(i64, i64)>,
@@ -98,7 +103,7 @@ impl Batcher {
                 stage: Stage::Batcher,
                 supervisor: supervisor.clone(),
             },
-            buffer: TradeBatchBuilder::with_capacity(params.max_rows.min(65_536)),
+            buffer: params.live.clone(),
             partition_label: params.lane.partition.to_string(),
             params,
             writer,
@@ -116,8 +121,8 @@ impl Batcher {
 
     fn is_due(&self) -> bool {
         let g = self.growth;
-        self.buffer.len() >= self.params.max_rows * g as usize
-            || self.buffer.estimated_bytes() >= self.params.max_bytes * g as u64
+        self.buffer.buffered_rows() >= self.params.max_rows * g as usize
+            || self.buffer.buffered_bytes() >= self.params.max_bytes * g as u64
             || self.is_old()
     }
 
@@ -150,12 +155,12 @@ impl Batcher {
         let caught_up = std::mem::take(&mut self.caught_up);
         self.oldest = None;
         let side = std::mem::take(&mut self.side);
-        let rows = self.buffer.len() as u64;
+        let rows = self.buffer.buffered_rows() as u64;
         let batch = if rows == 0 {
             Ok(None)
         } else {
             self.buffer
-                .finish(self.writer.arrow_schema())
+                .flush(self.writer.arrow_schema(), next_offset)
                 .map(Some)
                 .map_err(|err| LaneError::Start(format!("failed to build a record batch: {err}")))
         };
@@ -295,11 +300,9 @@ impl Handler<TradeChunk> for Batcher {
         };
         self.range = Some((first, chunk.next_offset));
         self.oldest.get_or_insert_with(Instant::now);
-        for trade in &chunk.trades {
-            self.buffer.push(trade);
-        }
+        let buffered = self.buffer.push(&chunk.trades);
         self.side.extend(chunk.side);
-        self.publish_buffered(self.buffer.estimated_bytes());
+        self.publish_buffered(buffered);
         self.chunks += 1;
         self.caught_up = chunk.caught_up;
         if self.is_due() {
@@ -413,6 +416,13 @@ mod tests {
             storage: Arc::new(CircuitBreaker::new("storage", &BreakerConfig::default())),
             status: Arc::new(LaneStatus::default()),
             faults: Arc::new(crate::faults::Faults::default()),
+            live: LiveLane::detached(
+                LaneId {
+                    partition: 3,
+                    incarnation: 1,
+                },
+                16,
+            ),
         };
         let batcher = Batcher::new(
             params,

@@ -38,6 +38,7 @@ use crate::messages::{
 };
 use crate::metrics as m;
 use crate::pending::{Accepted, DuePolicy, Pending, PendingFiles};
+use crate::query::live::LiveRows;
 use crate::state::{Checkpoint, EpochCheckpoint, StateStore, put_in_force};
 use crate::storage::commit::{CommitError, CommitOutcome, Committer, PartitionRange};
 use crate::storage::offsets::TopicOffsets;
@@ -160,6 +161,8 @@ pub struct IcebergCommitterParams {
     pub faults: Arc<crate::faults::Faults>,
     /// The process-wide dedup windows of ids without order.
     pub windows: Arc<UnorderedWindows>,
+    /// Lanes' uncommitted rows: a commit in the catalog drops what it covers.
+    pub live: Arc<LiveRows>,
 }
 
 /// A lane stage state to tell of a commit: its checkpoint, the next offset
@@ -182,6 +185,7 @@ pub struct IcebergCommitter {
     health: Arc<CommitHealth>,
     faults: Arc<crate::faults::Faults>,
     windows: Arc<UnorderedWindows>,
+    live: Arc<LiveRows>,
     /// SOFT and above skip snapshot expiry (non-essential work).
     level: DegradationLevel,
     /// Stage state of each partition's current lane.
@@ -218,6 +222,7 @@ impl IcebergCommitter {
             health: params.health,
             faults: params.faults,
             windows: params.windows,
+            live: params.live,
             level: DegradationLevel::Normal,
             checkpoints: HashMap::new(),
             supervisor: None,
@@ -483,6 +488,7 @@ impl IcebergCommitter {
             // process's any more.
             if self.book.current(partition).is_some() {
                 self.committed.insert(partition, next);
+                self.live.committed(partition, next);
             }
         }
         for &(partition, table_next) in &outcome.fenced {
@@ -669,6 +675,7 @@ impl Handler<ReleasePartitions> for IcebergCommitter {
             self.checkpoints.remove(&partition);
             self.files_dropped(partition);
             self.committed.remove(&partition);
+            self.live.release(partition);
         }
     }
 }

@@ -213,7 +213,11 @@ pub async fn run(params: LatencyParams, data_dir: &Path) -> anyhow::Result<Laten
 }
 
 /// Waits until `k2 run` runs a lane for every partition.
-fn wait_for_lanes(child: &mut RunningChild, addr: SocketAddr, partitions: i32) -> anyhow::Result<()> {
+pub(super) fn wait_for_lanes(
+    child: &mut RunningChild,
+    addr: SocketAddr,
+    partitions: i32,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + JOIN_TIMEOUT;
     loop {
         child.check_running("before its lanes started")?;

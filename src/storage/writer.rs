@@ -140,6 +140,27 @@ impl TradeBatchBuilder {
     }
 }
 
+impl TradeBatchBuilder {
+    /// The buffered rows as a batch, leaving the builder as it is (a copy:
+    /// live queries read a lane's buffer while it keeps filling).
+    pub fn snapshot(&self, schema: &SchemaRef) -> Result<RecordBatch, arrow_schema::ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.exchange.finish_cloned()),
+            Arc::new(self.symbol.finish_cloned()),
+            Arc::new(self.sequence.finish_cloned()),
+            Arc::new(self.trade_id.finish_cloned()),
+            Arc::new(self.price.finish_cloned()),
+            Arc::new(self.quantity.finish_cloned()),
+            Arc::new(self.side.finish_cloned()),
+            Arc::new(self.event_time.finish_cloned()),
+            Arc::new(self.ingest_time.finish_cloned()),
+            Arc::new(self.kafka_partition.finish_cloned()),
+            Arc::new(self.kafka_offset.finish_cloned()),
+        ];
+        RecordBatch::try_new(schema.clone(), columns)
+    }
+}
+
 /// Builds a `k2.dead_letters` batch.
 pub fn dead_letter_batch(
     dead_letters: &[DeadLetter],
@@ -323,6 +344,17 @@ impl TableWriter {
             properties,
             target_file_size_bytes: target_file_size_bytes as usize,
         })
+    }
+
+    /// Row groups of at most `rows` rows (Parquet's default is 1M): smaller
+    /// ones let readers skip more by their statistics.
+    pub fn with_max_row_group_rows(mut self, rows: usize) -> Self {
+        self.properties = self
+            .properties
+            .into_builder()
+            .set_max_row_group_row_count(Some(rows))
+            .build();
+        self
     }
 
     /// The table's Arrow schema, to build batches with.

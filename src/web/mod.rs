@@ -1,11 +1,12 @@
 //! The HTTP control plane (actix-web): health, readiness, Prometheus metrics,
-//! the pipeline view, degradation and faults. Routes are wired here; one
+//! the pipeline view, degradation, faults and hybrid queries. Routes are wired here; one
 //! file per resource.
 
 mod degradation;
 mod faults;
 mod health;
 mod pipeline;
+mod query;
 mod sequence;
 
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub faults: Arc<crate::faults::Faults>,
     /// `[faults] enabled`: false refuses every injection.
     pub faults_enabled: bool,
+    /// Hybrid queries over the tables and the lanes' live rows.
+    pub query: Arc<crate::query::QueryEngine>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -54,7 +57,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/v1/faults", web::get().to(faults::get_faults))
         .route("/v1/faults", web::post().to(faults::post_fault))
-        .route("/v1/faults/{id}", web::delete().to(faults::delete_fault));
+        .route("/v1/faults/{id}", web::delete().to(faults::delete_fault))
+        .route("/v1/trades", web::get().to(query::get_trades))
+        .route("/v1/trades/recent", web::get().to(query::get_recent))
+        .route("/v1/ohlcv", web::get().to(query::get_ohlcv))
+        .route("/v1/query", web::post().to(query::post_query));
 }
 
 /// Binds the server (port 0 picks a free port) and returns it with the

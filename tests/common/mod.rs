@@ -346,8 +346,27 @@ pub fn spawn_loadgen_with(
 }
 
 /// Serves the control plane of `pipeline` on a free port; returns its address.
-pub fn serve_api(pipeline: &Pipeline, api_key: Option<&str>, faults_enabled: bool) -> String {
+pub async fn serve_api(pipeline: &Pipeline, api_key: Option<&str>, faults_enabled: bool) -> String {
+    serve_api_with(pipeline, api_key, faults_enabled, Default::default()).await
+}
+
+/// [`serve_api`] with the query limits given.
+pub async fn serve_api_with(
+    pipeline: &Pipeline,
+    api_key: Option<&str>,
+    faults_enabled: bool,
+    limits: k2::config::QueryConfig,
+) -> String {
     use k2::web::{self, AppState};
+    let query = k2::query::QueryEngine::new(
+        pipeline.catalog.clone(),
+        pipeline.tables.clone(),
+        TOPIC,
+        Some(pipeline.live.clone()),
+        limits,
+    )
+    .await
+    .expect("the query engine starts");
     let (server, addr) = web::serve(
         AppState {
             supervisor: pipeline.supervisor.clone(),
@@ -358,6 +377,7 @@ pub fn serve_api(pipeline: &Pipeline, api_key: Option<&str>, faults_enabled: boo
             api_key: api_key.map(str::to_string),
             faults: pipeline.faults.clone(),
             faults_enabled,
+            query,
         },
         "127.0.0.1:0",
     )

@@ -1,0 +1,362 @@
+//! `k2 bench --queries`: hybrid-query latency over a large table while K2
+//! ingests, and what the queries cost ingestion.
+//!
+//! 1. History: `--history` trades (10M) over `--days` (7, ending now) and
+//!    `--symbols` (200) are written straight into `market.trades` with K2's
+//!    writer, one commit per day, sorted by symbol and event time within each
+//!    day (the layout a compaction with a sort order leaves) in row groups of
+//!    64K rows, so that a symbol's rows of a day sit in a row group or two.
+//! 2. `k2 run` starts as its own process on that catalog against an empty
+//!    topic (table maintenance off, so it does not rewrite the history while
+//!    it is measured), and the load generator produces `--rate` (20K)
+//!    trades a second of the same symbols for the whole run.
+//! 3. For `--seconds`, ingestion alone; then for `--seconds`, queries back to
+//!    back over HTTP, alternating the 15-minute recent trades of a symbol and
+//!    a day of 1-minute OHLCV of a symbol (symbols in turn). Each phase's
+//!    durable rate comes from the committed offsets `/v1/pipeline` reports.
+//!
+//! Latencies are wall time of the HTTP request, measured by this process on
+//! the same two cores as `k2 run` and the broker.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use iceberg::Catalog;
+use iceberg::transaction::{ApplyTransactionAction, Transaction};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::{Launch, Popularity, TOPIC, Workload, generator_params, http_get, spawn_k2_run};
+use crate::config::CatalogConfig;
+use crate::embedded::EmbeddedBroker;
+use crate::loadgen::{LoadgenParams, run_loadgen};
+use crate::model::{Side, Trade};
+use crate::storage::catalog::open_catalog;
+use crate::storage::tables::{TableIdents, ensure_tables};
+use crate::storage::writer::{TableWriter, TradeBatchBuilder};
+
+const ROW_GROUP_ROWS: usize = 64 * 1024;
+/// Rows per write while building the history.
+const WRITE_ROWS: usize = 512 * 1024;
+const DAY_US: i64 = 86_400_000_000;
+
+pub struct QueryBenchParams {
+    pub history: u64,
+    pub days: u32,
+    pub symbols: u32,
+    pub partitions: i32,
+    /// Trades a second produced while K2 runs.
+    pub rate: u64,
+    /// Length of each phase (ingestion alone, then with queries).
+    pub seconds: u64,
+    pub k2_binary: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latencies {
+    pub queries: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Mean rows (trades, or bars) per answer.
+    pub mean_rows: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryBenchReport {
+    pub history_rows: u64,
+    pub days: u32,
+    pub symbols: u32,
+    pub history_build_s: f64,
+    pub rate: u64,
+    pub seconds: u64,
+    /// Durable trades a second while nothing queried.
+    pub ingest_alone_msgs_per_s: f64,
+    /// Durable trades a second while the queries ran.
+    pub ingest_querying_msgs_per_s: f64,
+    /// Mean uncommitted rows in a query's cut.
+    pub mean_live_rows: f64,
+    pub recent_15m: Latencies,
+    pub ohlcv_day_1m: Latencies,
+    pub target_p99_ms: f64,
+}
+
+pub async fn run(params: QueryBenchParams, data_dir: &Path) -> anyhow::Result<QueryBenchReport> {
+    if params.history == 0
+        || params.days == 0
+        || params.symbols == 0
+        || params.rate == 0
+        || params.seconds == 0
+    {
+        anyhow::bail!(
+            "k2 bench --queries needs --history, --days, --symbols, --rate and --seconds above zero"
+        );
+    }
+    let dir = data_dir.join("queries");
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let generator = generator_params(Workload::Canonical, params.symbols, Popularity::Uniform);
+    let (exchange, symbols) = generator.exchanges[0].clone();
+
+    let started = Instant::now();
+    build_history(&dir, &exchange, &symbols, params.history, params.days).await?;
+    let history_build_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "k2 bench: history of {} trades written in {history_build_s:.1} s",
+        params.history
+    );
+
+    let broker = EmbeddedBroker::start(&[(TOPIC.to_string(), params.partitions)])?;
+    let brokers = broker.bootstrap_servers().to_string();
+    let launch = Launch {
+        binary: params.k2_binary.clone(),
+        config_file: None,
+        brokers: brokers.clone(),
+        dir: dir.clone(),
+        overrides: vec![("K2_MAINTENANCE__INTERVAL_MS", "0".to_string())],
+        log_name: super::LOG_FILE.to_string(),
+    };
+    let partitions = params.partitions;
+    let (mut child, addr) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut child = spawn_k2_run(&launch)?;
+        let addr = child.http_addr()?;
+        super::latency::wait_for_lanes(&mut child, addr, partitions)?;
+        Ok((child, addr))
+    })
+    .await??;
+
+    let phase = Duration::from_secs(params.seconds);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let load = actix_rt::spawn(run_loadgen(
+        LoadgenParams {
+            brokers,
+            topic: TOPIC.to_string(),
+            rate: params.rate,
+            shape: Default::default(),
+            duration: Some(phase * 2 + Duration::from_secs(10)),
+            total: None,
+            ids_file: None,
+            tiers: Default::default(),
+            generator,
+            progress: false,
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    eprintln!(
+        "k2 bench: producing {} trades a second; {} s of ingestion alone, then {} s with queries",
+        params.rate, params.seconds, params.seconds
+    );
+    // Warm-up: lanes running and the first commits behind.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let alone = {
+        let before = durable(addr).await?;
+        let t = Instant::now();
+        tokio::time::sleep(phase).await;
+        (durable(addr).await? - before) as f64 / t.elapsed().as_secs_f64()
+    };
+    let measured = {
+        let symbols = symbols.clone();
+        let exchange = exchange.clone();
+        tokio::task::spawn_blocking(move || query_phase(addr, &exchange, &symbols, phase))
+    };
+    let before = durable(addr).await?;
+    let t = Instant::now();
+    let (recent, ohlcv, live) = measured.await??;
+    let querying = (durable(addr).await? - before) as f64 / t.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    let _ = load.await;
+    tokio::task::spawn_blocking(move || child.stop()).await??;
+    drop(broker);
+    Ok(QueryBenchReport {
+        history_rows: params.history,
+        days: params.days,
+        symbols: params.symbols,
+        history_build_s,
+        rate: params.rate,
+        seconds: params.seconds,
+        ingest_alone_msgs_per_s: alone,
+        ingest_querying_msgs_per_s: querying,
+        mean_live_rows: live,
+        recent_15m: recent,
+        ohlcv_day_1m: ohlcv,
+        target_p99_ms: 50.0,
+    })
+}
+
+/// Trades `k2 run` has made durable so far: the sum of committed offsets.
+async fn durable(addr: SocketAddr) -> anyhow::Result<i64> {
+    let body = tokio::task::spawn_blocking(move || http_get(addr, "/v1/pipeline")).await??;
+    let status: serde_json::Value = serde_json::from_str(&body).context("/v1/pipeline is not JSON")?;
+    Ok(status["lanes"]
+        .as_array()
+        .map(|lanes| lanes.iter().filter_map(|l| l["committed_offset"].as_i64()).sum())
+        .unwrap_or(0))
+}
+
+/// Queries back to back for `length`: recent and OHLCV in turn, a symbol
+/// each. Returns both latencies and the mean live rows of the cuts.
+fn query_phase(
+    addr: SocketAddr,
+    exchange: &str,
+    symbols: &[String],
+    length: Duration,
+) -> anyhow::Result<(Latencies, Latencies, f64)> {
+    let (mut recent, mut ohlcv) = (Vec::new(), Vec::new());
+    let (mut live, mut answers) = (0u64, 0u64);
+    let end = Instant::now() + length;
+    let mut turn = 0usize;
+    while Instant::now() < end {
+        let symbol = &symbols[turn % symbols.len()];
+        let recent_turn = turn.is_multiple_of(2);
+        let path = if recent_turn {
+            format!("/v1/trades/recent?exchange={exchange}&symbol={symbol}&minutes=15&limit=100000")
+        } else {
+            let now = chrono::Utc::now();
+            let from = (now - chrono::Duration::days(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let to = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            format!("/v1/ohlcv?exchange={exchange}&symbol={symbol}&interval=1m&from={from}&to={to}")
+        };
+        let t = Instant::now();
+        let body = http_get(addr, &path).with_context(|| format!("GET {path}"))?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let answer: serde_json::Value = serde_json::from_str(&body).context("a query answer is not JSON")?;
+        let rows = answer["row_count"].as_u64().unwrap_or(0);
+        live += answer["live_rows"].as_u64().unwrap_or(0);
+        answers += 1;
+        if recent_turn {
+            recent.push((ms, rows));
+        } else {
+            ohlcv.push((ms, rows));
+        }
+        turn += 1;
+    }
+    Ok((
+        latencies(recent),
+        latencies(ohlcv),
+        live as f64 / answers.max(1) as f64,
+    ))
+}
+
+fn latencies(mut samples: Vec<(f64, u64)>) -> Latencies {
+    let mean_rows = samples.iter().map(|(_, r)| *r as f64).sum::<f64>() / samples.len().max(1) as f64;
+    samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let at = |q: f64| {
+        if samples.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+        samples[rank - 1].0
+    };
+    Latencies {
+        queries: samples.len(),
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        max_ms: samples.last().map_or(f64::NAN, |s| s.0),
+        mean_rows,
+    }
+}
+
+/// Writes `total` trades over the `days` before now into `market.trades`
+/// of the catalog under `dir`, one commit per day.
+async fn build_history(
+    dir: &Path,
+    exchange: &str,
+    symbols: &[String],
+    total: u64,
+    days: u32,
+) -> anyhow::Result<()> {
+    let config = CatalogConfig {
+        uri: format!("sqlite:{}", dir.join("catalog.db").display()),
+        warehouse: dir.join("warehouse").display().to_string(),
+        ..CatalogConfig::default()
+    };
+    std::fs::create_dir_all(dir.join("warehouse"))?;
+    let catalog: Arc<dyn Catalog> = open_catalog(&config, dir).await?;
+    let idents = TableIdents::new(&config.namespace);
+    ensure_tables(catalog.as_ref(), &idents).await?;
+    let mut table = catalog.load_table(&idents.trades).await?;
+    if table.metadata().current_snapshot().is_some() {
+        anyhow::bail!(
+            "{} already holds trades: remove {} first",
+            idents.trades,
+            dir.display()
+        );
+    }
+    let writer = TableWriter::new(&table, 3, 512 << 20)?.with_max_row_group_rows(ROW_GROUP_ROWS);
+    let now_us = crate::model::now_us();
+    let first_day_us = now_us - days as i64 * DAY_US;
+    let per_symbol_day = (total / days as u64 / symbols.len() as u64).max(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut written = 0u64;
+    for day in 0..days {
+        let start = first_day_us + day as i64 * DAY_US;
+        let mut builder = TradeBatchBuilder::with_capacity(WRITE_ROWS);
+        let mut files = Vec::new();
+        for (s, symbol) in symbols.iter().enumerate() {
+            let mut times: Vec<i64> = (0..per_symbol_day)
+                .map(|_| start + rng.random_range(0..DAY_US))
+                .collect();
+            times.sort_unstable();
+            let mut price: i128 = 100 * 100_000_000 + s as i128 * 1_000_000;
+            for (i, time) in times.into_iter().enumerate() {
+                price = (price + rng.random_range(-50_000i128..=50_000)).max(1);
+                builder.push(&Trade {
+                    exchange: exchange.to_string(),
+                    symbol: symbol.clone(),
+                    sequence: (day as i64) * per_symbol_day as i64 + i as i64 + 1,
+                    trade_id: format!("H{day}-{symbol}-{i:07}"),
+                    price,
+                    quantity: rng.random_range(1..1_000_000_000),
+                    side: if i % 2 == 0 { Side::Buy } else { Side::Sell },
+                    event_time_us: time,
+                    ingest_time_us: time,
+                    partition: -1,
+                    offset: written as i64,
+                });
+                written += 1;
+                if builder.len() == WRITE_ROWS {
+                    files.extend(writer.write(builder.finish(writer.arrow_schema())?).await?);
+                }
+            }
+        }
+        if !builder.is_empty() {
+            files.extend(writer.write(builder.finish(writer.arrow_schema())?).await?);
+        }
+        let tx = Transaction::new(&table);
+        let tx = tx.fast_append().add_data_files(files).apply(tx)?;
+        table = tx.commit(catalog.as_ref()).await?;
+        eprintln!(
+            "k2 bench: history day {}/{days} written ({written} trades)",
+            day + 1
+        );
+    }
+    Ok(())
+}
+
+pub fn print_report(r: &QueryBenchReport) {
+    println!(
+        "history: {} trades over {} days, {} symbols (built in {:.1} s)",
+        r.history_rows, r.days, r.symbols, r.history_build_s
+    );
+    println!(
+        "ingestion at {} msg/s offered: {:.0} durable msg/s alone, {:.0} while querying (ratio {:.2})",
+        r.rate,
+        r.ingest_alone_msgs_per_s,
+        r.ingest_querying_msgs_per_s,
+        r.ingest_querying_msgs_per_s / r.ingest_alone_msgs_per_s.max(1e-9)
+    );
+    println!("mean live rows in a query's cut: {:.0}", r.mean_live_rows);
+    for (name, l) in [
+        ("recent 15 min, one symbol", &r.recent_15m),
+        ("1-minute OHLCV of a day, one symbol", &r.ohlcv_day_1m),
+    ] {
+        println!(
+            "{name}: {} queries, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {:.0} rows each (target p99 < {:.0} ms)",
+            l.queries, l.p50_ms, l.p99_ms, l.max_ms, l.mean_rows, r.target_p99_ms
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! The trades K2 has consumed and not yet committed, readable by queries.
+//!
+//! Each lane's batcher keeps its buffer in a [`LiveLane`]: the rows it is
+//! still collecting, and the batches it flushed whose files wait for a
+//! commit. Both sit behind one short lock, so a flush moves rows from the
+//! buffer to the flushed list atomically: a reader of a lane sees each row
+//! once, whatever the batcher is doing. The committer drops a lane's flushed
+//! batches once a commit that covers them is in the catalog
+//! ([`LiveRows::committed`]); a query reads the lanes *before* it loads the
+//! table and keeps, per partition, only the live rows at or above the offset
+//! the table's snapshot records (`crate::query::Cut`). A row is in the
+//! snapshot or in the live rows, never both and never neither.
+//!
+//! A flushed batch shares its Arrow buffers with the batch being written, so
+//! keeping it until the commit costs no copy; the memory it holds is what
+//! `commit.max_pending_bytes` bounds, in Arrow rather than Parquet size.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arrow_array::{Int64Array, RecordBatch};
+use arrow_schema::{ArrowError, SchemaRef};
+
+use crate::messages::LaneId;
+use crate::model::Trade;
+use crate::storage::writer::TradeBatchBuilder;
+
+/// Every lane's live rows, by partition: the newest incarnation of each.
+#[derive(Default)]
+pub struct LiveRows {
+    lanes: Mutex<HashMap<i32, Arc<LiveLane>>>,
+}
+
+impl LiveRows {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lanes(&self) -> MutexGuard<'_, HashMap<i32, Arc<LiveLane>>> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The buffer of a new lane. It replaces an older incarnation's: the
+    /// committer dropped that lane's uncommitted files when the new one
+    /// registered, and the new lane reads them again from Kafka.
+    pub fn open(&self, lane: LaneId, capacity: usize) -> Arc<LiveLane> {
+        let live = Arc::new(LiveLane::new(lane, capacity, true));
+        let mut lanes = self.lanes();
+        match lanes.get(&lane.partition) {
+            Some(current) if current.lane.incarnation > lane.incarnation => {}
+            _ => {
+                lanes.insert(lane.partition, live.clone());
+            }
+        }
+        live
+    }
+
+    /// The partition left this process: its rows are another's now.
+    pub fn release(&self, partition: i32) {
+        self.lanes().remove(&partition);
+    }
+
+    /// A commit up to `next_offset` of `partition` is in the catalog.
+    pub fn committed(&self, partition: i32, next_offset: i64) {
+        let lane = self.lanes().get(&partition).cloned();
+        if let Some(lane) = lane {
+            lane.committed(next_offset);
+        }
+    }
+
+    /// Every lane's rows at this moment, each lane read under its own lock.
+    pub fn snapshot(&self, schema: &SchemaRef) -> Result<Vec<PartitionRows>, ArrowError> {
+        let lanes: Vec<Arc<LiveLane>> = self.lanes().values().cloned().collect();
+        lanes.iter().map(|lane| lane.snapshot(schema)).collect()
+    }
+}
+
+/// One partition's live rows, as read at one moment.
+#[derive(Debug, Clone)]
+pub struct PartitionRows {
+    pub partition: i32,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl PartitionRows {
+    /// The rows at or above `from_offset` (the table holds the rest).
+    pub fn from_offset(self, from_offset: Option<i64>) -> Result<Vec<RecordBatch>, ArrowError> {
+        let Some(from) = from_offset else {
+            return Ok(self.batches);
+        };
+        let mut kept = Vec::with_capacity(self.batches.len());
+        for batch in self.batches {
+            let offsets = batch
+                .column_by_name("kafka_offset")
+                .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+                .ok_or_else(|| ArrowError::SchemaError("live rows without kafka_offset".into()))?;
+            // Offsets rise through a lane's batches: most are wholly in or out.
+            let n = offsets.len();
+            if n == 0 || offsets.value(n - 1) < from {
+                continue;
+            }
+            if offsets.value(0) >= from {
+                kept.push(batch);
+                continue;
+            }
+            let mask = arrow_ord::cmp::gt_eq(offsets, &Int64Array::new_scalar(from))?;
+            kept.push(arrow_select::filter::filter_record_batch(&batch, &mask)?);
+        }
+        Ok(kept)
+    }
+}
+
+/// A lane's buffer and its flushed, uncommitted batches, behind one lock.
+pub struct LiveLane {
+    lane: LaneId,
+    inner: Mutex<LiveInner>,
+}
+
+struct LiveInner {
+    buffer: TradeBatchBuilder,
+    /// Batches flushed and not yet committed, with the offset after each.
+    flushed: VecDeque<(i64, RecordBatch)>,
+    /// Whether flushed batches are kept for queries (a lane outside a
+    /// pipeline, as in a stage's unit test, has no reader).
+    retain: bool,
+}
+
+impl std::fmt::Debug for LiveLane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveLane")
+            .field("lane", &self.lane)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveLane {
+    fn new(lane: LaneId, capacity: usize, retain: bool) -> Self {
+        Self {
+            lane,
+            inner: Mutex::new(LiveInner {
+                buffer: TradeBatchBuilder::with_capacity(capacity),
+                flushed: VecDeque::new(),
+                retain,
+            }),
+        }
+    }
+
+    /// A buffer no query reads: flushed batches are not kept.
+    pub fn detached(lane: LaneId, capacity: usize) -> Arc<Self> {
+        Arc::new(Self::new(lane, capacity, false))
+    }
+
+    fn inner(&self) -> MutexGuard<'_, LiveInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends trades to the buffer; returns its estimated bytes after.
+    pub fn push(&self, trades: &[Trade]) -> u64 {
+        let mut inner = self.inner();
+        for trade in trades {
+            inner.buffer.push(trade);
+        }
+        inner.buffer.estimated_bytes()
+    }
+
+    pub fn buffered_rows(&self) -> usize {
+        self.inner().buffer.len()
+    }
+
+    pub fn buffered_bytes(&self) -> u64 {
+        self.inner().buffer.estimated_bytes()
+    }
+
+    /// Takes the buffer as one batch, to write; it stays readable as a
+    /// flushed batch, ending before `next_offset`, until a commit covers it.
+    pub fn flush(&self, schema: &SchemaRef, next_offset: i64) -> Result<RecordBatch, ArrowError> {
+        let mut inner = self.inner();
+        let batch = inner.buffer.finish(schema)?;
+        if inner.retain {
+            inner.flushed.push_back((next_offset, batch.clone()));
+        }
+        Ok(batch)
+    }
+
+    fn committed(&self, next_offset: i64) {
+        let mut inner = self.inner();
+        while inner.flushed.front().is_some_and(|(end, _)| *end <= next_offset) {
+            inner.flushed.pop_front();
+        }
+    }
+
+    fn snapshot(&self, schema: &SchemaRef) -> Result<PartitionRows, ArrowError> {
+        let inner = self.inner();
+        let mut batches: Vec<RecordBatch> = inner.flushed.iter().map(|(_, b)| b.clone()).collect();
+        if !inner.buffer.is_empty() {
+            batches.push(inner.buffer.snapshot(schema)?);
+        }
+        Ok(PartitionRows {
+            partition: self.lane.partition,
+            batches,
+        })
+    }
+
+    #[cfg(test)]
+    fn rows(&self) -> usize {
+        let inner = self.inner();
+        inner.buffer.len() + inner.flushed.iter().map(|(_, b)| b.num_rows()).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Side, Trade};
+
+    fn trade(offset: i64) -> Trade {
+        Trade {
+            exchange: "BINANCE".into(),
+            symbol: "BTCUSDT".into(),
+            sequence: offset,
+            trade_id: format!("t{offset}"),
+            price: 100_000_000,
+            quantity: 1,
+            side: Side::Buy,
+            event_time_us: 1_700_000_000_000_000 + offset,
+            ingest_time_us: 1_700_000_000_000_000,
+            partition: 3,
+            offset,
+        }
+    }
+
+    fn schema() -> SchemaRef {
+        Arc::new(
+            iceberg::arrow::schema_to_arrow_schema(&crate::storage::tables::trades_schema())
+                .expect("the trades schema converts"),
+        )
+    }
+
+    fn offsets(batches: &[RecordBatch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| {
+                let col = b.column_by_name("kafka_offset").unwrap();
+                col.as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    }
+
+    fn lane(incarnation: u64) -> LaneId {
+        LaneId {
+            partition: 3,
+            incarnation,
+        }
+    }
+
+    #[test]
+    fn a_row_is_live_from_its_push_until_a_commit_covers_it() {
+        let rows = LiveRows::new();
+        let schema = schema();
+        let live = rows.open(lane(1), 16);
+        live.push(&[trade(10), trade(11)]);
+        live.flush(&schema, 12).unwrap();
+        live.push(&[trade(12)]);
+        let read = |rows: &LiveRows| {
+            let mut all = rows.snapshot(&schema).unwrap();
+            assert_eq!(all.len(), 1);
+            offsets(&all.pop().unwrap().batches)
+        };
+        assert_eq!(
+            read(&rows),
+            vec![10, 11, 12],
+            "flushed and buffered rows, once each"
+        );
+        rows.committed(3, 11);
+        assert_eq!(
+            read(&rows),
+            vec![10, 11, 12],
+            "a commit short of the batch keeps it"
+        );
+        rows.committed(3, 12);
+        assert_eq!(
+            read(&rows),
+            vec![12],
+            "the committed batch left; the buffer stays"
+        );
+    }
+
+    #[test]
+    fn rows_below_the_snapshot_offset_are_left_to_the_table() {
+        let rows = LiveRows::new();
+        let schema = schema();
+        let live = rows.open(lane(1), 16);
+        live.push(&[trade(10), trade(11)]);
+        live.flush(&schema, 12).unwrap();
+        live.push(&[trade(12), trade(13)]);
+        let part = rows.snapshot(&schema).unwrap().pop().unwrap();
+        assert_eq!(
+            offsets(&part.clone().from_offset(None).unwrap()),
+            vec![10, 11, 12, 13]
+        );
+        assert_eq!(
+            offsets(&part.clone().from_offset(Some(11)).unwrap()),
+            vec![11, 12, 13]
+        );
+        assert_eq!(
+            offsets(&part.clone().from_offset(Some(12)).unwrap()),
+            vec![12, 13]
+        );
+        assert!(part.from_offset(Some(14)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_new_incarnation_replaces_the_old_lane_and_an_older_one_does_not() {
+        let rows = LiveRows::new();
+        let schema = schema();
+        let old = rows.open(lane(1), 16);
+        old.push(&[trade(10)]);
+        let new = rows.open(lane(2), 16);
+        new.push(&[trade(20)]);
+        let stale = rows.open(lane(1), 16);
+        stale.push(&[trade(30)]);
+        let part = rows.snapshot(&schema).unwrap().pop().unwrap();
+        assert_eq!(offsets(&part.batches), vec![20]);
+        rows.release(3);
+        assert!(rows.snapshot(&schema).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_detached_lane_keeps_no_flushed_batch() {
+        let schema = schema();
+        let live = LiveLane::detached(lane(1), 16);
+        live.push(&[trade(10)]);
+        live.flush(&schema, 11).unwrap();
+        assert_eq!(live.rows(), 0);
+    }
+}
