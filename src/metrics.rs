@@ -59,6 +59,8 @@ pub const LAST_RECORD_CONSUMED: &str = "k2_last_record_consumed_timestamp_second
 pub const LAST_COMMIT: &str = "k2_last_commit_timestamp_seconds";
 pub const FAULTS_INJECTED: &str = "k2_faults_injected_total";
 pub const FAULTS_ACTIVE: &str = "k2_faults_active";
+pub const QUERIES: &str = "k2_queries_total";
+pub const QUERY_DURATION: &str = "k2_query_duration_seconds";
 
 /// Installs the global Prometheus recorder once and returns its handle.
 /// Later calls (several pipelines in one test process) share it.
@@ -80,6 +82,16 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
+    describe_counter!(
+        QUERIES,
+        Unit::Count,
+        "Hybrid queries answered, by endpoint (trades, recent, ohlcv, sql) and outcome (ok, truncated, bad_request, timeout, memory, unavailable, failed)"
+    );
+    describe_histogram!(
+        QUERY_DURATION,
+        Unit::Seconds,
+        "Time from a hybrid query's cut to its last row, by endpoint"
+    );
     describe_gauge!(
         TABLE_MANIFESTS,
         Unit::Count,

@@ -103,3 +103,40 @@ async fn a_tiny_latency_bench_makes_every_message_durable_and_reports_ordered_qu
         "{report:?}"
     );
 }
+
+#[actix_rt::test]
+async fn a_tiny_query_bench_times_both_queries_while_k2_ingests() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = k2::bench::query::run(
+        k2::bench::query::QueryBenchParams {
+            history: 20_000,
+            days: 2,
+            symbols: 20,
+            partitions: 2,
+            rate: 1_000,
+            seconds: 2,
+            k2_binary: env!("CARGO_BIN_EXE_k2").into(),
+        },
+        dir.path(),
+    )
+    .await
+    .expect("the query bench runs");
+
+    for latencies in [&report.recent_15m, &report.ohlcv_day_1m] {
+        assert!(latencies.queries > 0, "{report:?}");
+        assert!(
+            latencies.p50_ms > 0.0
+                && latencies.p50_ms <= latencies.p99_ms
+                && latencies.p99_ms <= latencies.max_ms,
+            "{report:?}"
+        );
+    }
+    // 500 trades of a symbol a day: a day of 1-minute bars has hundreds.
+    assert!(report.ohlcv_day_1m.mean_rows > 100.0, "{report:?}");
+    // The last 15 minutes hold the history's few and what K2 ingested.
+    assert!(report.recent_15m.mean_rows > 0.0, "{report:?}");
+    assert!(
+        report.ingest_alone_msgs_per_s > 0.0 && report.ingest_querying_msgs_per_s > 0.0,
+        "{report:?}"
+    );
+}

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use common::{committed_rows, wait_for};
 use k2::model::TradeKey;
 
+/// The tests of this file run one at a time: the visibility test's 100 ms
+/// must not be spent waiting for a core a runaway query of another holds.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A GET or POST to the API; the status, the headers' text and the body.
 async fn request(addr: &str, method: &str, path: &str, accept: &str, body: &str) -> (u16, String) {
     let (addr, method, path, accept, body) = (
@@ -63,6 +67,7 @@ fn offsets_by_partition(answer: &serde_json::Value) -> BTreeMap<i64, Vec<i64>> {
 
 #[actix_rt::test]
 async fn a_consumed_trade_is_in_v1_trades_within_100ms_and_once_across_its_commits() {
+    let _serial = SERIAL.lock().await;
     const TOTAL: u64 = 20_000;
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(4);
@@ -166,6 +171,7 @@ async fn a_consumed_trade_is_in_v1_trades_within_100ms_and_once_across_its_commi
 
 #[actix_rt::test]
 async fn sql_that_writes_is_refused_and_sql_that_runs_away_is_cut_off() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(2);
     let config = common::config(dir.path(), "k2-query-sql");
@@ -265,6 +271,15 @@ async fn sql_that_writes_is_refused_and_sql_that_runs_away_is_cut_off() {
     assert!(body["error"].as_str().unwrap().contains("memory"), "{body}");
     let (status, _) = get_json(&addr, "/health").await;
     assert_eq!(status, 200);
+    let (_, metrics) = request(&addr, "GET", "/metrics", "text/plain", "").await;
+    for outcome in ["timeout", "memory", "bad_request", "truncated"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with("k2_queries_total")
+                && l.contains(r#"endpoint="sql""#)
+                && l.contains(&format!(r#"outcome="{outcome}""#))),
+            "no sql {outcome} in /metrics"
+        );
+    }
 
     // Formats by Accept; a bad parameter names itself.
     let (status, csv) = request(&addr, "GET", "/v1/trades?limit=3", "text/csv", "").await;
@@ -299,6 +314,7 @@ async fn sql_that_writes_is_refused_and_sql_that_runs_away_is_cut_off() {
 
 #[actix_rt::test]
 async fn recent_trades_are_the_newest_in_event_time_order() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let broker = common::broker(2);
     let config = common::config(dir.path(), "k2-query-recent");

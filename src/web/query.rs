@@ -25,6 +25,7 @@ use arrow_array::{ArrayRef, RecordBatch};
 use serde::Deserialize;
 
 use super::{AppState, error};
+use crate::metrics as m;
 use crate::query::output::{self, Format};
 use crate::query::trades::{self, Bar, BarInterval, Keep, TradeFilter};
 use crate::query::{QueryAnswer, QueryError};
@@ -41,6 +42,26 @@ fn status_of(err: &QueryError) -> StatusCode {
         QueryError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         QueryError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
+}
+
+/// Counts a query by endpoint and outcome and times it.
+fn observe<T>(
+    endpoint: &'static str,
+    started: std::time::Instant,
+    result: &Result<T, QueryError>,
+    truncated: impl Fn(&T) -> bool,
+) {
+    let outcome = match result {
+        Ok(answer) if truncated(answer) => "truncated",
+        Ok(_) => "ok",
+        Err(QueryError::BadRequest(_) | QueryError::NotAQuery(_)) => "bad_request",
+        Err(QueryError::Timeout(_)) => "timeout",
+        Err(QueryError::TooMuchMemory(_)) => "memory",
+        Err(QueryError::Unavailable(_)) => "unavailable",
+        Err(QueryError::Failed(_)) => "failed",
+    };
+    metrics::counter!(m::QUERIES, "endpoint" => endpoint, "outcome" => outcome).increment(1);
+    metrics::histogram!(m::QUERY_DURATION, "endpoint" => endpoint).record(started.elapsed().as_secs_f64());
 }
 
 fn failure(err: QueryError) -> HttpResponse {
@@ -170,7 +191,10 @@ pub async fn get_trades(state: web::Data<AppState>, request: HttpRequest) -> Htt
         Ok(format) => format,
         Err(response) => return *response,
     };
-    match trades::trades(&state.query, filter, limit, Keep::Oldest).await {
+    let started = std::time::Instant::now();
+    let answer = trades::trades(&state.query, filter, limit, Keep::Oldest).await;
+    observe("trades", started, &answer, |a| a.truncated);
+    match answer {
         Ok(answer) => respond(&answer, format),
         Err(err) => failure(err),
     }
@@ -199,7 +223,10 @@ pub async fn get_recent(state: web::Data<AppState>, request: HttpRequest) -> Htt
         Ok(format) => format,
         Err(response) => return *response,
     };
-    match trades::trades(&state.query, filter, limit, Keep::Newest).await {
+    let started = std::time::Instant::now();
+    let answer = trades::trades(&state.query, filter, limit, Keep::Newest).await;
+    observe("recent", started, &answer, |a| a.truncated);
+    match answer {
         Ok(answer) => respond(&answer, format),
         Err(err) => failure(err),
     }
@@ -221,7 +248,10 @@ pub async fn get_ohlcv(state: web::Data<AppState>, request: HttpRequest) -> Http
         Ok(format) => format,
         Err(response) => return *response,
     };
-    let (bars, answer) = match trades::ohlcv(&state.query, filter, interval).await {
+    let started = std::time::Instant::now();
+    let found = trades::ohlcv(&state.query, filter, interval).await;
+    observe("ohlcv", started, &found, |(_, a)| a.truncated);
+    let (bars, answer) = match found {
         Ok(found) => found,
         Err(err) => return failure(err),
     };
@@ -283,7 +313,10 @@ pub async fn post_query(state: web::Data<AppState>, request: HttpRequest, body: 
         Ok(format) => format,
         Err(response) => return *response,
     };
-    match state.query.sql(&body.sql).await {
+    let started = std::time::Instant::now();
+    let answer = state.query.sql(&body.sql).await;
+    observe("sql", started, &answer, |a| a.truncated);
+    match answer {
         Ok(answer) => respond(&answer, format),
         Err(err) => failure(err),
     }
