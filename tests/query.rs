@@ -247,6 +247,14 @@ async fn sql_that_writes_is_refused_and_sql_that_runs_away_is_cut_off() {
     );
     let (status, body) = sql(&addr, "SELECT count(*) AS n FROM k2.dead_letters").await;
     assert_eq!(status, 200, "{body}");
+    // EXPLAIN ANALYZE runs the query and shows the plan with its metrics.
+    let (status, body) = sql(
+        &addr,
+        "EXPLAIN ANALYZE SELECT count(*) FROM market.trades WHERE symbol = 'BHP'",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["rows"].to_string().contains("IcebergTableScan"), "{body}");
 
     // Forever: stopped at the time limit.
     let started = Instant::now();

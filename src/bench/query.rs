@@ -3,13 +3,15 @@
 //!
 //! 1. History: `--history` trades (10M) over `--days` (7, ending now) and
 //!    `--symbols` (200) are written straight into `market.trades` with K2's
-//!    writer, one commit per day, sorted by symbol and event time within each
-//!    day (the layout a compaction with a sort order leaves) in row groups of
-//!    64K rows, so that a symbol's rows of a day sit in a row group or two.
+//!    writer, one file and one commit per day, sorted by symbol and event time
+//!    within the day (the layout a compaction with a sort order leaves) in
+//!    row groups of 64K rows, so that a symbol's rows of a day sit in a row
+//!    group or two.
 //! 2. `k2 run` starts as its own process on that catalog against an empty
-//!    topic (table maintenance off, so it does not rewrite the history while
-//!    it is measured), and the load generator produces `--rate` (20K)
-//!    trades a second of the same symbols for the whole run.
+//!    topic, with its default config (table maintenance included: a day of
+//!    history is one file, too large to compact), and the load generator
+//!    produces `--rate` (20K) trades a second of the same symbols for the
+//!    whole run.
 //! 3. For `--seconds`, ingestion alone; then for `--seconds`, queries back to
 //!    back over HTTP, alternating the 15-minute recent trades of a symbol and
 //!    a day of 1-minute OHLCV of a symbol (symbols in turn). Each phase's
@@ -39,8 +41,6 @@ use crate::storage::tables::{TableIdents, ensure_tables};
 use crate::storage::writer::{TableWriter, TradeBatchBuilder};
 
 const ROW_GROUP_ROWS: usize = 64 * 1024;
-/// Rows per write while building the history.
-const WRITE_ROWS: usize = 512 * 1024;
 const DAY_US: i64 = 86_400_000_000;
 
 pub struct QueryBenchParams {
@@ -115,7 +115,7 @@ pub async fn run(params: QueryBenchParams, data_dir: &Path) -> anyhow::Result<Qu
         config_file: None,
         brokers: brokers.clone(),
         dir: dir.clone(),
-        overrides: vec![("K2_MAINTENANCE__INTERVAL_MS", "0".to_string())],
+        overrides: Vec::new(),
         log_name: super::LOG_FILE.to_string(),
     };
     let partitions = params.partitions;
@@ -286,7 +286,7 @@ async fn build_history(
             dir.display()
         );
     }
-    let writer = TableWriter::new(&table, 3, 512 << 20)?.with_max_row_group_rows(ROW_GROUP_ROWS);
+    let writer = TableWriter::new(&table, 3, 1 << 30)?.with_max_row_group_rows(ROW_GROUP_ROWS);
     let now_us = crate::model::now_us();
     let first_day_us = now_us - days as i64 * DAY_US;
     let per_symbol_day = (total / days as u64 / symbols.len() as u64).max(1);
@@ -294,8 +294,7 @@ async fn build_history(
     let mut written = 0u64;
     for day in 0..days {
         let start = first_day_us + day as i64 * DAY_US;
-        let mut builder = TradeBatchBuilder::with_capacity(WRITE_ROWS);
-        let mut files = Vec::new();
+        let mut builder = TradeBatchBuilder::with_capacity((per_symbol_day as usize) * symbols.len());
         for (s, symbol) in symbols.iter().enumerate() {
             let mut times: Vec<i64> = (0..per_symbol_day)
                 .map(|_| start + rng.random_range(0..DAY_US))
@@ -318,14 +317,9 @@ async fn build_history(
                     offset: written as i64,
                 });
                 written += 1;
-                if builder.len() == WRITE_ROWS {
-                    files.extend(writer.write(builder.finish(writer.arrow_schema())?).await?);
-                }
             }
         }
-        if !builder.is_empty() {
-            files.extend(writer.write(builder.finish(writer.arrow_schema())?).await?);
-        }
+        let files = writer.write(builder.finish(writer.arrow_schema())?).await?;
         let tx = Transaction::new(&table);
         let tx = tx.fast_append().add_data_files(files).apply(tx)?;
         table = tx.commit(catalog.as_ref()).await?;

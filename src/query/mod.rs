@@ -197,7 +197,18 @@ impl QueryEngine {
         let work = async move {
             let cut = source.cut(all_tables).await?;
             let (frame, cut) = build(cut).await?;
-            let frame = frame.limit(0, Some(limit + 1))?;
+            // EXPLAIN [ANALYZE] must stay the root of its plan; it returns a
+            // few rows of its own.
+            let explains = matches!(
+                frame.logical_plan(),
+                datafusion::logical_expr::LogicalPlan::Explain(_)
+                    | datafusion::logical_expr::LogicalPlan::Analyze(_)
+            );
+            let frame = if explains {
+                frame
+            } else {
+                frame.limit(0, Some(limit + 1))?
+            };
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
             let mut batches = frame.collect().await?;
             let mut rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
