@@ -357,6 +357,10 @@ pub struct QueryConfig {
     pub memory_limit_bytes: usize,
     /// Threads that run queries, apart from ingestion's arbiters and the HTTP worker.
     pub threads: usize,
+    /// Bytes of flushed rows (in Arrow) all lanes keep for queries until their commit. Past it (commits
+    /// far behind), a lane drops what it keeps and queries are refused (503) until its rows are
+    /// committed, rather than answered without them.
+    pub max_live_bytes: u64,
 }
 
 impl Default for QueryConfig {
@@ -366,6 +370,7 @@ impl Default for QueryConfig {
             timeout_ms: 5_000,
             memory_limit_bytes: 256 * MIB as usize,
             threads: 1,
+            max_live_bytes: 256 * MIB,
         }
     }
 }
@@ -375,7 +380,8 @@ impl QueryConfig {
         positive("query.max_rows", self.max_rows)?;
         positive("query.timeout_ms", self.timeout_ms)?;
         positive("query.memory_limit_bytes", self.memory_limit_bytes)?;
-        positive("query.threads", self.threads)
+        positive("query.threads", self.threads)?;
+        positive("query.max_live_bytes", self.max_live_bytes)
     }
 }
 

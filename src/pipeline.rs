@@ -115,7 +115,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         commits: Arc::new(CommitHealth::default()),
     };
     let windows = Arc::new(UnorderedWindows::new(&config.dedup));
-    let live = LiveRows::new();
+    let live = LiveRows::new(config.query.max_live_bytes);
     let committer = IcebergCommitter::new(IcebergCommitterParams {
         committer: Arc::new(Committer {
             catalog: catalog.clone(),

@@ -196,6 +196,7 @@ async fn sql_that_writes_is_refused_and_sql_that_runs_away_is_cut_off() {
         timeout_ms: 1_500,
         memory_limit_bytes: 8 << 20,
         threads: 1,
+        ..Default::default()
     };
     let addr = common::serve_api_with(&pipeline, None, false, limits).await;
 

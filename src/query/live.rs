@@ -12,10 +12,14 @@
 //! snapshot or in the live rows, never both and never neither.
 //!
 //! A flushed batch shares its Arrow buffers with the batch being written, so
-//! keeping it until the commit costs no copy; the memory it holds is what
-//! `commit.max_pending_bytes` bounds, in Arrow rather than Parquet size.
+//! keeping it until the commit costs no copy, but it holds that memory until
+//! the commit. All lanes together keep at most `query.max_live_bytes` of
+//! flushed batches: a lane whose flush would pass the bound drops what it
+//! keeps and is *incomplete* until a commit covers everything it flushed (a
+//! query then fails with the reason rather than miss those rows).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arrow_array::{Int64Array, RecordBatch};
@@ -26,14 +30,60 @@ use crate::model::Trade;
 use crate::storage::writer::TradeBatchBuilder;
 
 /// Every lane's live rows, by partition: the newest incarnation of each.
-#[derive(Default)]
 pub struct LiveRows {
     lanes: Mutex<HashMap<i32, Arc<LiveLane>>>,
+    budget: Arc<Budget>,
+}
+
+/// Bytes of flushed batches all lanes keep, against their bound.
+#[derive(Debug)]
+struct Budget {
+    max_bytes: u64,
+    held: AtomicU64,
+}
+
+impl Budget {
+    fn take(&self, bytes: u64) -> bool {
+        let before = self.held.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > self.max_bytes {
+            self.held.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, bytes: u64) {
+        self.held.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A query cannot have a lane's live rows.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error(
+        "partition {partition} holds more rows waiting for a commit than query.max_live_bytes keeps \
+         (up to offset {until}); they are queryable again once committed"
+    )]
+    Incomplete { partition: i32, until: i64 },
+    #[error(transparent)]
+    Arrow(#[from] ArrowError),
 }
 
 impl LiveRows {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    /// Lanes keep at most `max_bytes` of flushed batches between them.
+    pub fn new(max_bytes: u64) -> Arc<Self> {
+        Arc::new(Self {
+            lanes: Mutex::new(HashMap::new()),
+            budget: Arc::new(Budget {
+                max_bytes,
+                held: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Bytes of flushed batches the lanes keep now.
+    pub fn held_bytes(&self) -> u64 {
+        self.budget.held.load(Ordering::Relaxed)
     }
 
     fn lanes(&self) -> MutexGuard<'_, HashMap<i32, Arc<LiveLane>>> {
@@ -44,7 +94,7 @@ impl LiveRows {
     /// committer dropped that lane's uncommitted files when the new one
     /// registered, and the new lane reads them again from Kafka.
     pub fn open(&self, lane: LaneId, capacity: usize) -> Arc<LiveLane> {
-        let live = Arc::new(LiveLane::new(lane, capacity, true));
+        let live = Arc::new(LiveLane::new(lane, capacity, Some(self.budget.clone())));
         let mut lanes = self.lanes();
         match lanes.get(&lane.partition) {
             Some(current) if current.lane.incarnation > lane.incarnation => {}
@@ -69,7 +119,7 @@ impl LiveRows {
     }
 
     /// Every lane's rows at this moment, each lane read under its own lock.
-    pub fn snapshot(&self, schema: &SchemaRef) -> Result<Vec<PartitionRows>, ArrowError> {
+    pub fn snapshot(&self, schema: &SchemaRef) -> Result<Vec<PartitionRows>, LiveError> {
         let lanes: Vec<Arc<LiveLane>> = self.lanes().values().cloned().collect();
         lanes.iter().map(|lane| lane.snapshot(schema)).collect()
     }
@@ -118,11 +168,23 @@ pub struct LiveLane {
 
 struct LiveInner {
     buffer: TradeBatchBuilder,
-    /// Batches flushed and not yet committed, with the offset after each.
-    flushed: VecDeque<(i64, RecordBatch)>,
-    /// Whether flushed batches are kept for queries (a lane outside a
-    /// pipeline, as in a stage's unit test, has no reader).
-    retain: bool,
+    /// Batches flushed and not yet committed, with the offset after each
+    /// and their bytes.
+    flushed: VecDeque<(i64, u64, RecordBatch)>,
+    /// Where flushed batches are accounted; None: none are kept (a lane
+    /// outside a pipeline, as in a stage's unit test, has no reader).
+    budget: Option<Arc<Budget>>,
+    /// The lane dropped flushed rows below this offset to stay in budget:
+    /// its live rows are incomplete until a commit reaches it.
+    incomplete_until: Option<i64>,
+}
+
+impl Drop for LiveInner {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.give(self.flushed.iter().map(|(_, bytes, _)| bytes).sum());
+        }
+    }
 }
 
 impl std::fmt::Debug for LiveLane {
@@ -134,20 +196,21 @@ impl std::fmt::Debug for LiveLane {
 }
 
 impl LiveLane {
-    fn new(lane: LaneId, capacity: usize, retain: bool) -> Self {
+    fn new(lane: LaneId, capacity: usize, budget: Option<Arc<Budget>>) -> Self {
         Self {
             lane,
             inner: Mutex::new(LiveInner {
                 buffer: TradeBatchBuilder::with_capacity(capacity),
                 flushed: VecDeque::new(),
-                retain,
+                budget,
+                incomplete_until: None,
             }),
         }
     }
 
     /// A buffer no query reads: flushed batches are not kept.
     pub fn detached(lane: LaneId, capacity: usize) -> Arc<Self> {
-        Arc::new(Self::new(lane, capacity, false))
+        Arc::new(Self::new(lane, capacity, None))
     }
 
     fn inner(&self) -> MutexGuard<'_, LiveInner> {
@@ -174,24 +237,56 @@ impl LiveLane {
     /// Takes the buffer as one batch, to write; it stays readable as a
     /// flushed batch, ending before `next_offset`, until a commit covers it.
     pub fn flush(&self, schema: &SchemaRef, next_offset: i64) -> Result<RecordBatch, ArrowError> {
-        let mut inner = self.inner();
+        let mut guard = self.inner();
+        let inner = &mut *guard;
         let batch = inner.buffer.finish(schema)?;
-        if inner.retain {
-            inner.flushed.push_back((next_offset, batch.clone()));
+        let Some(budget) = &inner.budget else {
+            return Ok(batch);
+        };
+        let bytes = batch.get_array_memory_size() as u64;
+        if inner.incomplete_until.is_none() && budget.take(bytes) {
+            inner.flushed.push_back((next_offset, bytes, batch.clone()));
+        } else {
+            if inner.incomplete_until.is_none() {
+                tracing::warn!(
+                    lane = %self.lane,
+                    held = budget.held.load(Ordering::Relaxed),
+                    max = budget.max_bytes,
+                    "rows waiting for a commit passed query.max_live_bytes: \
+                     queries refuse this partition until they are committed"
+                );
+            }
+            budget.give(inner.flushed.drain(..).map(|(_, bytes, _)| bytes).sum());
+            inner.incomplete_until = Some(next_offset);
         }
         Ok(batch)
     }
 
     fn committed(&self, next_offset: i64) {
-        let mut inner = self.inner();
-        while inner.flushed.front().is_some_and(|(end, _)| *end <= next_offset) {
+        let mut guard = self.inner();
+        let inner = &mut *guard;
+        while let Some((end, bytes, _)) = inner.flushed.front()
+            && *end <= next_offset
+        {
+            if let Some(budget) = &inner.budget {
+                budget.give(*bytes);
+            }
             inner.flushed.pop_front();
+        }
+        if inner.incomplete_until.is_some_and(|until| until <= next_offset) {
+            inner.incomplete_until = None;
         }
     }
 
-    fn snapshot(&self, schema: &SchemaRef) -> Result<PartitionRows, ArrowError> {
+    fn snapshot(&self, schema: &SchemaRef) -> Result<PartitionRows, LiveError> {
         let inner = self.inner();
-        let mut batches: Vec<RecordBatch> = inner.flushed.iter().map(|(_, b)| b.clone()).collect();
+        if let Some(until) = inner.incomplete_until {
+            return Err(LiveError::Incomplete {
+                partition: self.lane.partition,
+                until,
+            });
+        }
+        let mut batches: Vec<RecordBatch> = inner.flushed.iter().map(|(_, _, b)| b.clone()).collect();
         if !inner.buffer.is_empty() {
             batches.push(inner.buffer.snapshot(schema)?);
         }
@@ -204,7 +299,7 @@ impl LiveLane {
     #[cfg(test)]
     fn rows(&self) -> usize {
         let inner = self.inner();
-        inner.buffer.len() + inner.flushed.iter().map(|(_, b)| b.num_rows()).sum::<usize>()
+        inner.buffer.len() + inner.flushed.iter().map(|(_, _, b)| b.num_rows()).sum::<usize>()
     }
 }
 
@@ -259,7 +354,7 @@ mod tests {
 
     #[test]
     fn a_row_is_live_from_its_push_until_a_commit_covers_it() {
-        let rows = LiveRows::new();
+        let rows = LiveRows::new(u64::MAX);
         let schema = schema();
         let live = rows.open(lane(1), 16);
         live.push(&[trade(10), trade(11)]);
@@ -291,7 +386,7 @@ mod tests {
 
     #[test]
     fn rows_below_the_snapshot_offset_are_left_to_the_table() {
-        let rows = LiveRows::new();
+        let rows = LiveRows::new(u64::MAX);
         let schema = schema();
         let live = rows.open(lane(1), 16);
         live.push(&[trade(10), trade(11)]);
@@ -315,7 +410,7 @@ mod tests {
 
     #[test]
     fn a_new_incarnation_replaces_the_old_lane_and_an_older_one_does_not() {
-        let rows = LiveRows::new();
+        let rows = LiveRows::new(u64::MAX);
         let schema = schema();
         let old = rows.open(lane(1), 16);
         old.push(&[trade(10)]);
@@ -327,6 +422,51 @@ mod tests {
         assert_eq!(offsets(&part.batches), vec![20]);
         rows.release(3);
         assert!(rows.snapshot(&schema).unwrap().is_empty());
+    }
+
+    #[test]
+    fn past_the_byte_bound_a_lane_is_refused_until_a_commit_covers_what_it_flushed() {
+        let schema = schema();
+        let one_batch = {
+            let probe = LiveLane::detached(lane(1), 16);
+            probe.push(&[trade(10), trade(11)]);
+            probe.flush(&schema, 12).unwrap().get_array_memory_size() as u64
+        };
+        // Room for the first flushed batch and nothing more.
+        let rows = LiveRows::new(one_batch);
+        let live = rows.open(lane(1), 16);
+        live.push(&[trade(10), trade(11)]);
+        live.flush(&schema, 12).unwrap();
+        assert_eq!(rows.held_bytes(), one_batch);
+        live.push(&[trade(12), trade(13)]);
+        live.flush(&schema, 14).unwrap();
+        assert_eq!(rows.held_bytes(), 0, "the lane dropped what it kept");
+        let refused = rows.snapshot(&schema).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                LiveError::Incomplete {
+                    partition: 3,
+                    until: 14
+                }
+            ),
+            "{refused}"
+        );
+        live.push(&[trade(14)]);
+        rows.committed(3, 12);
+        assert!(
+            rows.snapshot(&schema).is_err(),
+            "offsets 12 and 13 are still nowhere"
+        );
+        rows.committed(3, 14);
+        let part = rows.snapshot(&schema).unwrap().pop().unwrap();
+        assert_eq!(offsets(&part.batches), vec![14]);
+        // Keeping again, and giving back what it kept when it goes.
+        live.flush(&schema, 15).unwrap();
+        assert!(rows.held_bytes() > 0);
+        rows.release(3);
+        drop(live);
+        assert_eq!(rows.held_bytes(), 0);
     }
 
     #[test]

@@ -282,9 +282,10 @@ impl Source {
     /// registers `market.reference` and K2's `k2.*` tables (the SQL endpoint).
     pub async fn cut(&self, all_tables: bool) -> Result<Cut, QueryError> {
         let live = match &self.live {
-            Some(live) => live
-                .snapshot(&self.trades_schema)
-                .map_err(|e| QueryError::Failed(format!("failed to read the live rows: {e}")))?,
+            Some(live) => live.snapshot(&self.trades_schema).map_err(|e| match e {
+                live::LiveError::Incomplete { .. } => QueryError::Unavailable(e.to_string()),
+                live::LiveError::Arrow(e) => QueryError::Failed(format!("failed to read the live rows: {e}")),
+            })?,
             None => Vec::new(),
         };
         let trades = self.load(&self.tables.trades).await?;
