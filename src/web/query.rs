@@ -159,6 +159,13 @@ impl Params {
             .transpose()
     }
 
+    /// `limit`: 1 to `max`, default 1,000 (or `max` if lower).
+    fn limit(&self, max: usize) -> Result<usize, String> {
+        Ok(self
+            .number("limit", 1, max as u64)?
+            .map_or(DEFAULT_LIMIT.min(max), |n| n as usize))
+    }
+
     fn filter(&self) -> Result<TradeFilter, String> {
         let filter = TradeFilter {
             exchange: self.name("exchange")?,
@@ -176,37 +183,17 @@ impl Params {
 }
 
 pub async fn get_trades(state: web::Data<AppState>, request: HttpRequest) -> HttpResponse {
-    let max = state.query.limits().max_rows as u64;
-    let parsed = Params::parse(&request, &["exchange", "symbol", "from", "to", "limit"]).and_then(|p| {
-        let limit = p
-            .number("limit", 1, max)?
-            .map_or(DEFAULT_LIMIT.min(max as usize), |n| n as usize);
-        Ok((p.filter()?, limit))
-    });
-    let (filter, limit) = match parsed {
-        Ok(parsed) => parsed,
-        Err(message) => return bad(message),
-    };
-    let format = match format_of(&request) {
-        Ok(format) => format,
-        Err(response) => return *response,
-    };
-    let started = std::time::Instant::now();
-    let answer = trades::trades(&state.query, filter, limit, Keep::Oldest).await;
-    observe("trades", started, &answer, |a| a.truncated);
-    match answer {
-        Ok(answer) => respond(&answer, format),
-        Err(err) => failure(err),
-    }
+    let max = state.query.limits().max_rows;
+    let parsed = Params::parse(&request, &["exchange", "symbol", "from", "to", "limit"])
+        .and_then(|p| Ok((p.filter()?, p.limit(max)?)));
+    trades_answer(&state, &request, parsed, Keep::Oldest, "trades").await
 }
 
 pub async fn get_recent(state: web::Data<AppState>, request: HttpRequest) -> HttpResponse {
-    let max = state.query.limits().max_rows as u64;
+    let max = state.query.limits().max_rows;
     let parsed = Params::parse(&request, &["exchange", "symbol", "minutes", "limit"]).and_then(|p| {
         let minutes = p.number("minutes", 1, MAX_MINUTES)?.unwrap_or(15);
-        let limit = p
-            .number("limit", 1, max)?
-            .map_or(DEFAULT_LIMIT.min(max as usize), |n| n as usize);
+        let limit = p.limit(max)?;
         let filter = TradeFilter {
             exchange: p.name("exchange")?,
             symbol: p.name("symbol")?,
@@ -215,17 +202,29 @@ pub async fn get_recent(state: web::Data<AppState>, request: HttpRequest) -> Htt
         };
         Ok((filter, limit))
     });
+    trades_answer(&state, &request, parsed, Keep::Newest, "recent").await
+}
+
+/// The trades of `/v1/trades` and `/v1/trades/recent`, once their
+/// parameters are parsed (or the 400 that names the bad one).
+async fn trades_answer(
+    state: &AppState,
+    request: &HttpRequest,
+    parsed: Result<(TradeFilter, usize), String>,
+    keep: Keep,
+    endpoint: &'static str,
+) -> HttpResponse {
     let (filter, limit) = match parsed {
         Ok(parsed) => parsed,
         Err(message) => return bad(message),
     };
-    let format = match format_of(&request) {
+    let format = match format_of(request) {
         Ok(format) => format,
         Err(response) => return *response,
     };
     let started = std::time::Instant::now();
-    let answer = trades::trades(&state.query, filter, limit, Keep::Newest).await;
-    observe("recent", started, &answer, |a| a.truncated);
+    let answer = trades::trades(&state.query, filter, limit, keep).await;
+    observe(endpoint, started, &answer, |a| a.truncated);
     match answer {
         Ok(answer) => respond(&answer, format),
         Err(err) => failure(err),
