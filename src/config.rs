@@ -361,6 +361,11 @@ pub struct QueryConfig {
     /// far behind), a lane drops what it keeps and queries are refused (503) until its rows are
     /// committed, rather than answered without them.
     pub max_live_bytes: u64,
+    /// Bytes (in Arrow) of the files K2 committed lately that it keeps in memory for queries, so that
+    /// a query of the last minutes does not open each lane's small files. 0: none are kept.
+    pub max_recent_bytes: u64,
+    /// Files are kept only while a query came within this long; a K2 nobody queries keeps none.
+    pub recent_idle_ms: u64,
 }
 
 impl Default for QueryConfig {
@@ -371,6 +376,8 @@ impl Default for QueryConfig {
             memory_limit_bytes: 256 * MIB as usize,
             threads: 1,
             max_live_bytes: 256 * MIB,
+            max_recent_bytes: 256 * MIB,
+            recent_idle_ms: 300_000,
         }
     }
 }
@@ -381,7 +388,8 @@ impl QueryConfig {
         positive("query.timeout_ms", self.timeout_ms)?;
         positive("query.memory_limit_bytes", self.memory_limit_bytes)?;
         positive("query.threads", self.threads)?;
-        positive("query.max_live_bytes", self.max_live_bytes)
+        positive("query.max_live_bytes", self.max_live_bytes)?;
+        positive("query.recent_idle_ms", self.recent_idle_ms)
     }
 }
 

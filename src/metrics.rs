@@ -61,6 +61,7 @@ pub const FAULTS_INJECTED: &str = "k2_faults_injected_total";
 pub const FAULTS_ACTIVE: &str = "k2_faults_active";
 pub const QUERIES: &str = "k2_queries_total";
 pub const QUERY_DURATION: &str = "k2_query_duration_seconds";
+pub const QUERY_RECENT_BYTES: &str = "k2_query_recent_bytes";
 
 /// Installs the global Prometheus recorder once and returns its handle.
 /// Later calls (several pipelines in one test process) share it.
@@ -91,6 +92,11 @@ fn describe() {
         QUERY_DURATION,
         Unit::Seconds,
         "Time from a hybrid query's cut to its last row, by endpoint"
+    );
+    describe_gauge!(
+        QUERY_RECENT_BYTES,
+        Unit::Bytes,
+        "Bytes of lately committed files K2 holds in memory for queries (query.max_recent_bytes)"
     );
     describe_gauge!(
         TABLE_MANIFESTS,

@@ -40,6 +40,7 @@ use crate::faults::Faults;
 use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, KafkaPartitions};
 use crate::lane::{ActorLanes, LaneShared};
 use crate::query::live::LiveRows;
+use crate::query::recent::RecentFiles;
 use crate::shedding::TierTable;
 use crate::state::open_store;
 use crate::storage::catalog::{CatalogDb, open_catalog};
@@ -115,7 +116,13 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         commits: Arc::new(CommitHealth::default()),
     };
     let windows = Arc::new(UnorderedWindows::new(&config.dedup));
-    let live = LiveRows::new(config.query.max_live_bytes);
+    let live = LiveRows::new(
+        config.query.max_live_bytes,
+        RecentFiles::new(
+            config.query.max_recent_bytes,
+            Duration::from_millis(config.query.recent_idle_ms),
+        ),
+    );
     let committer = IcebergCommitter::new(IcebergCommitterParams {
         committer: Arc::new(Committer {
             catalog: catalog.clone(),

@@ -170,11 +170,14 @@ impl Batcher {
         let storage = self.params.storage.clone();
         let faults = self.params.faults.clone();
         let lane = self.params.lane;
+        let live = self.buffer.clone();
         let fut = async move {
             let data_files = match batch? {
                 Some(batch) => write_until_stored(&writer, &storage, &faults, batch, lane).await,
                 None => Vec::new(),
             };
+            let paths: Vec<String> = data_files.iter().map(|f| f.file_path().to_string()).collect();
+            live.written(next_offset, &paths);
             let file_bytes = data_files.iter().map(|f| f.file_size_in_bytes()).sum();
             let files = data_files.len();
             committer

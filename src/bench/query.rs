@@ -5,11 +5,12 @@
 //!    `--symbols` (200) are written straight into `market.trades` with K2's
 //!    writer, one file and one commit per day, sorted by symbol and event time
 //!    within the day (the layout a compaction with a sort order leaves) in
-//!    row groups of 64K rows, so that a symbol's rows of a day sit in a row
+//!    row groups of 16K rows, so that a symbol's rows of a day sit in a row
 //!    group or two.
 //! 2. `k2 run` starts as its own process on that catalog against an empty
 //!    topic, with its default config (table maintenance included: a day of
-//!    history is one file, too large to compact), and the load generator
+//!    history is one file, too large to compact), is queried once (a K2 that
+//!    serves queries keeps what it commits for them), and the load generator
 //!    produces `--rate` (20K) trades a second of the same symbols for the
 //!    whole run.
 //! 3. For `--seconds`, ingestion alone; then for `--seconds`, queries back to
@@ -38,9 +39,8 @@ use crate::loadgen::{LoadgenParams, run_loadgen};
 use crate::model::{Side, Trade};
 use crate::storage::catalog::open_catalog;
 use crate::storage::tables::{TableIdents, ensure_tables};
-use crate::storage::writer::{TableWriter, TradeBatchBuilder};
+use crate::storage::writer::{SORTED_ROW_GROUP_ROWS, TableWriter, TradeBatchBuilder};
 
-const ROW_GROUP_ROWS: usize = 64 * 1024;
 const DAY_US: i64 = 86_400_000_000;
 
 pub struct QueryBenchParams {
@@ -127,6 +127,15 @@ pub async fn run(params: QueryBenchParams, data_dir: &Path) -> anyhow::Result<Qu
     })
     .await??;
 
+    // A K2 that serves queries: one now, before ingestion, so that it keeps
+    // the files it commits for them from the start (query.recent_idle_ms).
+    {
+        let path = format!(
+            "/v1/trades/recent?exchange={exchange}&symbol={}&minutes=1",
+            symbols[0]
+        );
+        tokio::task::spawn_blocking(move || http_get(addr, &path)).await??;
+    }
     let phase = Duration::from_secs(params.seconds);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let load = actix_rt::spawn(run_loadgen(
@@ -286,7 +295,7 @@ async fn build_history(
             dir.display()
         );
     }
-    let writer = TableWriter::new(&table, 3, 1 << 30)?.with_max_row_group_rows(ROW_GROUP_ROWS);
+    let writer = TableWriter::new(&table, 3, 1 << 30)?.with_max_row_group_rows(SORTED_ROW_GROUP_ROWS);
     let now_us = crate::model::now_us();
     let first_day_us = now_us - days as i64 * DAY_US;
     let per_symbol_day = (total / days as u64 / symbols.len() as u64).max(1);

@@ -27,12 +27,15 @@ use arrow_schema::{ArrowError, SchemaRef};
 
 use crate::messages::LaneId;
 use crate::model::Trade;
+use crate::query::recent::RecentFiles;
 use crate::storage::writer::TradeBatchBuilder;
 
 /// Every lane's live rows, by partition: the newest incarnation of each.
 pub struct LiveRows {
     lanes: Mutex<HashMap<i32, Arc<LiveLane>>>,
     budget: Arc<Budget>,
+    /// Where a committed batch goes, by the path of the file written from it.
+    recent: Arc<RecentFiles>,
 }
 
 /// Bytes of flushed batches all lanes keep, against their bound.
@@ -70,15 +73,22 @@ pub enum LiveError {
 }
 
 impl LiveRows {
-    /// Lanes keep at most `max_bytes` of flushed batches between them.
-    pub fn new(max_bytes: u64) -> Arc<Self> {
+    /// Lanes keep at most `max_bytes` of flushed batches between them and
+    /// hand what a commit covers to `recent`.
+    pub fn new(max_bytes: u64, recent: Arc<RecentFiles>) -> Arc<Self> {
         Arc::new(Self {
             lanes: Mutex::new(HashMap::new()),
             budget: Arc::new(Budget {
                 max_bytes,
                 held: AtomicU64::new(0),
             }),
+            recent,
         })
+    }
+
+    /// The files committed lately, kept while queries come.
+    pub fn recent(&self) -> &Arc<RecentFiles> {
+        &self.recent
     }
 
     /// Bytes of flushed batches the lanes keep now.
@@ -94,7 +104,11 @@ impl LiveRows {
     /// committer dropped that lane's uncommitted files when the new one
     /// registered, and the new lane reads them again from Kafka.
     pub fn open(&self, lane: LaneId, capacity: usize) -> Arc<LiveLane> {
-        let live = Arc::new(LiveLane::new(lane, capacity, Some(self.budget.clone())));
+        let keep = Keep {
+            budget: self.budget.clone(),
+            recent: self.recent.clone(),
+        };
+        let live = Arc::new(LiveLane::new(lane, capacity, Some(keep)));
         let mut lanes = self.lanes();
         match lanes.get(&lane.partition) {
             Some(current) if current.lane.incarnation > lane.incarnation => {}
@@ -168,21 +182,36 @@ pub struct LiveLane {
 
 struct LiveInner {
     buffer: TradeBatchBuilder,
-    /// Batches flushed and not yet committed, with the offset after each
-    /// and their bytes.
-    flushed: VecDeque<(i64, u64, RecordBatch)>,
-    /// Where flushed batches are accounted; None: none are kept (a lane
-    /// outside a pipeline, as in a stage's unit test, has no reader).
-    budget: Option<Arc<Budget>>,
+    /// Batches flushed and not yet committed, oldest first.
+    flushed: VecDeque<Flushed>,
+    /// Where flushed batches are accounted and committed ones go; None:
+    /// none are kept (a lane outside a pipeline, as in a stage's unit test,
+    /// has no reader).
+    keep: Option<Keep>,
     /// The lane dropped flushed rows below this offset to stay in budget:
     /// its live rows are incomplete until a commit reaches it.
     incomplete_until: Option<i64>,
 }
 
+struct Keep {
+    budget: Arc<Budget>,
+    recent: Arc<RecentFiles>,
+}
+
+struct Flushed {
+    /// The offset after the batch's last row.
+    end: i64,
+    bytes: u64,
+    batch: RecordBatch,
+    /// The data file written from the batch, once stored (None as well when
+    /// the flush was split into several files).
+    file: Option<String>,
+}
+
 impl Drop for LiveInner {
     fn drop(&mut self) {
-        if let Some(budget) = &self.budget {
-            budget.give(self.flushed.iter().map(|(_, bytes, _)| bytes).sum());
+        if let Some(keep) = &self.keep {
+            keep.budget.give(self.flushed.iter().map(|f| f.bytes).sum());
         }
     }
 }
@@ -196,13 +225,13 @@ impl std::fmt::Debug for LiveLane {
 }
 
 impl LiveLane {
-    fn new(lane: LaneId, capacity: usize, budget: Option<Arc<Budget>>) -> Self {
+    fn new(lane: LaneId, capacity: usize, keep: Option<Keep>) -> Self {
         Self {
             lane,
             inner: Mutex::new(LiveInner {
                 buffer: TradeBatchBuilder::with_capacity(capacity),
                 flushed: VecDeque::new(),
-                budget,
+                keep,
                 incomplete_until: None,
             }),
         }
@@ -240,12 +269,17 @@ impl LiveLane {
         let mut guard = self.inner();
         let inner = &mut *guard;
         let batch = inner.buffer.finish(schema)?;
-        let Some(budget) = &inner.budget else {
+        let Some(Keep { budget, .. }) = &inner.keep else {
             return Ok(batch);
         };
         let bytes = batch.get_array_memory_size() as u64;
         if inner.incomplete_until.is_none() && budget.take(bytes) {
-            inner.flushed.push_back((next_offset, bytes, batch.clone()));
+            inner.flushed.push_back(Flushed {
+                end: next_offset,
+                bytes,
+                batch: batch.clone(),
+                file: None,
+            });
         } else {
             if inner.incomplete_until.is_none() {
                 tracing::warn!(
@@ -256,25 +290,47 @@ impl LiveLane {
                      queries refuse this partition until they are committed"
                 );
             }
-            budget.give(inner.flushed.drain(..).map(|(_, bytes, _)| bytes).sum());
+            budget.give(inner.flushed.drain(..).map(|f| f.bytes).sum());
             inner.incomplete_until = Some(next_offset);
         }
         Ok(batch)
     }
 
+    /// The batch flushed up to `next_offset` was written as `files`.
+    pub fn written(&self, next_offset: i64, files: &[String]) {
+        let mut inner = self.inner();
+        if let [file] = files
+            && let Some(flushed) = inner.flushed.iter_mut().rev().find(|f| f.end == next_offset)
+        {
+            flushed.file = Some(file.clone());
+        }
+    }
+
     fn committed(&self, next_offset: i64) {
         let mut guard = self.inner();
         let inner = &mut *guard;
-        while let Some((end, bytes, _)) = inner.flushed.front()
-            && *end <= next_offset
-        {
-            if let Some(budget) = &inner.budget {
-                budget.give(*bytes);
+        let mut files = Vec::new();
+        while inner.flushed.front().is_some_and(|f| f.end <= next_offset) {
+            let Some(flushed) = inner.flushed.pop_front() else {
+                break;
+            };
+            if let Some(keep) = &inner.keep {
+                keep.budget.give(flushed.bytes);
+                if let Some(file) = flushed.file {
+                    files.push((file, flushed.batch));
+                }
             }
-            inner.flushed.pop_front();
         }
         if inner.incomplete_until.is_some_and(|until| until <= next_offset) {
             inner.incomplete_until = None;
+        }
+        // Outside the lane's lock: keeping copies the batch.
+        let recent = inner.keep.as_ref().map(|keep| keep.recent.clone());
+        drop(guard);
+        if let Some(recent) = recent {
+            for (file, batch) in files {
+                recent.keep(file, &batch);
+            }
         }
     }
 
@@ -286,7 +342,7 @@ impl LiveLane {
                 until,
             });
         }
-        let mut batches: Vec<RecordBatch> = inner.flushed.iter().map(|(_, _, b)| b.clone()).collect();
+        let mut batches: Vec<RecordBatch> = inner.flushed.iter().map(|f| f.batch.clone()).collect();
         if !inner.buffer.is_empty() {
             batches.push(inner.buffer.snapshot(schema)?);
         }
@@ -299,7 +355,7 @@ impl LiveLane {
     #[cfg(test)]
     fn rows(&self) -> usize {
         let inner = self.inner();
-        inner.buffer.len() + inner.flushed.iter().map(|(_, _, b)| b.num_rows()).sum::<usize>()
+        inner.buffer.len() + inner.flushed.iter().map(|f| f.batch.num_rows()).sum::<usize>()
     }
 }
 
@@ -331,6 +387,10 @@ mod tests {
         )
     }
 
+    fn no_recent() -> Arc<RecentFiles> {
+        RecentFiles::new(0, std::time::Duration::ZERO)
+    }
+
     fn offsets(batches: &[RecordBatch]) -> Vec<i64> {
         batches
             .iter()
@@ -354,7 +414,7 @@ mod tests {
 
     #[test]
     fn a_row_is_live_from_its_push_until_a_commit_covers_it() {
-        let rows = LiveRows::new(u64::MAX);
+        let rows = LiveRows::new(u64::MAX, no_recent());
         let schema = schema();
         let live = rows.open(lane(1), 16);
         live.push(&[trade(10), trade(11)]);
@@ -386,7 +446,7 @@ mod tests {
 
     #[test]
     fn rows_below_the_snapshot_offset_are_left_to_the_table() {
-        let rows = LiveRows::new(u64::MAX);
+        let rows = LiveRows::new(u64::MAX, no_recent());
         let schema = schema();
         let live = rows.open(lane(1), 16);
         live.push(&[trade(10), trade(11)]);
@@ -410,7 +470,7 @@ mod tests {
 
     #[test]
     fn a_new_incarnation_replaces_the_old_lane_and_an_older_one_does_not() {
-        let rows = LiveRows::new(u64::MAX);
+        let rows = LiveRows::new(u64::MAX, no_recent());
         let schema = schema();
         let old = rows.open(lane(1), 16);
         old.push(&[trade(10)]);
@@ -433,7 +493,7 @@ mod tests {
             probe.flush(&schema, 12).unwrap().get_array_memory_size() as u64
         };
         // Room for the first flushed batch and nothing more.
-        let rows = LiveRows::new(one_batch);
+        let rows = LiveRows::new(one_batch, no_recent());
         let live = rows.open(lane(1), 16);
         live.push(&[trade(10), trade(11)]);
         live.flush(&schema, 12).unwrap();
@@ -467,6 +527,29 @@ mod tests {
         rows.release(3);
         drop(live);
         assert_eq!(rows.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_committed_batch_is_kept_by_its_file_while_queries_come() {
+        let schema = schema();
+        let recent = RecentFiles::new(u64::MAX, std::time::Duration::from_secs(60));
+        let rows = LiveRows::new(u64::MAX, recent.clone());
+        let live = rows.open(lane(1), 16);
+        recent.queried();
+        live.push(&[trade(10), trade(11)]);
+        live.flush(&schema, 12).unwrap();
+        live.written(12, &["file-a".to_string()]);
+        live.push(&[trade(12)]);
+        live.flush(&schema, 13).unwrap();
+        live.written(13, &["file-b".to_string(), "file-c".to_string()]);
+        rows.committed(3, 13);
+        let kept = recent.get("file-a").expect("the batch of file-a");
+        assert_eq!(offsets(&[kept]), vec![10, 11]);
+        assert!(
+            recent.get("file-b").is_none() && recent.get("file-c").is_none(),
+            "a batch split into two files stands for neither"
+        );
+        assert_eq!(rows.held_bytes(), 0, "the live budget got its bytes back");
     }
 
     #[test]

@@ -18,6 +18,8 @@
 pub mod cli;
 pub mod live;
 pub mod output;
+pub mod recent;
+pub mod table;
 pub mod trades;
 
 use std::sync::Arc;
@@ -35,6 +37,8 @@ use datafusion::sql::sqlparser::parser::ParserError;
 use iceberg::table::Table;
 use iceberg::{Catalog, TableIdent};
 use iceberg_datafusion::IcebergStaticTableProvider;
+use recent::RecentFiles;
+use table::{ManifestCache, TradesTable};
 
 use crate::config::QueryConfig;
 use crate::storage::offsets::TopicOffsets;
@@ -129,6 +133,10 @@ struct Source {
     topic: String,
     /// None: the tables only (`k2 query` with no K2 running).
     live: Option<Arc<LiveRows>>,
+    /// Files just committed, held in memory (none without live rows).
+    recent: Arc<RecentFiles>,
+    /// The trades table's manifests, parsed once.
+    manifests: Arc<ManifestCache>,
     trades_schema: SchemaRef,
     limits: QueryConfig,
     env: Arc<RuntimeEnv>,
@@ -160,12 +168,18 @@ impl QueryEngine {
             .enable_all()
             .build()
             .context("failed to start the query runtime")?;
+        let recent = match &live {
+            Some(live) => live.recent().clone(),
+            None => RecentFiles::new(0, Duration::ZERO),
+        };
         Ok(Arc::new(Self {
             source: Arc::new(Source {
                 catalog,
                 tables,
                 topic: topic.to_string(),
                 live,
+                recent,
+                manifests: Arc::default(),
                 trades_schema,
                 limits,
                 env,
@@ -266,7 +280,7 @@ impl QueryEngine {
 impl Source {
     fn session(&self) -> SessionContext {
         let config = SessionConfig::new()
-            .with_target_partitions(self.limits.threads.max(2))
+            .with_target_partitions(self.limits.threads)
             .with_information_schema(true);
         SessionContext::new_with_config_rt(config, self.env.clone())
     }
@@ -281,6 +295,7 @@ impl Source {
     /// Takes a cut: live rows first, then the table. `all_tables` also
     /// registers `market.reference` and K2's `k2.*` tables (the SQL endpoint).
     pub async fn cut(&self, all_tables: bool) -> Result<Cut, QueryError> {
+        self.recent.queried();
         let live = match &self.live {
             Some(live) => live.snapshot(&self.trades_schema).map_err(|e| match e {
                 live::LiveError::Incomplete { .. } => QueryError::Unavailable(e.to_string()),
@@ -307,7 +322,9 @@ impl Source {
             .catalog("datafusion")
             .ok_or_else(|| QueryError::Failed("DataFusion has no default catalog".into()))?;
         let market = Arc::new(MemorySchemaProvider::new());
-        market.register_table("trades".into(), Arc::new(static_provider(trades).await?))?;
+        let trades = TradesTable::new(trades, self.recent.clone(), self.manifests.clone())
+            .map_err(|e| QueryError::Failed(format!("failed to read the table's schema: {e}")))?;
+        market.register_table("trades".into(), Arc::new(trades))?;
         ctx.register_table(
             "live",
             Arc::new(MemTable::try_new(self.trades_schema.clone(), vec![batches])?),

@@ -49,7 +49,7 @@ use tracing::{info, warn};
 
 use super::catalog::CatalogDb;
 use super::offsets::OFFSETS_KEY_PREFIX;
-use super::writer::TableWriter;
+use super::writer::{SORTED_ROW_GROUP_ROWS, TableWriter, sorted_for_queries};
 use crate::config::MaintenanceConfig;
 
 /// Attempts of one rewrite (or expiry) against concurrent commits before it
@@ -528,7 +528,8 @@ impl Maintainer {
         }
     }
 
-    /// Reads `inputs` and writes their rows again into files near the target size.
+    /// Reads `inputs` and writes their rows again into files near the target
+    /// size, sorted for queries (`sorted_for_queries`).
     async fn compact(&self, base: &Table, inputs: &[&DataFile]) -> Result<Vec<DataFile>, MaintenanceError> {
         let writer = TableWriter::new(base, self.zstd_level, self.config.target_file_size_bytes)?;
         let schema = writer.arrow_schema().clone();
@@ -555,7 +556,11 @@ impl Maintainer {
             }
         }
         let batch = arrow_select::concat::concat_batches(&schema, &batches)?;
-        Ok(writer.write(batch).await?)
+        let batch = sorted_for_queries(&batch)?;
+        Ok(writer
+            .with_max_row_group_rows(SORTED_ROW_GROUP_ROWS)
+            .write(batch)
+            .await?)
     }
 
     /// Commits `staged` on top of the newest snapshot, rebasing when other
@@ -1199,5 +1204,31 @@ mod tests {
             !props.contains_key("added-records"),
             "a manifest-only rewrite adds nothing"
         );
+    }
+
+    #[test]
+    fn compaction_sorts_trades_by_exchange_symbol_and_time_and_leaves_other_tables_be() {
+        use arrow_array::{Int64Array, StringArray};
+        let trades = RecordBatch::try_from_iter([
+            (
+                "exchange",
+                Arc::new(StringArray::from(vec!["B", "A", "A", "A"])) as _,
+            ),
+            (
+                "symbol",
+                Arc::new(StringArray::from(vec!["X", "Y", "X", "X"])) as _,
+            ),
+            ("event_time", Arc::new(Int64Array::from(vec![1, 1, 9, 5])) as _),
+            ("kafka_offset", Arc::new(Int64Array::from(vec![0, 1, 2, 3])) as _),
+        ])
+        .unwrap();
+        let sorted = sorted_for_queries(&trades).unwrap();
+        let offsets = sorted.column_by_name("kafka_offset").unwrap();
+        let offsets = offsets.as_any().downcast_ref::<Int64Array>().unwrap();
+        assert_eq!(offsets.values().to_vec(), vec![3, 2, 1, 0]);
+        let other =
+            RecordBatch::try_from_iter([("reason", Arc::new(StringArray::from(vec!["b", "a"])) as _)])
+                .unwrap();
+        assert_eq!(sorted_for_queries(&other).unwrap(), other);
     }
 }

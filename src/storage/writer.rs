@@ -460,6 +460,36 @@ impl OneDay {
     }
 }
 
+/// Rows a row group of a file sorted for queries holds at most: a symbol's
+/// trades of a compaction sit in one or a few row groups, and a query of one
+/// symbol skips the rest by their statistics and decodes little it drops.
+pub const SORTED_ROW_GROUP_ROWS: usize = 16 * 1024;
+
+/// Trades sorted by (exchange, symbol, event time), the order queries filter
+/// by, in buffers of their own size; K2's other tables (no such columns) as
+/// they are. Lanes write their files in arrival order, a partition's symbols
+/// mixed: compaction gives the table this layout, and the batches kept for
+/// queries (`crate::query::recent`) are kept in it.
+pub fn sorted_for_queries(batch: &RecordBatch) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let keys = ["exchange", "symbol", "event_time"];
+    let Some(columns) = keys
+        .iter()
+        .map(|name| batch.column_by_name(name).cloned())
+        .collect::<Option<Vec<_>>>()
+    else {
+        return Ok(batch.clone());
+    };
+    let sort: Vec<arrow_ord::sort::SortColumn> = columns
+        .into_iter()
+        .map(|values| arrow_ord::sort::SortColumn {
+            values,
+            options: None,
+        })
+        .collect();
+    let indices = arrow_ord::sort::lexsort_to_indices(&sort, None)?;
+    arrow_select::take::take_record_batch(batch, &indices)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,492 @@
+//! `market.trades` at one snapshot, for DataFusion. K2 plans the scan
+//! itself: the snapshot's manifest list, each manifest parsed once (a
+//! manifest never changes, and each commit adds one, so a query parses only
+//! those new since the last: [`ManifestCache`]), each live data file kept if
+//! its column bounds may hold rows the filters want. A planned file's rows
+//! come from [`RecentFiles`] when K2 still holds the batch it wrote the file
+//! from, else from the file through Iceberg's Arrow reader (which also skips
+//! row groups by their statistics). A snapshot with delete files is planned
+//! by Iceberg's own scan, deletes applied.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arrow_array::{RecordBatch, RecordBatchOptions, StringArray};
+use arrow_schema::SchemaRef;
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::datasource::{TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result as DFResult};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::TableProviderFilterPushDown;
+use datafusion::physical_expr::EquivalenceProperties;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties};
+use datafusion::prelude::Expr;
+use futures::{StreamExt, TryStreamExt};
+use iceberg::expr::{Bind, BoundPredicate, PredicateOperator};
+use iceberg::scan::FileScanTask;
+use iceberg::spec::{DataFile, Manifest, ManifestContentType, ManifestList, PrimitiveLiteral};
+use iceberg::table::Table;
+use iceberg_datafusion::physical_plan::convert_filters_to_predicate;
+
+use super::recent::RecentFiles;
+
+fn iceberg_error(err: iceberg::Error) -> DataFusionError {
+    DataFusionError::External(Box::new(err))
+}
+
+/// Parsed manifests by path, those of the last snapshot planned.
+#[derive(Debug, Default)]
+pub struct ManifestCache {
+    by_path: std::sync::Mutex<HashMap<String, Arc<Manifest>>>,
+}
+
+impl ManifestCache {
+    fn by_path(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Manifest>>> {
+        self.by_path.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The manifests of `list`, parsing only those not parsed before; the
+    /// cache then holds exactly these (what newer snapshots still list).
+    async fn manifests(&self, table: &Table, list: &ManifestList) -> iceberg::Result<Vec<Arc<Manifest>>> {
+        let cached: Vec<Option<Arc<Manifest>>> = {
+            let by_path = self.by_path();
+            list.entries()
+                .iter()
+                .map(|file| by_path.get(&file.manifest_path).cloned())
+                .collect()
+        };
+        let file_io = table.file_io().clone();
+        let manifests: Vec<Arc<Manifest>> =
+            futures::stream::iter(list.entries().to_vec().into_iter().zip(cached))
+                .map(move |(file, cached)| {
+                    let file_io = file_io.clone();
+                    async move {
+                        match cached {
+                            Some(manifest) => Ok(manifest),
+                            None => file.load_manifest(&file_io).await.map(Arc::new),
+                        }
+                    }
+                })
+                .buffered(8)
+                .try_collect()
+                .await?;
+        *self.by_path() = list
+            .entries()
+            .iter()
+            .zip(&manifests)
+            .map(|(file, manifest)| (file.manifest_path.clone(), manifest.clone()))
+            .collect();
+        Ok(manifests)
+    }
+}
+
+/// The trades table pinned to the snapshot the cut loaded.
+#[derive(Debug)]
+pub struct TradesTable {
+    table: Table,
+    schema: SchemaRef,
+    recent: Arc<RecentFiles>,
+    manifests: Arc<ManifestCache>,
+}
+
+impl TradesTable {
+    pub fn new(
+        table: Table,
+        recent: Arc<RecentFiles>,
+        manifests: Arc<ManifestCache>,
+    ) -> Result<Self, iceberg::Error> {
+        let schema = Arc::new(iceberg::arrow::schema_to_arrow_schema(
+            table.metadata().current_schema(),
+        )?);
+        Ok(Self {
+            table,
+            schema,
+            recent,
+            manifests,
+        })
+    }
+
+    /// The files to read and the held batches, planned by K2 over cached
+    /// manifests; None when the snapshot has delete files.
+    async fn plan(
+        &self,
+        names: &[String],
+        filters: &[Expr],
+        schema: &SchemaRef,
+    ) -> iceberg::Result<Option<(Vec<RecordBatch>, Vec<FileScanTask>)>> {
+        let metadata = self.table.metadata();
+        let Some(snapshot) = metadata.current_snapshot() else {
+            return Ok(Some((Vec::new(), Vec::new())));
+        };
+        let list = self.table.manifest_list_reader(snapshot).load().await?;
+        if list
+            .entries()
+            .iter()
+            .any(|m| m.content != ManifestContentType::Data)
+        {
+            return Ok(None);
+        }
+        let table_schema = metadata.current_schema().clone();
+        let predicate = convert_filters_to_predicate(filters)
+            .map(|p| p.rewrite_not().bind(table_schema.clone(), true))
+            .transpose()?;
+        let field_ids = names
+            .iter()
+            .map(|name| {
+                table_schema.field_by_name(name).map(|f| f.id).ok_or_else(|| {
+                    iceberg::Error::new(iceberg::ErrorKind::DataInvalid, format!("no column {name}"))
+                })
+            })
+            .collect::<iceberg::Result<Vec<i32>>>()?;
+        let mut keys = [None, None];
+        if let Some(predicate) = &predicate {
+            key_equalities(predicate, &mut keys);
+        }
+        let (mut held, mut files) = (Vec::new(), Vec::new());
+        for manifest in self.manifests.manifests(&self.table, &list).await? {
+            for entry in manifest.entries() {
+                let file = entry.data_file();
+                if !entry.is_alive() || predicate.as_ref().is_some_and(|p| !may_hold(p, file)) {
+                    continue;
+                }
+                if let Some(batch) = self
+                    .recent
+                    .get(file.file_path())
+                    .and_then(|b| project(&narrow(&b, &keys), schema))
+                {
+                    held.push(batch);
+                    continue;
+                }
+                files.push(FileScanTask {
+                    file_size_in_bytes: file.file_size_in_bytes(),
+                    start: 0,
+                    length: file.file_size_in_bytes(),
+                    record_count: Some(file.record_count()),
+                    data_file_path: file.file_path().to_string(),
+                    data_file_format: file.file_format(),
+                    schema: table_schema.clone(),
+                    project_field_ids: field_ids.clone(),
+                    predicate: predicate.clone(),
+                    deletes: Vec::new(),
+                    partition: Some(file.partition().clone()),
+                    partition_spec: None,
+                    name_mapping: None,
+                    case_sensitive: true,
+                });
+            }
+        }
+        Ok(Some((held, files)))
+    }
+
+    /// Iceberg's own planning, deletes included; held batches still replace
+    /// the files they were written to when those have no deletes.
+    async fn plan_with_iceberg(
+        &self,
+        names: Vec<String>,
+        filters: &[Expr],
+        schema: &SchemaRef,
+    ) -> iceberg::Result<(Vec<RecordBatch>, Vec<FileScanTask>)> {
+        let mut scan = self.table.scan().select(names);
+        if let Some(predicate) = convert_filters_to_predicate(filters) {
+            scan = scan.with_filter(predicate);
+        }
+        let tasks: Vec<FileScanTask> = scan.build()?.plan_files().await?.try_collect().await?;
+        let (mut held, mut files) = (Vec::new(), Vec::new());
+        for task in tasks {
+            let batch = task
+                .deletes
+                .is_empty()
+                .then(|| self.recent.get(&task.data_file_path))
+                .flatten()
+                .and_then(|batch| project(&batch, schema));
+            match batch {
+                Some(batch) => held.push(batch),
+                None => files.push(task),
+            }
+        }
+        Ok((held, files))
+    }
+}
+
+/// The values the predicate's conjuncts require of `exchange` and `symbol`.
+fn key_equalities(predicate: &BoundPredicate, keys: &mut [Option<String>; 2]) {
+    match predicate {
+        BoundPredicate::And(both) => {
+            let [a, b] = both.inputs();
+            key_equalities(a, keys);
+            key_equalities(b, keys);
+        }
+        BoundPredicate::Binary(expr) if expr.op() == PredicateOperator::Eq => {
+            if let PrimitiveLiteral::String(value) = expr.literal().literal() {
+                match expr.term().field().name.as_str() {
+                    "exchange" => keys[0] = Some(value.clone()),
+                    "symbol" => keys[1] = Some(value.clone()),
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The rows of a held batch (sorted by exchange, symbol, event time) with
+/// the required exchange, then symbol, found by binary search; a symbol
+/// without its exchange narrows nothing.
+fn narrow(batch: &RecordBatch, keys: &[Option<String>; 2]) -> RecordBatch {
+    let (mut lo, mut hi) = (0, batch.num_rows());
+    for (column, want) in ["exchange", "symbol"].into_iter().zip(keys) {
+        let Some(want) = want else { break };
+        let Some(values) = batch
+            .column_by_name(column)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        else {
+            break;
+        };
+        let first = |below: &dyn Fn(&str) -> bool| {
+            let (mut a, mut b) = (lo, hi);
+            while a < b {
+                let mid = a + (b - a) / 2;
+                if below(values.value(mid)) {
+                    a = mid + 1;
+                } else {
+                    b = mid;
+                }
+            }
+            a
+        };
+        let start = first(&|v| v < want.as_str());
+        let end = first(&|v| v <= want.as_str());
+        (lo, hi) = (start, end);
+    }
+    batch.slice(lo, hi - lo)
+}
+
+/// Whether `file`'s column bounds allow a row matching `predicate`: false
+/// only when a bound rules it out; anything not understood may match.
+fn may_hold(predicate: &BoundPredicate, file: &DataFile) -> bool {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    match predicate {
+        BoundPredicate::AlwaysFalse => false,
+        BoundPredicate::And(both) => {
+            let [a, b] = both.inputs();
+            may_hold(a, file) && may_hold(b, file)
+        }
+        BoundPredicate::Or(either) => {
+            let [a, b] = either.inputs();
+            may_hold(a, file) || may_hold(b, file)
+        }
+        BoundPredicate::Binary(expr) => {
+            let id = expr.term().field().id;
+            let value = expr.literal();
+            // None: no bound, or one of another type: it rules nothing out.
+            let lower = file.lower_bounds().get(&id).and_then(|l| l.partial_cmp(value));
+            let upper = file.upper_bounds().get(&id).and_then(|u| u.partial_cmp(value));
+            match expr.op() {
+                PredicateOperator::Eq => lower != Some(Greater) && upper != Some(Less),
+                PredicateOperator::LessThan => !matches!(lower, Some(Greater | Equal)),
+                PredicateOperator::LessThanOrEq => lower != Some(Greater),
+                PredicateOperator::GreaterThan => !matches!(upper, Some(Less | Equal)),
+                PredicateOperator::GreaterThanOrEq => upper != Some(Less),
+                _ => true,
+            }
+        }
+        _ => true,
+    }
+}
+
+#[async_trait]
+impl TableProvider for TradesTable {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        let schema = match projection {
+            Some(columns) => Arc::new(self.schema.project(columns)?),
+            None => self.schema.clone(),
+        };
+        let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let (held, files) = match self.plan(&names, filters, &schema).await.map_err(iceberg_error)? {
+            Some(planned) => planned,
+            None => self
+                .plan_with_iceberg(names, filters, &schema)
+                .await
+                .map_err(iceberg_error)?,
+        };
+        Ok(Arc::new(TradesScan {
+            properties: Arc::new(PlanProperties::new(
+                EquivalenceProperties::new(schema.clone()),
+                Partitioning::UnknownPartitioning(1),
+                EmissionType::Incremental,
+                Boundedness::Bounded,
+            )),
+            schema,
+            table: self.table.clone(),
+            held,
+            files,
+        }))
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DFResult<Vec<TableProviderFilterPushDown>> {
+        // Iceberg prunes files and row groups with what converts; DataFusion
+        // applies every filter to the rows.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+}
+
+/// `batch`'s columns of `schema`, by name; None if one is missing or of
+/// another type (the file is read instead).
+fn project(batch: &RecordBatch, schema: &SchemaRef) -> Option<RecordBatch> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            batch
+                .column_by_name(field.name())
+                .filter(|column| column.data_type() == field.data_type())
+                .cloned()
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let options = RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    RecordBatch::try_new_with_options(schema.clone(), columns, &options).ok()
+}
+
+/// The planned files of one scan: the rows K2 holds, then the files it reads.
+struct TradesScan {
+    properties: Arc<PlanProperties>,
+    schema: SchemaRef,
+    table: Table,
+    held: Vec<RecordBatch>,
+    files: Vec<FileScanTask>,
+}
+
+impl fmt::Debug for TradesScan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TradesScan")
+            .field("held", &self.held.len())
+            .field("files", &self.files.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DisplayAs for TradesScan {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "TradesScan: files held in memory={}, files read={}",
+            self.held.len(),
+            self.files.len()
+        )
+    }
+}
+
+impl ExecutionPlan for TradesScan {
+    fn name(&self) -> &str {
+        "TradesScan"
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> DFResult<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(&self, _partition: usize, _context: Arc<TaskContext>) -> DFResult<SendableRecordBatchStream> {
+        let held = futures::stream::iter(self.held.clone().into_iter().map(Ok));
+        let read = if self.files.is_empty() {
+            futures::stream::empty().boxed()
+        } else {
+            let tasks = futures::stream::iter(self.files.clone().into_iter().map(Ok)).boxed();
+            self.table
+                .reader_builder()
+                .build()
+                .read(tasks)
+                .map_err(iceberg_error)?
+                .stream()
+                .map_err(iceberg_error)
+                .boxed()
+        };
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            held.chain(read),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::Int64Array;
+
+    #[test]
+    fn a_held_batch_is_narrowed_to_the_exchange_and_symbol_asked_for() {
+        let batch = RecordBatch::try_from_iter([
+            (
+                "exchange",
+                Arc::new(StringArray::from(vec!["A", "A", "A", "A", "B", "B"])) as _,
+            ),
+            (
+                "symbol",
+                Arc::new(StringArray::from(vec!["X", "Y", "Y", "Z", "Y", "Y"])) as _,
+            ),
+            (
+                "kafka_offset",
+                Arc::new(Int64Array::from(vec![0, 1, 2, 3, 4, 5])) as _,
+            ),
+        ])
+        .unwrap();
+        let offsets = |keys: [Option<&str>; 2]| {
+            let keys = keys.map(|k| k.map(str::to_string));
+            let narrowed = narrow(&batch, &keys);
+            let column = narrowed.column_by_name("kafka_offset").unwrap();
+            column
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        };
+        assert_eq!(offsets([Some("A"), Some("Y")]), vec![1, 2]);
+        assert_eq!(offsets([Some("B"), Some("Y")]), vec![4, 5]);
+        assert_eq!(offsets([Some("A"), None]), vec![0, 1, 2, 3]);
+        assert_eq!(offsets([Some("A"), Some("W")]), Vec::<i64>::new());
+        assert_eq!(offsets([Some("C"), Some("Y")]), Vec::<i64>::new());
+        assert_eq!(
+            offsets([None, Some("Y")]),
+            vec![0, 1, 2, 3, 4, 5],
+            "a symbol without its exchange narrows nothing"
+        );
+    }
+}
