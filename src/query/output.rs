@@ -56,16 +56,21 @@ impl Format {
 pub fn encode(answer: &QueryAnswer, format: Format) -> Result<Vec<u8>, ArrowError> {
     match format {
         Format::Json => {
-            let rows = json_rows(&answer.batches)?;
-            let body = serde_json::json!({
+            let head = serde_json::json!({
                 "snapshot_id": answer.snapshot_id,
                 "live_rows": answer.live_rows,
                 "row_count": answer.rows,
                 "truncated": answer.truncated,
                 "columns": answer.schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(),
-                "rows": rows,
             });
-            serde_json::to_vec(&body).map_err(|e| ArrowError::JsonError(e.to_string()))
+            // The rows go in as Arrow's JSON writer wrote them, not parsed
+            // into values and written again.
+            let mut out = serde_json::to_vec(&head).map_err(|e| ArrowError::JsonError(e.to_string()))?;
+            out.pop(); // the object's closing brace
+            out.extend_from_slice(b",\"rows\":");
+            write_json_rows(&answer.batches, &mut out)?;
+            out.push(b'}');
+            Ok(out)
         }
         Format::Csv => {
             let mut out = Vec::new();
@@ -95,17 +100,24 @@ pub fn encode(answer: &QueryAnswer, format: Format) -> Result<Vec<u8>, ArrowErro
 /// The rows as JSON objects, decimals as strings.
 pub fn json_rows(batches: &[RecordBatch]) -> Result<serde_json::Value, ArrowError> {
     let mut out = Vec::new();
+    write_json_rows(batches, &mut out)?;
+    serde_json::from_slice(&out).map_err(|e| ArrowError::JsonError(e.to_string()))
+}
+
+/// Appends the rows to `out` as a JSON array of objects, decimals as strings.
+fn write_json_rows(batches: &[RecordBatch], out: &mut Vec<u8>) -> Result<(), ArrowError> {
+    let start = out.len();
     {
-        let mut writer = arrow_json::ArrayWriter::new(&mut out);
+        let mut writer = arrow_json::ArrayWriter::new(&mut *out);
         for batch in batches {
             writer.write(&decimals_as_text(batch)?)?;
         }
         writer.finish()?;
     }
-    if out.is_empty() {
-        return Ok(serde_json::Value::Array(Vec::new()));
+    if out.len() == start {
+        out.extend_from_slice(b"[]");
     }
-    serde_json::from_slice(&out).map_err(|e| ArrowError::JsonError(e.to_string()))
+    Ok(())
 }
 
 fn decimals_as_text(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
@@ -160,5 +172,38 @@ mod tests {
         let batch = RecordBatch::try_from_iter([("price", Arc::new(price) as ArrayRef)]).unwrap();
         let rows = json_rows(&[batch]).unwrap();
         assert_eq!(rows, serde_json::json!([{ "price": "123456789.01234567" }]));
+    }
+
+    #[test]
+    fn a_json_answer_is_one_object_with_its_rows_or_an_empty_array() {
+        let schema: SchemaRef = Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new(
+            "n",
+            DataType::Int64,
+            false,
+        )]));
+        let answer = |batches: Vec<RecordBatch>| QueryAnswer {
+            schema: schema.clone(),
+            rows: batches.iter().map(RecordBatch::num_rows).sum(),
+            batches,
+            truncated: false,
+            snapshot_id: Some(7),
+            live_rows: 1,
+        };
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(arrow_array::Int64Array::from(vec![1, 2]))],
+        )
+        .unwrap();
+        let body: serde_json::Value =
+            serde_json::from_slice(&encode(&answer(vec![batch]), Format::Json).unwrap()).unwrap();
+        assert_eq!(body["rows"], serde_json::json!([{ "n": 1 }, { "n": 2 }]));
+        assert_eq!(
+            (body["row_count"].as_u64(), body["snapshot_id"].as_i64()),
+            (Some(2), Some(7))
+        );
+        let empty: serde_json::Value =
+            serde_json::from_slice(&encode(&answer(Vec::new()), Format::Json).unwrap()).unwrap();
+        assert_eq!(empty["rows"], serde_json::json!([]));
+        assert_eq!(empty["columns"], serde_json::json!(["n"]));
     }
 }

@@ -159,7 +159,9 @@ impl TradesTable {
                     .get(file.file_path())
                     .and_then(|b| project(&narrow(&b, &keys), schema))
                 {
-                    held.push(batch);
+                    if batch.num_rows() > 0 {
+                        held.push(batch);
+                    }
                     continue;
                 }
                 files.push(FileScanTask {
@@ -180,7 +182,7 @@ impl TradesTable {
                 });
             }
         }
-        Ok(Some((held, files)))
+        Ok(Some((coalesced(held, schema), files)))
     }
 
     /// Iceberg's own planning, deletes included; held batches still replace
@@ -210,6 +212,19 @@ impl TradesTable {
             }
         }
         Ok((held, files))
+    }
+}
+
+/// Held batches are one per file, mostly small slices: up to 64K rows,
+/// one batch, so the operators above do not pay per batch thousands of times.
+fn coalesced(held: Vec<RecordBatch>, schema: &SchemaRef) -> Vec<RecordBatch> {
+    let rows: usize = held.iter().map(RecordBatch::num_rows).sum();
+    if held.len() < 2 || rows > 65_536 {
+        return held;
+    }
+    match arrow_select::concat::concat_batches(schema, &held) {
+        Ok(one) => vec![one],
+        Err(_) => held,
     }
 }
 
