@@ -118,10 +118,10 @@ impl TradesTable {
         names: &[String],
         filters: &[Expr],
         schema: &SchemaRef,
-    ) -> iceberg::Result<Option<(Vec<RecordBatch>, Vec<FileScanTask>)>> {
+    ) -> iceberg::Result<Option<Planned>> {
         let metadata = self.table.metadata();
         let Some(snapshot) = metadata.current_snapshot() else {
-            return Ok(Some((Vec::new(), Vec::new())));
+            return Ok(Some(Planned::default()));
         };
         let list = self.table.manifest_list_reader(snapshot).load().await?;
         if list
@@ -147,24 +147,17 @@ impl TradesTable {
         if let Some(predicate) = &predicate {
             key_equalities(predicate, &mut keys);
         }
-        let (mut held, mut files) = (Vec::new(), Vec::new());
+        let mut planned = Planned::default();
         for manifest in self.manifests.manifests(&self.table, &list).await? {
             for entry in manifest.entries() {
                 let file = entry.data_file();
                 if !entry.is_alive() || predicate.as_ref().is_some_and(|p| !may_hold(p, file)) {
                     continue;
                 }
-                if let Some(batch) = self
-                    .recent
-                    .get(file.file_path())
-                    .and_then(|b| project(&narrow(&b, &keys), schema))
-                {
-                    if batch.num_rows() > 0 {
-                        held.push(batch);
-                    }
+                if planned.hold(&self.recent, file.file_path(), &keys, schema) {
                     continue;
                 }
-                files.push(FileScanTask {
+                planned.files.push(FileScanTask {
                     file_size_in_bytes: file.file_size_in_bytes(),
                     start: 0,
                     length: file.file_size_in_bytes(),
@@ -182,7 +175,8 @@ impl TradesTable {
                 });
             }
         }
-        Ok(Some((coalesced(held, schema), files)))
+        planned.coalesce(schema);
+        Ok(Some(planned))
     }
 
     /// Iceberg's own planning, deletes included; held batches still replace
@@ -192,39 +186,67 @@ impl TradesTable {
         names: Vec<String>,
         filters: &[Expr],
         schema: &SchemaRef,
-    ) -> iceberg::Result<(Vec<RecordBatch>, Vec<FileScanTask>)> {
+    ) -> iceberg::Result<Planned> {
         let mut scan = self.table.scan().select(names);
         if let Some(predicate) = convert_filters_to_predicate(filters) {
             scan = scan.with_filter(predicate);
         }
         let tasks: Vec<FileScanTask> = scan.build()?.plan_files().await?.try_collect().await?;
-        let (mut held, mut files) = (Vec::new(), Vec::new());
+        let mut planned = Planned::default();
         for task in tasks {
-            let batch = task
-                .deletes
-                .is_empty()
-                .then(|| self.recent.get(&task.data_file_path))
-                .flatten()
-                .and_then(|batch| project(&batch, schema));
-            match batch {
-                Some(batch) => held.push(batch),
-                None => files.push(task),
+            if task.deletes.is_empty()
+                && planned.hold(&self.recent, &task.data_file_path, &[None, None], schema)
+            {
+                continue;
             }
+            planned.files.push(task);
         }
-        Ok((held, files))
+        planned.coalesce(schema);
+        Ok(planned)
     }
 }
 
-/// Held batches are one per file, mostly small slices: up to 64K rows,
-/// one batch, so the operators above do not pay per batch thousands of times.
-fn coalesced(held: Vec<RecordBatch>, schema: &SchemaRef) -> Vec<RecordBatch> {
-    let rows: usize = held.iter().map(RecordBatch::num_rows).sum();
-    if held.len() < 2 || rows > 65_536 {
-        return held;
+/// What a scan reads: the rows K2 holds and the files it opens.
+#[derive(Default)]
+struct Planned {
+    held: Vec<RecordBatch>,
+    /// Files whose rows came from memory (`held` has no empty slices and
+    /// may be coalesced, so it does not count them).
+    held_files: usize,
+    files: Vec<FileScanTask>,
+}
+
+impl Planned {
+    /// Takes the file at `path` from memory, narrowed to `keys`, if K2
+    /// holds it; false: the file is to be read.
+    fn hold(
+        &mut self,
+        recent: &RecentFiles,
+        path: &str,
+        keys: &[Option<String>; 2],
+        schema: &SchemaRef,
+    ) -> bool {
+        let Some(batch) = recent.get(path).and_then(|b| project(&narrow(&b, keys), schema)) else {
+            return false;
+        };
+        self.held_files += 1;
+        if batch.num_rows() > 0 {
+            self.held.push(batch);
+        }
+        true
     }
-    match arrow_select::concat::concat_batches(schema, &held) {
-        Ok(one) => vec![one],
-        Err(_) => held,
+
+    /// Held batches are one per file, mostly small slices: up to 64K rows
+    /// become one batch, so the operators above do not pay per batch
+    /// thousands of times.
+    fn coalesce(&mut self, schema: &SchemaRef) {
+        let rows: usize = self.held.iter().map(RecordBatch::num_rows).sum();
+        if self.held.len() < 2 || rows > 65_536 {
+            return;
+        }
+        if let Ok(one) = arrow_select::concat::concat_batches(schema, &self.held) {
+            self.held = vec![one];
+        }
     }
 }
 
@@ -340,7 +362,7 @@ impl TableProvider for TradesTable {
             None => self.schema.clone(),
         };
         let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-        let (held, files) = match self.plan(&names, filters, &schema).await.map_err(iceberg_error)? {
+        let planned = match self.plan(&names, filters, &schema).await.map_err(iceberg_error)? {
             Some(planned) => planned,
             None => self
                 .plan_with_iceberg(names, filters, &schema)
@@ -356,8 +378,7 @@ impl TableProvider for TradesTable {
             )),
             schema,
             table: self.table.clone(),
-            held,
-            files,
+            planned,
         }))
     }
 
@@ -390,15 +411,14 @@ struct TradesScan {
     properties: Arc<PlanProperties>,
     schema: SchemaRef,
     table: Table,
-    held: Vec<RecordBatch>,
-    files: Vec<FileScanTask>,
+    planned: Planned,
 }
 
 impl fmt::Debug for TradesScan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TradesScan")
-            .field("held", &self.held.len())
-            .field("files", &self.files.len())
+            .field("held_files", &self.planned.held_files)
+            .field("files", &self.planned.files.len())
             .finish_non_exhaustive()
     }
 }
@@ -408,8 +428,8 @@ impl DisplayAs for TradesScan {
         write!(
             f,
             "TradesScan: files held in memory={}, files read={}",
-            self.held.len(),
-            self.files.len()
+            self.planned.held_files,
+            self.planned.files.len()
         )
     }
 }
@@ -439,11 +459,11 @@ impl ExecutionPlan for TradesScan {
     }
 
     fn execute(&self, _partition: usize, _context: Arc<TaskContext>) -> DFResult<SendableRecordBatchStream> {
-        let held = futures::stream::iter(self.held.clone().into_iter().map(Ok));
-        let read = if self.files.is_empty() {
+        let held = futures::stream::iter(self.planned.held.clone().into_iter().map(Ok));
+        let read = if self.planned.files.is_empty() {
             futures::stream::empty().boxed()
         } else {
-            let tasks = futures::stream::iter(self.files.clone().into_iter().map(Ok)).boxed();
+            let tasks = futures::stream::iter(self.planned.files.clone().into_iter().map(Ok)).boxed();
             self.table
                 .reader_builder()
                 .build()
