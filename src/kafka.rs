@@ -566,14 +566,15 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
         .set("partition.assignment.strategy", "cooperative-sticky");
     if !config.client.contains_key("queued.max.messages.kbytes") {
         // Bounds what librdkafka prefetches per partition (each lane has its
-        // own queue): 64 partitions hold at most 64 MiB of payload, about
-        // twice that with librdkafka's per-message ops and the fetch buffers
-        // they pin. Against 2048, `k2 bench` measured peak RSS 544 -> 443
-        // MiB (325 in a later run) and steady rate 432K -> 377K msg/s; CPU
-        // per trade fell in alternating runs (2.96 -> 2.48 µs: every page of
-        // the peak is faulted in once) but not in a later one (2.97). 512
-        // halved the rate (docs/perf.md, round four).
-        client.set("queued.max.messages.kbytes", "1024");
+        // own queue): 64 partitions hold at most 128 MiB of payload, about
+        // twice that in librdkafka's heap. 16 MiB held a whole 1M-trade
+        // backlog in memory for the same throughput. Lower bounds lower the
+        // peak only by rate-limiting: a partition whose queue passed its
+        // bound is not fetched again for `fetch.queue.backoff.ms` (1 s), so
+        // a backlog is read at ~bound per second per partition, and a lane
+        // that drained its queue waits out the second (docs/perf.md, round
+        // four).
+        client.set("queued.max.messages.kbytes", "2048");
     }
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
