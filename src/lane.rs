@@ -135,7 +135,7 @@ fn spawn_lane(
         storage: shared.storage_breaker.clone(),
         status: status.clone(),
         faults: shared.faults.clone(),
-        live: shared.live.open(lane, shared.batcher.max_rows.min(65_536)),
+        live: shared.live.open(lane),
     };
     let (writer, committer, failures) = (
         shared.writer.clone(),

@@ -419,13 +419,10 @@ mod tests {
             storage: Arc::new(CircuitBreaker::new("storage", &BreakerConfig::default())),
             status: Arc::new(LaneStatus::default()),
             faults: Arc::new(crate::faults::Faults::default()),
-            live: LiveLane::detached(
-                LaneId {
-                    partition: 3,
-                    incarnation: 1,
-                },
-                16,
-            ),
+            live: LiveLane::detached(LaneId {
+                partition: 3,
+                incarnation: 1,
+            }),
         };
         let batcher = Batcher::new(
             params,

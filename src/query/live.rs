@@ -30,6 +30,9 @@ use crate::model::Trade;
 use crate::query::recent::RecentFiles;
 use crate::storage::writer::TradeBatchBuilder;
 
+/// Rows a lane's buffer has room for before its first flush: one chunk.
+const FIRST_BUFFER_ROWS: usize = 2_048;
+
 /// Every lane's live rows, by partition: the newest incarnation of each.
 pub struct LiveRows {
     lanes: Mutex<HashMap<i32, Arc<LiveLane>>>,
@@ -103,12 +106,12 @@ impl LiveRows {
     /// The buffer of a new lane. It replaces an older incarnation's: the
     /// committer dropped that lane's uncommitted files when the new one
     /// registered, and the new lane reads them again from Kafka.
-    pub fn open(&self, lane: LaneId, capacity: usize) -> Arc<LiveLane> {
+    pub fn open(&self, lane: LaneId) -> Arc<LiveLane> {
         let keep = Keep {
             budget: self.budget.clone(),
             recent: self.recent.clone(),
         };
-        let live = Arc::new(LiveLane::new(lane, capacity, Some(keep)));
+        let live = Arc::new(LiveLane::new(lane, Some(keep)));
         let mut lanes = self.lanes();
         match lanes.get(&lane.partition) {
             Some(current) if current.lane.incarnation > lane.incarnation => {}
@@ -225,11 +228,18 @@ impl std::fmt::Debug for LiveLane {
 }
 
 impl LiveLane {
-    fn new(lane: LaneId, capacity: usize, keep: Option<Keep>) -> Self {
+    fn new(lane: LaneId, keep: Option<Keep>) -> Self {
         Self {
             lane,
             inner: Mutex::new(LiveInner {
-                buffer: TradeBatchBuilder::with_capacity(capacity),
+                // Small: a flushed batch is charged to `query.max_live_bytes`
+                // for what its buffers hold, and Arrow's builders grow as
+                // rows come (and start empty after each flush anyway). A
+                // buffer pre-sized for 65,536 rows held ~7.5 MiB from a
+                // lane's first flush, so with 64 lanes about half the first
+                // batches passed the 256 MiB default and queries refused
+                // those partitions until their first commit.
+                buffer: TradeBatchBuilder::with_capacity(FIRST_BUFFER_ROWS),
                 flushed: VecDeque::new(),
                 keep,
                 incomplete_until: None,
@@ -238,8 +248,8 @@ impl LiveLane {
     }
 
     /// A buffer no query reads: flushed batches are not kept.
-    pub fn detached(lane: LaneId, capacity: usize) -> Arc<Self> {
-        Arc::new(Self::new(lane, capacity, None))
+    pub fn detached(lane: LaneId) -> Arc<Self> {
+        Arc::new(Self::new(lane, None))
     }
 
     fn inner(&self) -> MutexGuard<'_, LiveInner> {
@@ -416,7 +426,7 @@ mod tests {
     fn a_row_is_live_from_its_push_until_a_commit_covers_it() {
         let rows = LiveRows::new(u64::MAX, no_recent());
         let schema = schema();
-        let live = rows.open(lane(1), 16);
+        let live = rows.open(lane(1));
         live.push(&[trade(10), trade(11)]);
         live.flush(&schema, 12).unwrap();
         live.push(&[trade(12)]);
@@ -445,10 +455,34 @@ mod tests {
     }
 
     #[test]
+    fn the_first_batches_of_64_lanes_fit_the_default_live_budget() {
+        let rows = LiveRows::new(crate::config::QueryConfig::default().max_live_bytes, no_recent());
+        let schema = schema();
+        let lanes: Vec<_> = (0..64)
+            .map(|partition| {
+                rows.open(LaneId {
+                    partition,
+                    incarnation: 1,
+                })
+            })
+            .collect();
+        for live in &lanes {
+            let chunk: Vec<Trade> = (0..2_000).map(trade).collect();
+            live.push(&chunk);
+            live.flush(&schema, 2_000).unwrap();
+        }
+        // One chunk is ~250 KB as Arrow: 64 of them are ~16 MB, far below
+        // 256 MiB, and no partition may be refused for it.
+        assert!(rows.held_bytes() < 64 * 1024 * 1024, "held {}", rows.held_bytes());
+        let parts = rows.snapshot(&schema).unwrap();
+        assert_eq!(parts.len(), 64);
+    }
+
+    #[test]
     fn rows_below_the_snapshot_offset_are_left_to_the_table() {
         let rows = LiveRows::new(u64::MAX, no_recent());
         let schema = schema();
-        let live = rows.open(lane(1), 16);
+        let live = rows.open(lane(1));
         live.push(&[trade(10), trade(11)]);
         live.flush(&schema, 12).unwrap();
         live.push(&[trade(12), trade(13)]);
@@ -472,11 +506,11 @@ mod tests {
     fn a_new_incarnation_replaces_the_old_lane_and_an_older_one_does_not() {
         let rows = LiveRows::new(u64::MAX, no_recent());
         let schema = schema();
-        let old = rows.open(lane(1), 16);
+        let old = rows.open(lane(1));
         old.push(&[trade(10)]);
-        let new = rows.open(lane(2), 16);
+        let new = rows.open(lane(2));
         new.push(&[trade(20)]);
-        let stale = rows.open(lane(1), 16);
+        let stale = rows.open(lane(1));
         stale.push(&[trade(30)]);
         let part = rows.snapshot(&schema).unwrap().pop().unwrap();
         assert_eq!(offsets(&part.batches), vec![20]);
@@ -488,13 +522,13 @@ mod tests {
     fn past_the_byte_bound_a_lane_is_refused_until_a_commit_covers_what_it_flushed() {
         let schema = schema();
         let one_batch = {
-            let probe = LiveLane::detached(lane(1), 16);
+            let probe = LiveLane::detached(lane(1));
             probe.push(&[trade(10), trade(11)]);
             probe.flush(&schema, 12).unwrap().get_array_memory_size() as u64
         };
         // Room for the first flushed batch and nothing more.
         let rows = LiveRows::new(one_batch, no_recent());
-        let live = rows.open(lane(1), 16);
+        let live = rows.open(lane(1));
         live.push(&[trade(10), trade(11)]);
         live.flush(&schema, 12).unwrap();
         assert_eq!(rows.held_bytes(), one_batch);
@@ -534,7 +568,7 @@ mod tests {
         let schema = schema();
         let recent = RecentFiles::new(u64::MAX, std::time::Duration::from_secs(60));
         let rows = LiveRows::new(u64::MAX, recent.clone());
-        let live = rows.open(lane(1), 16);
+        let live = rows.open(lane(1));
         recent.queried();
         live.push(&[trade(10), trade(11)]);
         live.flush(&schema, 12).unwrap();
@@ -555,7 +589,7 @@ mod tests {
     #[test]
     fn a_detached_lane_keeps_no_flushed_batch() {
         let schema = schema();
-        let live = LiveLane::detached(lane(1), 16);
+        let live = LiveLane::detached(lane(1));
         live.push(&[trade(10)]);
         live.flush(&schema, 11).unwrap();
         assert_eq!(live.rows(), 0);
