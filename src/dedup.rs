@@ -666,7 +666,7 @@ impl SymbolIds {
 impl Replay for OrderedIds {
     type Op = u64;
 
-    fn replay(&mut self, exchange: &str, symbol: &str, &id: &u64) {
+    fn replay(&mut self, _offset: i64, exchange: &str, symbol: &str, &id: &u64) {
         self.insert(exchange, symbol, id);
     }
 

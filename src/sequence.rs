@@ -297,17 +297,48 @@ impl SequenceTracker {
 /// sequence state, for the epoch log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SequenceOp {
-    Observe(i64, RecordPosition),
+    /// A record's sequence number and where it was read. Its offset is the
+    /// log entry's own, so it is not kept twice (a log holds an entry for
+    /// every record not yet committed).
+    Observe {
+        sequence: i64,
+        partition: i32,
+        detected_at_us: i64,
+    },
     /// Records of the symbol were shed before decoding: tracking restarts.
     Restart,
 }
 
+impl SequenceOp {
+    /// The op of a record observed at `at` (its offset goes in the log entry).
+    pub fn observe(sequence: i64, at: RecordPosition) -> Self {
+        Self::Observe {
+            sequence,
+            partition: at.partition,
+            detected_at_us: at.detected_at_us,
+        }
+    }
+}
+
+// An epoch log entry (offset, symbol id, op) is 40 bytes, not the 56 it was
+// with the record's whole position in the op.
+const _: () = assert!(std::mem::size_of::<(i64, u32, SequenceOp)>() <= 40);
+
 impl Replay for SequenceTracker {
     type Op = SequenceOp;
 
-    fn replay(&mut self, exchange: &str, symbol: &str, op: &Self::Op) {
+    fn replay(&mut self, offset: i64, exchange: &str, symbol: &str, op: &Self::Op) {
         match *op {
-            SequenceOp::Observe(sequence, at) => {
+            SequenceOp::Observe {
+                sequence,
+                partition,
+                detected_at_us,
+            } => {
+                let at = RecordPosition {
+                    partition,
+                    offset,
+                    detected_at_us,
+                };
                 let mut events = std::mem::take(&mut self.replayed_events);
                 self.observe(exchange, symbol, sequence, at, &mut events);
                 events.clear();
@@ -412,12 +443,12 @@ mod tests {
         let mut events = Vec::new();
         for (offset, seq) in [(0, 1), (1, 2), (3, 9)] {
             live.working.observe("ASX", "AAA", seq, at(offset), &mut events);
-            live.record(offset, "ASX", "AAA", SequenceOp::Observe(seq, at(offset)));
+            live.record(offset, "ASX", "AAA", SequenceOp::observe(seq, at(offset)));
         }
         live.working.restart("ASX", "AAA");
         live.record(4, "ASX", "AAA", SequenceOp::Restart);
         live.working.observe("ASX", "AAA", 30, at(5), &mut events);
-        live.record(5, "ASX", "AAA", SequenceOp::Observe(30, at(5)));
+        live.record(5, "ASX", "AAA", SequenceOp::observe(30, at(5)));
         let staged = live.stage(6);
         let mut restored = crate::state::EpochState::new("s".into(), || tracker(4));
         restored.restore(6, &staged.entries).unwrap();
@@ -630,7 +661,7 @@ mod tests {
             let position = at(i as i64);
             lane.working
                 .observe("ASX", symbol, *seq, position, &mut Vec::new());
-            lane.record(i as i64, "ASX", symbol, SequenceOp::Observe(*seq, position));
+            lane.record(i as i64, "ASX", symbol, SequenceOp::observe(*seq, position));
         }
         let staged = lane.stage(4);
         let mut rebuilt = EpochState::new("s".into(), || tracker(2));

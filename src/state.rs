@@ -494,7 +494,8 @@ impl StateStore for RedisStore {
 pub trait Replay: Send + 'static {
     /// What one record did to its symbol's state.
     type Op: Send;
-    fn replay(&mut self, exchange: &str, symbol: &str, op: &Self::Op);
+    /// Applies what the record at `offset` did.
+    fn replay(&mut self, offset: i64, exchange: &str, symbol: &str, op: &Self::Op);
     /// The symbol's state, or None if it has none.
     fn encode(&self, exchange: &str, symbol: &str) -> Option<Vec<u8>>;
     fn decode(&mut self, exchange: &str, symbol: &str, bytes: &[u8]) -> Result<(), String>;
@@ -566,9 +567,9 @@ impl<T: Replay> EpochState<T> {
     /// to stage: every symbol changed since the last promotion.
     pub fn stage(&mut self, next_offset: i64) -> Staged {
         while self.log.front().is_some_and(|(offset, ..)| *offset < next_offset) {
-            let (_, id, op) = self.log.pop_front().expect("checked above");
+            let (offset, id, op) = self.log.pop_front().expect("checked above");
             let (exchange, symbol) = &self.names[id as usize];
-            self.committed.replay(exchange, symbol, &op);
+            self.committed.replay(offset, exchange, symbol, &op);
             self.dirty.insert(id);
         }
         let entries = self
@@ -805,7 +806,7 @@ mod tests {
 
     impl Replay for Highest {
         type Op = i64;
-        fn replay(&mut self, exchange: &str, symbol: &str, op: &i64) {
+        fn replay(&mut self, _offset: i64, exchange: &str, symbol: &str, op: &i64) {
             let high = self.0.get_or_default(exchange, symbol);
             *high = (*high).max(*op);
         }
@@ -821,7 +822,7 @@ mod tests {
 
     fn feed(state: &mut EpochState<Highest>, records: &[(i64, &str, i64)]) {
         for &(offset, symbol, value) in records {
-            state.working.replay("X", symbol, &value);
+            state.working.replay(offset, "X", symbol, &value);
             state.record(offset, "X", symbol, value);
         }
     }

@@ -226,7 +226,7 @@ impl Handler<TradeChunk> for Sequencer {
                 trade.offset,
                 &trade.exchange,
                 &trade.symbol,
-                SequenceOp::Observe(trade.sequence, at),
+                SequenceOp::observe(trade.sequence, at),
             );
             match verdict {
                 Verdict::InOrder | Verdict::Reset => {}
