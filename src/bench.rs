@@ -712,6 +712,12 @@ fn unix_now_s() -> f64 {
 
 /// One HTTP/1.1 GET with `Connection: close`; the body of a 200 answer.
 fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    http_get_with_head(addr, path).map(|(_, body)| body)
+}
+
+/// GET `path` over HTTP/1.1; the answer's head (status line and headers)
+/// and body, or an error unless the status is 200.
+fn http_get_with_head(addr: SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
@@ -727,7 +733,7 @@ fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     if status != "200" {
         anyhow::bail!("GET {path}: HTTP {status}");
     }
-    Ok(body.to_string())
+    Ok((head.to_string(), body.to_string()))
 }
 
 /// User + system CPU seconds of process `pid` so far (/proc/<pid>/stat).

@@ -32,7 +32,9 @@ use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use super::{Launch, Popularity, TOPIC, Workload, generator_params, http_get, spawn_k2_run};
+use super::{
+    Launch, Popularity, TOPIC, Workload, generator_params, http_get, http_get_with_head, spawn_k2_run,
+};
 use crate::config::CatalogConfig;
 use crate::embedded::EmbeddedBroker;
 use crate::loadgen::{LoadgenParams, run_loadgen};
@@ -63,6 +65,43 @@ pub struct Latencies {
     pub max_ms: f64,
     /// Mean rows (trades, or bars) per answer.
     pub mean_rows: f64,
+    /// Inside `k2 run`, by phase (its `Server-Timing` header): copying live
+    /// rows, loading the table, executing, encoding.
+    pub phases: Vec<PhaseLatency>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseLatency {
+    pub phase: String,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// One answer: wall time seen here, rows, and K2's own phases.
+struct Sample {
+    ms: f64,
+    rows: u64,
+    phases: Vec<(String, f64)>,
+}
+
+/// The phases of a `Server-Timing` header (`name;dur=ms, ...`) in the
+/// answer's head; none if it has no such header.
+fn server_timing(head: &str) -> Vec<(String, f64)> {
+    let Some(value) = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("server-timing").then_some(value)
+    }) else {
+        return Vec::new();
+    };
+    value
+        .split(',')
+        .filter_map(|metric| {
+            let mut parts = metric.split(';').map(str::trim);
+            let name = parts.next()?.to_string();
+            let ms = parts.find_map(|p| p.strip_prefix("dur="))?.parse().ok()?;
+            Some((name, ms))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -230,16 +269,20 @@ fn query_phase(
             format!("/v1/ohlcv?exchange={exchange}&symbol={symbol}&interval=1m&from={from}&to={to}")
         };
         let t = Instant::now();
-        let body = http_get(addr, &path).with_context(|| format!("GET {path}"))?;
+        let (head, body) = http_get_with_head(addr, &path).with_context(|| format!("GET {path}"))?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let answer: serde_json::Value = serde_json::from_str(&body).context("a query answer is not JSON")?;
-        let rows = answer["row_count"].as_u64().unwrap_or(0);
+        let sample = Sample {
+            ms,
+            rows: answer["row_count"].as_u64().unwrap_or(0),
+            phases: server_timing(&head),
+        };
         live += answer["live_rows"].as_u64().unwrap_or(0);
         answers += 1;
         if recent_turn {
-            recent.push((ms, rows));
+            recent.push(sample);
         } else {
-            ohlcv.push((ms, rows));
+            ohlcv.push(sample);
         }
         turn += 1;
     }
@@ -250,23 +293,41 @@ fn query_phase(
     ))
 }
 
-fn latencies(mut samples: Vec<(f64, u64)>) -> Latencies {
-    let mean_rows = samples.iter().map(|(_, r)| *r as f64).sum::<f64>() / samples.len().max(1) as f64;
-    samples.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let at = |q: f64| {
-        if samples.is_empty() {
-            return f64::NAN;
+fn latencies(samples: Vec<Sample>) -> Latencies {
+    let mean_rows = samples.iter().map(|s| s.rows as f64).sum::<f64>() / samples.len().max(1) as f64;
+    let mut phases: Vec<PhaseLatency> = Vec::new();
+    if let Some(first) = samples.first() {
+        for (phase, _) in &first.phases {
+            let of_phase: Vec<f64> = samples
+                .iter()
+                .filter_map(|s| s.phases.iter().find(|(p, _)| p == phase).map(|(_, ms)| *ms))
+                .collect();
+            phases.push(PhaseLatency {
+                phase: phase.clone(),
+                p50_ms: quantile(of_phase.clone(), 0.5),
+                p99_ms: quantile(of_phase, 0.99),
+            });
         }
-        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-        samples[rank - 1].0
-    };
+    }
+    let wall: Vec<f64> = samples.iter().map(|s| s.ms).collect();
     Latencies {
         queries: samples.len(),
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        max_ms: samples.last().map_or(f64::NAN, |s| s.0),
+        p50_ms: quantile(wall.clone(), 0.5),
+        p99_ms: quantile(wall.clone(), 0.99),
+        max_ms: quantile(wall, 1.0),
         mean_rows,
+        phases,
     }
+}
+
+/// The `q` quantile (nearest rank) of `values`; NaN if there are none.
+fn quantile(mut values: Vec<f64>, q: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
 }
 
 /// Writes `total` trades over the `days` before now into `market.trades`
@@ -361,5 +422,49 @@ pub fn print_report(r: &QueryBenchReport) {
             "{name}: {} queries, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {:.0} rows each (target p99 < {:.0} ms)",
             l.queries, l.p50_ms, l.p99_ms, l.max_ms, l.mean_rows, r.target_p99_ms
         );
+        let phases: Vec<String> = l
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.1}/{:.1}", p.phase, p.p50_ms, p.p99_ms))
+            .collect();
+        if !phases.is_empty() {
+            println!("  inside k2 run, p50/p99 ms: {}", phases.join(", "));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_timing_phases_are_read_from_the_head_whatever_the_case() {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                    server-timing: live;dur=1.25, load;dur=0.50, execute;dur=40.00, encode;dur=3.10\r\n\
+                    x-k2-row-count: 9";
+        assert_eq!(
+            server_timing(head),
+            vec![
+                ("live".to_string(), 1.25),
+                ("load".to_string(), 0.5),
+                ("execute".to_string(), 40.0),
+                ("encode".to_string(), 3.1),
+            ]
+        );
+        assert!(server_timing("HTTP/1.1 200 OK\r\ncontent-length: 2").is_empty());
+    }
+
+    #[test]
+    fn phases_get_their_own_quantiles() {
+        let sample = |ms: f64, execute: f64| Sample {
+            ms,
+            rows: 10,
+            phases: vec![("live".into(), 1.0), ("execute".into(), execute)],
+        };
+        let l = latencies((1..=100).map(|i| sample(i as f64 * 2.0, i as f64)).collect());
+        assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (100.0, 198.0, 200.0));
+        assert_eq!(l.phases.len(), 2);
+        assert_eq!((l.phases[1].p50_ms, l.phases[1].p99_ms), (50.0, 99.0));
+        assert_eq!(l.phases[0].p99_ms, 1.0);
     }
 }

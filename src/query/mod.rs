@@ -23,7 +23,7 @@ pub mod table;
 pub mod trades;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
@@ -98,6 +98,20 @@ pub struct QueryAnswer {
     pub snapshot_id: Option<i64>,
     /// Uncommitted rows the cut held (before the query's filters).
     pub live_rows: usize,
+    /// Where the query's time went, inside K2.
+    pub timings: Timings,
+}
+
+/// Time a query spent in each phase (the HTTP answer reports them in its
+/// `Server-Timing` header).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Copying the lanes' live rows and keeping those above the snapshot.
+    pub live: Duration,
+    /// Loading the tables from the catalog.
+    pub load: Duration,
+    /// Planning and running the query, to its last row.
+    pub execute: Duration,
 }
 
 /// The trades table at one snapshot and the live rows above its offsets,
@@ -106,6 +120,8 @@ pub struct Cut {
     pub ctx: SessionContext,
     pub snapshot_id: Option<i64>,
     pub live_rows: usize,
+    /// The cut's own phases (`live`, `load`).
+    pub timings: Timings,
 }
 
 /// A runtime for queries only; dropped without waiting for its tasks.
@@ -210,6 +226,7 @@ impl QueryEngine {
         let source = self.source.clone();
         let work = async move {
             let cut = source.cut(all_tables).await?;
+            let executing = Instant::now();
             let (frame, cut) = build(cut).await?;
             // EXPLAIN [ANALYZE] must stay the root of its plan; it returns a
             // few rows of its own.
@@ -238,6 +255,10 @@ impl QueryEngine {
                 truncated,
                 snapshot_id: cut.snapshot_id,
                 live_rows: cut.live_rows,
+                timings: Timings {
+                    execute: executing.elapsed(),
+                    ..cut.timings
+                },
             })
         };
         let handle = self
@@ -296,6 +317,7 @@ impl Source {
     /// registers `market.reference` and K2's `k2.*` tables (the SQL endpoint).
     pub async fn cut(&self, all_tables: bool) -> Result<Cut, QueryError> {
         self.recent.queried();
+        let started = Instant::now();
         let live = match &self.live {
             Some(live) => live.snapshot(&self.trades_schema).map_err(|e| match e {
                 live::LiveError::Incomplete { .. } => QueryError::Unavailable(e.to_string()),
@@ -303,10 +325,17 @@ impl Source {
             })?,
             None => Vec::new(),
         };
+        let mut timings = Timings {
+            live: started.elapsed(),
+            ..Timings::default()
+        };
+        let loading = Instant::now();
         let trades = self.load(&self.tables.trades).await?;
+        timings.load = loading.elapsed();
         let snapshot_id = trades.metadata().current_snapshot_id();
         let offsets = TopicOffsets::from_table(&trades, &self.topic)
             .map_err(|e| QueryError::Unavailable(e.to_string()))?;
+        let filtering = Instant::now();
         let mut batches = Vec::new();
         for rows in live {
             let from = offsets.next_offset(rows.partition);
@@ -316,6 +345,7 @@ impl Source {
             );
         }
         let live_rows = batches.iter().map(RecordBatch::num_rows).sum();
+        timings.live += filtering.elapsed();
 
         let ctx = self.session();
         let catalog = ctx
@@ -330,6 +360,7 @@ impl Source {
             Arc::new(MemTable::try_new(self.trades_schema.clone(), vec![batches])?),
         )?;
         if all_tables {
+            let loading = Instant::now();
             let k2 = Arc::new(MemorySchemaProvider::new());
             let reference = self.load(&self.tables.reference).await?;
             market.register_table("reference".into(), Arc::new(static_provider(reference).await?))?;
@@ -344,12 +375,14 @@ impl Source {
                 k2.register_table(ident.name().to_string(), Arc::new(static_provider(table).await?))?;
             }
             catalog.register_schema("k2", k2)?;
+            timings.load += loading.elapsed();
         }
         catalog.register_schema("market", market)?;
         Ok(Cut {
             ctx,
             snapshot_id,
             live_rows,
+            timings,
         })
     }
 }

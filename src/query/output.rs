@@ -188,6 +188,7 @@ mod tests {
             truncated: false,
             snapshot_id: Some(7),
             live_rows: 1,
+            timings: Default::default(),
         };
         let batch = RecordBatch::try_new(
             schema.clone(),

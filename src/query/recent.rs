@@ -13,6 +13,10 @@
 //! The scan uses it only for files the snapshot it reads lists, so a file
 //! that compaction replaced is read in its compacted form, never twice.
 //!
+//! Each kept file carries an index of where each (exchange, symbol) starts
+//! and ends in its sorted rows, so a query of one symbol passes over the
+//! files without it at the cost of a lookup, and takes a slice of the rest.
+//!
 //! Files are kept only while queries come (`query.recent_idle_ms` after the
 //! last), within `query.max_recent_bytes`, the oldest going first: a K2 that
 //! nobody queries holds nothing here.
@@ -21,7 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, RecordBatch, StringArray};
 
 #[derive(Debug)]
 pub struct RecentFiles {
@@ -32,11 +36,109 @@ pub struct RecentFiles {
 
 #[derive(Debug, Default)]
 struct Kept {
-    by_path: HashMap<String, RecordBatch>,
+    by_path: HashMap<String, KeptFile>,
     /// Paths in the order they were kept, with their bytes.
     order: VecDeque<(String, u64)>,
     bytes: u64,
     last_query: Option<Instant>,
+}
+
+/// A kept file's rows, sorted by exchange, symbol and event time, and the
+/// rows of each (exchange, symbol) in order; None when the batch has no
+/// such string columns (nothing to narrow by).
+#[derive(Debug)]
+struct KeptFile {
+    batch: RecordBatch,
+    keys: Option<Vec<KeyRows>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct KeyRows {
+    exchange: Box<str>,
+    symbol: Box<str>,
+    start: usize,
+    end: usize,
+}
+
+impl KeptFile {
+    fn new(batch: RecordBatch) -> Self {
+        let strings = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                .filter(|c| c.null_count() == 0)
+                .cloned()
+        };
+        let keys = strings("exchange")
+            .zip(strings("symbol"))
+            .map(|(exchanges, symbols)| {
+                let mut keys: Vec<KeyRows> = Vec::new();
+                for row in 0..batch.num_rows() {
+                    let (exchange, symbol) = (exchanges.value(row), symbols.value(row));
+                    match keys.last_mut() {
+                        Some(last) if *last.exchange == *exchange && *last.symbol == *symbol => {
+                            last.end = row + 1
+                        }
+                        _ => keys.push(KeyRows {
+                            exchange: exchange.into(),
+                            symbol: symbol.into(),
+                            start: row,
+                            end: row + 1,
+                        }),
+                    }
+                }
+                keys
+            });
+        // The index is only sound over rows sorted by (exchange, symbol).
+        let sorted = keys.as_ref().is_none_or(|keys| {
+            keys.windows(2)
+                .all(|w| (&w[0].exchange, &w[0].symbol) < (&w[1].exchange, &w[1].symbol))
+        });
+        Self {
+            keys: keys.filter(|_| sorted),
+            batch,
+        }
+    }
+
+    /// The rows with `exchange` and, given that, `symbol` (a symbol without
+    /// its exchange narrows nothing).
+    fn rows(&self, exchange: Option<&str>, symbol: Option<&str>) -> Held {
+        let (Some(keys), Some(exchange)) = (&self.keys, exchange) else {
+            return Held::Rows(self.batch.clone());
+        };
+        let (first, last) = match symbol {
+            Some(symbol) => {
+                let at = keys.partition_point(|k| (&*k.exchange, &*k.symbol) < (exchange, symbol));
+                (
+                    at,
+                    at + usize::from(
+                        keys.get(at)
+                            .is_some_and(|k| (&*k.exchange, &*k.symbol) == (exchange, symbol)),
+                    ),
+                )
+            }
+            None => (
+                keys.partition_point(|k| &*k.exchange < exchange),
+                keys.partition_point(|k| &*k.exchange <= exchange),
+            ),
+        };
+        if first == last {
+            return Held::Nothing;
+        }
+        let (start, end) = (keys[first].start, keys[last - 1].end);
+        Held::Rows(self.batch.slice(start, end - start))
+    }
+}
+
+/// What K2 holds of a data file, for one query.
+#[derive(Debug)]
+pub enum Held {
+    /// Not held: the file is to be read.
+    NotKept,
+    /// Held, and none of its rows can match.
+    Nothing,
+    /// Held: the rows that may match.
+    Rows(RecordBatch),
 }
 
 impl Kept {
@@ -90,8 +192,9 @@ impl RecentFiles {
         if bytes > self.max_bytes {
             return;
         }
+        let file = KeptFile::new(batch);
         let mut kept = self.inner();
-        if kept.by_path.insert(path.clone(), batch).is_none() {
+        if kept.by_path.insert(path.clone(), file).is_none() {
             kept.order.push_back((path, bytes));
             kept.bytes += bytes;
         }
@@ -107,7 +210,16 @@ impl RecentFiles {
 
     /// The rows of the data file at `path`, if they are kept.
     pub fn get(&self, path: &str) -> Option<RecordBatch> {
-        self.inner().by_path.get(path).cloned()
+        self.inner().by_path.get(path).map(|file| file.batch.clone())
+    }
+
+    /// The rows of the data file at `path` with `exchange` and, given that,
+    /// `symbol` (a symbol without its exchange narrows nothing).
+    pub fn rows(&self, path: &str, exchange: Option<&str>, symbol: Option<&str>) -> Held {
+        match self.inner().by_path.get(path) {
+            Some(file) => file.rows(exchange, symbol),
+            None => Held::NotKept,
+        }
     }
 
     pub fn held_bytes(&self) -> u64 {
@@ -140,6 +252,64 @@ mod tests {
         recent.keep("c".into(), &batch(3));
         assert_eq!(recent.files(), 0, "idle: everything went");
         assert_eq!(recent.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_kept_file_gives_the_rows_of_the_exchange_and_symbol_asked_for() {
+        let batch = RecordBatch::try_from_iter([
+            (
+                "exchange",
+                Arc::new(StringArray::from(vec!["A", "A", "A", "A", "B", "B"])) as _,
+            ),
+            (
+                "symbol",
+                Arc::new(StringArray::from(vec!["X", "Y", "Y", "Z", "Y", "Y"])) as _,
+            ),
+            (
+                "kafka_offset",
+                Arc::new(Int64Array::from(vec![0, 1, 2, 3, 4, 5])) as _,
+            ),
+        ])
+        .unwrap();
+        let file = KeptFile::new(batch);
+        let offsets = |exchange: Option<&str>, symbol: Option<&str>| match file.rows(exchange, symbol) {
+            Held::Rows(rows) => rows
+                .column_by_name("kafka_offset")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec(),
+            Held::Nothing => Vec::new(),
+            Held::NotKept => unreachable!("the file is kept"),
+        };
+        assert_eq!(offsets(Some("A"), Some("Y")), vec![1, 2]);
+        assert_eq!(offsets(Some("B"), Some("Y")), vec![4, 5]);
+        assert_eq!(offsets(Some("A"), Some("Z")), vec![3]);
+        assert_eq!(offsets(Some("A"), None), vec![0, 1, 2, 3]);
+        assert_eq!(offsets(Some("B"), None), vec![4, 5]);
+        assert!(matches!(file.rows(Some("A"), Some("W")), Held::Nothing));
+        assert!(matches!(file.rows(Some("C"), Some("Y")), Held::Nothing));
+        assert!(matches!(file.rows(Some("0"), None), Held::Nothing));
+        assert_eq!(
+            offsets(None, Some("Y")),
+            vec![0, 1, 2, 3, 4, 5],
+            "a symbol without its exchange narrows nothing"
+        );
+    }
+
+    #[test]
+    fn rows_out_of_key_order_are_never_narrowed() {
+        let batch = RecordBatch::try_from_iter([
+            ("exchange", Arc::new(StringArray::from(vec!["A", "A", "A"])) as _),
+            ("symbol", Arc::new(StringArray::from(vec!["Y", "X", "Y"])) as _),
+        ])
+        .unwrap();
+        let file = KeptFile::new(batch);
+        assert!(matches!(file.rows(Some("A"), Some("Y")), Held::Rows(rows) if rows.num_rows() == 3));
+        let recent = RecentFiles::new(1 << 20, Duration::from_secs(60));
+        assert!(matches!(recent.rows("nowhere", Some("A"), None), Held::NotKept));
     }
 
     #[test]

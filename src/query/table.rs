@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use arrow_array::{RecordBatch, RecordBatchOptions, StringArray};
+use arrow_array::{RecordBatch, RecordBatchOptions};
 use arrow_schema::SchemaRef;
 use async_trait::async_trait;
 use datafusion::catalog::Session;
@@ -33,7 +33,7 @@ use iceberg::spec::{DataFile, Manifest, ManifestContentType, ManifestList, Primi
 use iceberg::table::Table;
 use iceberg_datafusion::physical_plan::convert_filters_to_predicate;
 
-use super::recent::RecentFiles;
+use super::recent::{Held, RecentFiles};
 
 fn iceberg_error(err: iceberg::Error) -> DataFusionError {
     DataFusionError::External(Box::new(err))
@@ -151,10 +151,12 @@ impl TradesTable {
         for manifest in self.manifests.manifests(&self.table, &list).await? {
             for entry in manifest.entries() {
                 let file = entry.data_file();
-                if !entry.is_alive() || predicate.as_ref().is_some_and(|p| !may_hold(p, file)) {
+                // A held file is looked up by its index, before its bounds:
+                // cheaper, and as narrow for the symbol it asks for.
+                if !entry.is_alive() || planned.hold(&self.recent, file.file_path(), &keys, schema) {
                     continue;
                 }
-                if planned.hold(&self.recent, file.file_path(), &keys, schema) {
+                if predicate.as_ref().is_some_and(|p| !may_hold(p, file)) {
                     continue;
                 }
                 planned.files.push(FileScanTask {
@@ -226,11 +228,16 @@ impl Planned {
         keys: &[Option<String>; 2],
         schema: &SchemaRef,
     ) -> bool {
-        let Some(batch) = recent.get(path).and_then(|b| project(&narrow(&b, keys), schema)) else {
-            return false;
+        let batch = match recent.rows(path, keys[0].as_deref(), keys[1].as_deref()) {
+            Held::NotKept => return false,
+            Held::Nothing => None,
+            Held::Rows(rows) => match project(&rows, schema) {
+                Some(batch) => Some(batch),
+                None => return false,
+            },
         };
         self.held_files += 1;
-        if batch.num_rows() > 0 {
+        if let Some(batch) = batch.filter(|b| b.num_rows() > 0) {
             self.held.push(batch);
         }
         true
@@ -269,38 +276,6 @@ fn key_equalities(predicate: &BoundPredicate, keys: &mut [Option<String>; 2]) {
         }
         _ => {}
     }
-}
-
-/// The rows of a held batch (sorted by exchange, symbol, event time) with
-/// the required exchange, then symbol, found by binary search; a symbol
-/// without its exchange narrows nothing.
-fn narrow(batch: &RecordBatch, keys: &[Option<String>; 2]) -> RecordBatch {
-    let (mut lo, mut hi) = (0, batch.num_rows());
-    for (column, want) in ["exchange", "symbol"].into_iter().zip(keys) {
-        let Some(want) = want else { break };
-        let Some(values) = batch
-            .column_by_name(column)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        else {
-            break;
-        };
-        let first = |below: &dyn Fn(&str) -> bool| {
-            let (mut a, mut b) = (lo, hi);
-            while a < b {
-                let mid = a + (b - a) / 2;
-                if below(values.value(mid)) {
-                    a = mid + 1;
-                } else {
-                    b = mid;
-                }
-            }
-            a
-        };
-        let start = first(&|v| v < want.as_str());
-        let end = first(&|v| v <= want.as_str());
-        (lo, hi) = (start, end);
-    }
-    batch.slice(lo, hi - lo)
 }
 
 /// Whether `file`'s column bounds allow a row matching `predicate`: false
@@ -477,51 +452,5 @@ impl ExecutionPlan for TradesScan {
             self.schema.clone(),
             held.chain(read),
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow_array::Int64Array;
-
-    #[test]
-    fn a_held_batch_is_narrowed_to_the_exchange_and_symbol_asked_for() {
-        let batch = RecordBatch::try_from_iter([
-            (
-                "exchange",
-                Arc::new(StringArray::from(vec!["A", "A", "A", "A", "B", "B"])) as _,
-            ),
-            (
-                "symbol",
-                Arc::new(StringArray::from(vec!["X", "Y", "Y", "Z", "Y", "Y"])) as _,
-            ),
-            (
-                "kafka_offset",
-                Arc::new(Int64Array::from(vec![0, 1, 2, 3, 4, 5])) as _,
-            ),
-        ])
-        .unwrap();
-        let offsets = |keys: [Option<&str>; 2]| {
-            let keys = keys.map(|k| k.map(str::to_string));
-            let narrowed = narrow(&batch, &keys);
-            let column = narrowed.column_by_name("kafka_offset").unwrap();
-            column
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .unwrap()
-                .values()
-                .to_vec()
-        };
-        assert_eq!(offsets([Some("A"), Some("Y")]), vec![1, 2]);
-        assert_eq!(offsets([Some("B"), Some("Y")]), vec![4, 5]);
-        assert_eq!(offsets([Some("A"), None]), vec![0, 1, 2, 3]);
-        assert_eq!(offsets([Some("A"), Some("W")]), Vec::<i64>::new());
-        assert_eq!(offsets([Some("C"), Some("Y")]), Vec::<i64>::new());
-        assert_eq!(
-            offsets([None, Some("Y")]),
-            vec![0, 1, 2, 3, 4, 5],
-            "a symbol without its exchange narrows nothing"
-        );
     }
 }

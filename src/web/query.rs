@@ -13,10 +13,13 @@
 //! JSON by default, CSV or Arrow IPC by `Accept`. A bad parameter is a 400
 //! that names it; a query past `query.timeout_ms` is a 504, past
 //! `query.memory_limit_bytes` a 422; an answer cut at its row limit says
-//! `truncated` (header `X-K2-Truncated` for CSV and Arrow).
+//! `truncated` (header `X-K2-Truncated` for CSV and Arrow). Every answer's
+//! `Server-Timing` header gives the milliseconds K2 spent copying live rows,
+//! loading tables, executing and encoding it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -28,7 +31,7 @@ use super::{AppState, error};
 use crate::metrics as m;
 use crate::query::output::{self, Format};
 use crate::query::trades::{self, Bar, BarInterval, Keep, TradeFilter};
-use crate::query::{QueryAnswer, QueryError};
+use crate::query::{QueryAnswer, QueryError, Timings};
 
 const DEFAULT_LIMIT: usize = 1_000;
 const MAX_MINUTES: u64 = 7 * 24 * 60;
@@ -82,6 +85,7 @@ fn format_of(request: &HttpRequest) -> Result<Format, Box<HttpResponse>> {
 }
 
 fn respond(answer: &QueryAnswer, format: Format) -> HttpResponse {
+    let encoding = std::time::Instant::now();
     match output::encode(answer, format) {
         Ok(body) => {
             let mut response = HttpResponse::Ok();
@@ -89,7 +93,11 @@ fn respond(answer: &QueryAnswer, format: Format) -> HttpResponse {
                 .content_type(format.content_type())
                 .insert_header(("X-K2-Row-Count", answer.rows.to_string()))
                 .insert_header(("X-K2-Truncated", answer.truncated.to_string()))
-                .insert_header(("X-K2-Live-Rows", answer.live_rows.to_string()));
+                .insert_header(("X-K2-Live-Rows", answer.live_rows.to_string()))
+                .insert_header((
+                    "Server-Timing",
+                    server_timing(&answer.timings, encoding.elapsed()),
+                ));
             if let Some(snapshot) = answer.snapshot_id {
                 response.insert_header(("X-K2-Snapshot-Id", snapshot.to_string()));
             }
@@ -100,6 +108,19 @@ fn respond(answer: &QueryAnswer, format: Format) -> HttpResponse {
             format!("failed to encode the answer: {err}"),
         ),
     }
+}
+
+/// The query's phases as a `Server-Timing` header (W3C Server Timing):
+/// milliseconds copying live rows, loading tables, executing and encoding.
+fn server_timing(timings: &Timings, encode: Duration) -> String {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    format!(
+        "live;dur={:.2}, load;dur={:.2}, execute;dur={:.2}, encode;dur={:.2}",
+        ms(timings.live),
+        ms(timings.load),
+        ms(timings.execute),
+        ms(encode)
+    )
 }
 
 /// Query-string parameters, each parsed with an error that names it.
@@ -318,5 +339,23 @@ pub async fn post_query(state: web::Data<AppState>, request: HttpRequest, body: 
     match answer {
         Ok(answer) => respond(&answer, format),
         Err(err) => failure(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_timing_names_each_phase_in_milliseconds() {
+        let timings = Timings {
+            live: Duration::from_micros(1_500),
+            load: Duration::ZERO,
+            execute: Duration::from_millis(42),
+        };
+        assert_eq!(
+            server_timing(&timings, Duration::from_micros(250)),
+            "live;dur=1.50, load;dur=0.00, execute;dur=42.00, encode;dur=0.25"
+        );
     }
 }
