@@ -208,7 +208,9 @@ impl RecentFiles {
         metrics::gauge!(crate::metrics::QUERY_RECENT_BYTES).set(kept.bytes as f64);
     }
 
-    /// The rows of the data file at `path`, if they are kept.
+    /// The rows of the data file at `path`, if they are kept (queries take
+    /// them through [`Self::rows`]).
+    #[cfg(test)]
     pub fn get(&self, path: &str) -> Option<RecordBatch> {
         self.inner().by_path.get(path).map(|file| file.batch.clone())
     }
