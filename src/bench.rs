@@ -117,6 +117,15 @@ pub struct RunFigures {
     /// User + system CPU of `k2 run`, from its start to the last record durable.
     pub cpu_s: f64,
     pub cpu_us_per_trade: f64,
+    /// Of `cpu_s`, the kernel's: mostly zeroing the pages `k2 run` touches for the first time.
+    pub system_cpu_s: f64,
+    /// Minor page faults of `k2 run` over the same span: about its peak RSS in 4 KiB pages.
+    pub minor_faults: u64,
+    /// CPU of `k2 run` before its first record was consumed: start-up and the group join.
+    pub startup_cpu_s: f64,
+    /// CPU of `k2 run` per trade in the steady state: from the first scrape that showed a record
+    /// consumed to the last record durable, over the trades consumed after that scrape.
+    pub steady_cpu_us_per_trade: f64,
     /// Peak RSS (VmHWM) of `k2 run`.
     pub peak_rss_bytes: u64,
     pub commits: u64,
@@ -276,6 +285,10 @@ fn run_figures(raw: &RawRun, pipeline: &PipelineRun, messages: u64) -> RunFigure
         ratio: pipeline_msgs_per_s / raw_msgs_per_s,
         cpu_s: pipeline.cpu_s,
         cpu_us_per_trade: pipeline.cpu_s * 1e6 / messages as f64,
+        system_cpu_s: pipeline.system_cpu_s,
+        minor_faults: pipeline.minor_faults,
+        startup_cpu_s: pipeline.startup_cpu_s,
+        steady_cpu_us_per_trade: pipeline.steady_cpu_us_per_trade,
         peak_rss_bytes: pipeline.peak_rss_bytes,
         commits: pipeline.commits,
         commit_p50_s: pipeline.commit_p50_s,
@@ -310,6 +323,10 @@ fn report(params: &BenchParams, payload_bytes: u64, per_run: Vec<RunFigures>) ->
             ratio: of(|r| r.ratio),
             cpu_s: of(|r| r.cpu_s),
             cpu_us_per_trade: of(|r| r.cpu_us_per_trade),
+            system_cpu_s: of(|r| r.system_cpu_s),
+            minor_faults: whole(|r| r.minor_faults),
+            startup_cpu_s: of(|r| r.startup_cpu_s),
+            steady_cpu_us_per_trade: of(|r| r.steady_cpu_us_per_trade),
             peak_rss_bytes: whole(|r| r.peak_rss_bytes),
             commits: whole(|r| r.commits),
             commit_p50_s: of(|r| r.commit_p50_s),
@@ -409,6 +426,10 @@ struct PipelineRun {
     steady_s: f64,
     tail_s: f64,
     cpu_s: f64,
+    system_cpu_s: f64,
+    minor_faults: u64,
+    startup_cpu_s: f64,
+    steady_cpu_us_per_trade: f64,
     peak_rss_bytes: u64,
     commits: u64,
     commit_p50_s: f64,
@@ -468,6 +489,10 @@ async fn time_pipeline(
         steady_s: watched.durable_at_s - first_consumed,
         tail_s: watched.durable_at_s - last_consumed,
         cpu_s: watched.cpu_s,
+        system_cpu_s: watched.stat.system_s,
+        minor_faults: watched.stat.minor_faults,
+        startup_cpu_s: watched.at_first_consumed.cpu_s,
+        steady_cpu_us_per_trade: watched.steady_cpu_us_per_trade(messages),
         peak_rss_bytes: watched.peak_rss_bytes,
         commits: scrape.commits,
         commit_p50_s: quantile(0.5),
@@ -506,7 +531,30 @@ struct Watched {
     /// The `/metrics` scrape that showed it.
     scrape: Scrape,
     cpu_s: f64,
+    /// The process's CPU and page faults, read with `cpu_s`.
+    stat: ProcStat,
+    /// The first scrape that showed a record consumed.
+    at_first_consumed: CpuMark,
     peak_rss_bytes: u64,
+}
+
+/// The CPU time of `k2 run` and the records it had consumed, read together.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuMark {
+    cpu_s: f64,
+    consumed: u64,
+}
+
+impl Watched {
+    /// CPU per trade from [`Watched::at_first_consumed`] to the end, over the trades consumed in
+    /// between; the whole run's when the mark came after the last record.
+    fn steady_cpu_us_per_trade(&self, messages: u64) -> f64 {
+        let mark = self.at_first_consumed;
+        match messages.checked_sub(mark.consumed) {
+            Some(trades) if trades > 0 => (self.cpu_s - mark.cpu_s) * 1e6 / trades as f64,
+            _ => self.cpu_s * 1e6 / messages.max(1) as f64,
+        }
+    }
 }
 
 /// Starts `k2 run`, reads its `/metrics` until every message is committed,
@@ -563,11 +611,19 @@ fn watch_until_committed(
     messages: u64,
 ) -> anyhow::Result<Watched> {
     let deadline = Instant::now() + RUN_TIMEOUT;
+    let pid = child.child.id();
+    let mut at_first_consumed = None;
     let (scrape, durable_at_s) = loop {
         child.check_running("before every message was committed")?;
         // A failed scrape (the server is busy starting) is retried.
         if let Ok(body) = http_get(addr, "/metrics") {
             let scrape = Scrape::parse(&body);
+            if at_first_consumed.is_none() && scrape.records_consumed > 0 {
+                at_first_consumed = Some(CpuMark {
+                    cpu_s: cpu_seconds(pid).context("failed to read the CPU time of k2 run")?,
+                    consumed: scrape.records_consumed,
+                });
+            }
             if scrape.trades_committed >= messages {
                 // The commit's own time: the scrape interval does not blur it.
                 let durable_at_s = scrape.last_commit_s.unwrap_or_else(unix_now_s);
@@ -587,8 +643,8 @@ fn watch_until_committed(
         std::thread::sleep(SCRAPE_INTERVAL);
     };
     // Before the stop: the final commit and shutdown are not ingestion.
-    let pid = child.child.id();
-    let cpu_s = cpu_seconds(pid).context("failed to read the CPU time of k2 run")?;
+    let stat = ProcStat::of(pid).context("failed to read the CPU time of k2 run")?;
+    let cpu_s = stat.user_s + stat.system_s;
     let peak_rss_bytes = peak_rss_of(&pid.to_string());
     child.stop()?;
     Ok(Watched {
@@ -596,6 +652,8 @@ fn watch_until_committed(
         durable_at_s,
         scrape,
         cpu_s,
+        stat,
+        at_first_consumed: at_first_consumed.unwrap_or_default(),
         peak_rss_bytes,
     })
 }
@@ -738,25 +796,49 @@ fn http_get_with_head(addr: SocketAddr, path: &str) -> anyhow::Result<(String, S
 
 /// User + system CPU seconds of process `pid` so far (/proc/<pid>/stat).
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces:
-    // state is field 3, utime 14 and stime 15 (proc(5)).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |field: usize| -> anyhow::Result<u64> {
-        fields
-            .get(field - 3)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no field {field} in /proc/{pid}/stat"))
-    };
-    // SAFETY: sysconf only reads a system constant.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if per_second <= 0 {
-        anyhow::bail!("sysconf(_SC_CLK_TCK) failed");
+    let stat = ProcStat::of(pid)?;
+    Ok(stat.user_s + stat.system_s)
+}
+
+/// What `/proc/<pid>/stat` says of a process's CPU time and page faults.
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcStat {
+    user_s: f64,
+    system_s: f64,
+    /// Page faults served without I/O: each first touch of a fresh page.
+    minor_faults: u64,
+}
+
+impl ProcStat {
+    fn of(pid: u32) -> anyhow::Result<ProcStat> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        ProcStat::parse(&stat).with_context(|| format!("/proc/{pid}/stat"))
     }
-    Ok((ticks(14)? + ticks(15)?) as f64 / per_second as f64)
+
+    fn parse(stat: &str) -> anyhow::Result<ProcStat> {
+        // Fields after the command name, which is in parentheses and may hold spaces:
+        // state is field 3, minflt 10, utime 14 and stime 15 (proc(5)).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let number = |field: usize| -> anyhow::Result<u64> {
+            fields
+                .get(field - 3)
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no field {field}"))
+        };
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if per_second <= 0 {
+            anyhow::bail!("sysconf(_SC_CLK_TCK) failed");
+        }
+        Ok(ProcStat {
+            user_s: number(14)? as f64 / per_second as f64,
+            system_s: number(15)? as f64 / per_second as f64,
+            minor_faults: number(10)?,
+        })
+    }
 }
 
 /// Peak resident set size of this process (VmHWM), in bytes.
@@ -785,6 +867,8 @@ fn peak_rss_of(pid: &str) -> u64 {
 #[derive(Debug, Default, Clone, PartialEq)]
 struct Scrape {
     trades_committed: u64,
+    /// Records consumed, over all partitions.
+    records_consumed: u64,
     /// Successful commits.
     commits: u64,
     first_consumed_s: Option<f64>,
@@ -811,6 +895,7 @@ impl Scrape {
             };
             match name {
                 m::TRADES_COMMITTED => scrape.trades_committed = value as u64,
+                m::RECORDS_CONSUMED => scrape.records_consumed += value as u64,
                 m::COMMITS if label(labels, "outcome") == Some("ok") => scrape.commits = value as u64,
                 m::FIRST_RECORD_CONSUMED => scrape.first_consumed_s = Some(value),
                 m::LAST_RECORD_CONSUMED => scrape.last_consumed_s = Some(value),
@@ -941,8 +1026,20 @@ pub fn print_report(r: &BenchReport) {
         m.tail_s
     );
     println!(
-        "  CPU of k2 run        {:>10.1} µs/trade ({:.1} s user+sys, start to last durable)",
+        "  CPU of k2 run        {:>10.2} µs/trade ({:.2} s user+sys, start to last durable)",
         m.cpu_us_per_trade, m.cpu_s
+    );
+    println!(
+        "  ... steady state     {:>10.2} µs/trade (first record consumed to last durable; start-up and join {:.2} s; runs {})",
+        m.steady_cpu_us_per_trade,
+        m.startup_cpu_s,
+        list(r.per_run.iter().map(|f| f.steady_cpu_us_per_trade))
+    );
+    println!(
+        "  ... in the kernel    {:>10.2} s      ({} minor page faults, {:.0} MiB of fresh pages)",
+        m.system_cpu_s,
+        m.minor_faults,
+        m.minor_faults as f64 * 4096.0 / (1024.0 * 1024.0)
     );
     println!(
         "  peak RSS of k2 run   {:>10.1} MiB",
@@ -999,13 +1096,49 @@ k2_commit_duration_seconds_bucket{le="+Inf"} 3
 k2_commit_duration_seconds_sum 0.12
 k2_commit_duration_seconds_count 3
 k2_records_consumed_total{partition="0"} 500000
+k2_records_consumed_total{partition="1"} 250000
 "#;
+
+    #[test]
+    fn proc_stat_reads_faults_and_cpu_past_a_command_name_with_spaces() {
+        let line = "4242 (k2 run (x)) S 1 4242 4242 0 -1 4194304 127723 0 7 0 238 78 0 0 20 0 9 0 100 0 0";
+        let stat = ProcStat::parse(line).unwrap();
+        assert_eq!(stat.minor_faults, 127_723);
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert!((stat.user_s - 238.0 / hz).abs() < 1e-9);
+        assert!((stat.system_s - 78.0 / hz).abs() < 1e-9);
+        assert!(
+            ProcStat::parse("4242 (k2) S 1").is_err(),
+            "a short line is an error"
+        );
+    }
+
+    #[test]
+    fn steady_cpu_counts_only_what_came_after_the_first_consumed_mark() {
+        let watched = |cpu_s, consumed| Watched {
+            started_at_s: 0.0,
+            durable_at_s: 1.0,
+            scrape: Scrape::default(),
+            cpu_s: 3.0,
+            stat: ProcStat::default(),
+            at_first_consumed: CpuMark { cpu_s, consumed },
+            peak_rss_bytes: 0,
+        };
+        // 0.5 s of start-up, 2.5 s over the 1M trades consumed after the mark.
+        assert!((watched(0.5, 0).steady_cpu_us_per_trade(1_000_000) - 2.5).abs() < 1e-9);
+        // 2.0 s over the 500K consumed after it.
+        assert!((watched(1.0, 500_000).steady_cpu_us_per_trade(1_000_000) - 4.0).abs() < 1e-9);
+        // A mark after the last record: the whole run's figure.
+        assert!((watched(2.9, 1_000_000).steady_cpu_us_per_trade(1_000_000) - 3.0).abs() < 1e-9);
+    }
 
     #[test]
     fn a_scrape_reads_commits_trades_and_the_consumed_timestamps() {
         let scrape = Scrape::parse(METRICS);
         assert_eq!(scrape.trades_committed, 1_000_000);
         assert_eq!(scrape.commits, 3, "only outcome=\"ok\" counts");
+        assert_eq!(scrape.records_consumed, 750_000, "summed over partitions");
         assert_eq!(scrape.first_consumed_s, Some(1_764_680_000.125));
         assert_eq!(scrape.last_consumed_s, Some(1_764_680_008.5));
         assert_eq!(scrape.commit_buckets.len(), 5);

@@ -40,6 +40,12 @@ async fn a_tiny_bench_commits_every_message_and_reports_sane_figures() {
     );
     assert!(run.tail_s > 0.0 && run.tail_s <= run.pipeline_steady_s, "{run:?}");
     assert!(run.cpu_s > 0.0 && run.cpu_us_per_trade > 0.0, "{run:?}");
+    assert!(
+        run.startup_cpu_s > 0.0 && run.startup_cpu_s <= run.cpu_s,
+        "{run:?}"
+    );
+    assert!(run.steady_cpu_us_per_trade > 0.0, "{run:?}");
+    assert!(run.system_cpu_s <= run.cpu_s && run.minor_faults > 0, "{run:?}");
     assert!(run.peak_rss_bytes > 1 << 20, "{run:?}");
     assert!(run.ratio.is_finite() && run.ratio > 0.0, "{run:?}");
     assert!(
