@@ -156,7 +156,7 @@ impl Batcher {
         self.oldest = None;
         let side = std::mem::take(&mut self.side);
         let rows = self.buffer.buffered_rows() as u64;
-        let batch = if rows == 0 {
+        let batches = if rows == 0 {
             Ok(None)
         } else {
             self.buffer
@@ -172,8 +172,8 @@ impl Batcher {
         let lane = self.params.lane;
         let live = self.buffer.clone();
         let fut = async move {
-            let data_files = match batch? {
-                Some(batch) => write_until_stored(&writer, &storage, &faults, batch, lane).await,
+            let data_files = match batches? {
+                Some(batches) => write_until_stored(&writer, &storage, &faults, &batches, lane).await,
                 None => Vec::new(),
             };
             let paths: Vec<String> = data_files.iter().map(|f| f.file_path().to_string()).collect();
@@ -231,7 +231,7 @@ async fn write_until_stored(
     writer: &TableWriter,
     storage: &CircuitBreaker,
     faults: &crate::faults::Faults,
-    batch: arrow_array::RecordBatch,
+    batches: &[arrow_array::RecordBatch],
     lane: LaneId,
 ) -> Vec<iceberg::spec::DataFile> {
     let mut attempt = 0u32;
@@ -243,7 +243,7 @@ async fn write_until_stored(
                     "injected fault: object storage is down",
                 ));
             }
-            writer.write(batch.clone()).await
+            writer.write_all(batches).await
         };
         match storage.call(write).await {
             Ok(files) => return files,

@@ -28,10 +28,7 @@ use arrow_schema::{ArrowError, SchemaRef};
 use crate::messages::LaneId;
 use crate::model::Trade;
 use crate::query::recent::RecentFiles;
-use crate::storage::writer::TradeBatchBuilder;
-
-/// Rows a lane's buffer has room for before its first flush: one chunk.
-const FIRST_BUFFER_ROWS: usize = 2_048;
+use crate::storage::writer::TradeBuffer;
 
 /// Every lane's live rows, by partition: the newest incarnation of each.
 pub struct LiveRows {
@@ -184,7 +181,7 @@ pub struct LiveLane {
 }
 
 struct LiveInner {
-    buffer: TradeBatchBuilder,
+    buffer: TradeBuffer,
     /// Batches flushed and not yet committed, oldest first.
     flushed: VecDeque<Flushed>,
     /// Where flushed batches are accounted and committed ones go; None:
@@ -205,7 +202,8 @@ struct Flushed {
     /// The offset after the batch's last row.
     end: i64,
     bytes: u64,
-    batch: RecordBatch,
+    /// The flush's rows, one batch per chunk of the buffer.
+    batches: Vec<RecordBatch>,
     /// The data file written from the batch, once stored (None as well when
     /// the flush was split into several files).
     file: Option<String>,
@@ -232,14 +230,14 @@ impl LiveLane {
         Self {
             lane,
             inner: Mutex::new(LiveInner {
-                // Small: a flushed batch is charged to `query.max_live_bytes`
-                // for what its buffers hold, and Arrow's builders grow as
-                // rows come (and start empty after each flush anyway). A
-                // buffer pre-sized for 65,536 rows held ~7.5 MiB from a
-                // lane's first flush, so with 64 lanes about half the first
-                // batches passed the 256 MiB default and queries refused
-                // those partitions until their first commit.
-                buffer: TradeBatchBuilder::with_capacity(FIRST_BUFFER_ROWS),
+                // Chunks of 2,048 rows: a flushed batch is charged to
+                // `query.max_live_bytes` for what its buffers hold, its last
+                // chunk's room included. A buffer pre-sized for 65,536 rows
+                // held ~7.5 MiB from a lane's first flush, so with 64 lanes
+                // about half the first batches passed the 256 MiB default
+                // and queries refused those partitions until their first
+                // commit.
+                buffer: TradeBuffer::new(),
                 flushed: VecDeque::new(),
                 keep,
                 incomplete_until: None,
@@ -273,21 +271,22 @@ impl LiveLane {
         self.inner().buffer.estimated_bytes()
     }
 
-    /// Takes the buffer as one batch, to write; it stays readable as a
-    /// flushed batch, ending before `next_offset`, until a commit covers it.
-    pub fn flush(&self, schema: &SchemaRef, next_offset: i64) -> Result<RecordBatch, ArrowError> {
+    /// Takes the buffer as batches (one per chunk), to write; they stay
+    /// readable as a flushed batch, ending before `next_offset`, until a
+    /// commit covers it.
+    pub fn flush(&self, schema: &SchemaRef, next_offset: i64) -> Result<Vec<RecordBatch>, ArrowError> {
         let mut guard = self.inner();
         let inner = &mut *guard;
-        let batch = inner.buffer.finish(schema)?;
+        let batches = inner.buffer.finish(schema)?;
         let Some(Keep { budget, .. }) = &inner.keep else {
-            return Ok(batch);
+            return Ok(batches);
         };
-        let bytes = batch.get_array_memory_size() as u64;
+        let bytes = batches.iter().map(|b| b.get_array_memory_size() as u64).sum();
         if inner.incomplete_until.is_none() && budget.take(bytes) {
             inner.flushed.push_back(Flushed {
                 end: next_offset,
                 bytes,
-                batch: batch.clone(),
+                batches: batches.clone(),
                 file: None,
             });
         } else {
@@ -303,7 +302,7 @@ impl LiveLane {
             budget.give(inner.flushed.drain(..).map(|f| f.bytes).sum());
             inner.incomplete_until = Some(next_offset);
         }
-        Ok(batch)
+        Ok(batches)
     }
 
     /// The batch flushed up to `next_offset` was written as `files`.
@@ -327,7 +326,7 @@ impl LiveLane {
             if let Some(keep) = &inner.keep {
                 keep.budget.give(flushed.bytes);
                 if let Some(file) = flushed.file {
-                    files.push((file, flushed.batch));
+                    files.push((file, flushed.batches));
                 }
             }
         }
@@ -338,8 +337,8 @@ impl LiveLane {
         let recent = inner.keep.as_ref().map(|keep| keep.recent.clone());
         drop(guard);
         if let Some(recent) = recent {
-            for (file, batch) in files {
-                recent.keep(file, &batch);
+            for (file, batches) in files {
+                recent.keep(file, &batches);
             }
         }
     }
@@ -352,10 +351,12 @@ impl LiveLane {
                 until,
             });
         }
-        let mut batches: Vec<RecordBatch> = inner.flushed.iter().map(|f| f.batch.clone()).collect();
-        if !inner.buffer.is_empty() {
-            batches.push(inner.buffer.snapshot(schema)?);
-        }
+        let mut batches: Vec<RecordBatch> = inner
+            .flushed
+            .iter()
+            .flat_map(|f| f.batches.iter().cloned())
+            .collect();
+        batches.extend(inner.buffer.snapshot(schema)?);
         Ok(PartitionRows {
             partition: self.lane.partition,
             batches,
@@ -365,7 +366,13 @@ impl LiveLane {
     #[cfg(test)]
     fn rows(&self) -> usize {
         let inner = self.inner();
-        inner.buffer.len() + inner.flushed.iter().map(|f| f.batch.num_rows()).sum::<usize>()
+        inner.buffer.len()
+            + inner
+                .flushed
+                .iter()
+                .flat_map(|f| &f.batches)
+                .map(RecordBatch::num_rows)
+                .sum::<usize>()
     }
 }
 
@@ -524,7 +531,8 @@ mod tests {
         let one_batch = {
             let probe = LiveLane::detached(lane(1));
             probe.push(&[trade(10), trade(11)]);
-            probe.flush(&schema, 12).unwrap().get_array_memory_size() as u64
+            let batches = probe.flush(&schema, 12).unwrap();
+            batches.iter().map(|b| b.get_array_memory_size() as u64).sum()
         };
         // Room for the first flushed batch and nothing more.
         let rows = LiveRows::new(one_batch, no_recent());

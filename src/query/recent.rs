@@ -172,7 +172,7 @@ impl RecentFiles {
     /// committed. Kept, sorted by exchange, symbol and event time in buffers
     /// of its own size (a flushed batch has its builder's spare capacity),
     /// if a query came lately and it fits.
-    pub fn keep(&self, path: String, batch: &RecordBatch) {
+    pub fn keep(&self, path: String, batches: &[RecordBatch]) {
         {
             let mut kept = self.inner();
             let querying = kept.last_query.is_some_and(|at| at.elapsed() <= self.idle);
@@ -184,8 +184,15 @@ impl RecentFiles {
                 return;
             }
         }
-        // Sorted, so that a query of one symbol takes a slice (`crate::query::table`).
-        let Ok(batch) = crate::storage::writer::sorted_for_queries(batch) else {
+        // One batch, sorted, so that a query of one symbol takes a slice
+        // (`crate::query::table`).
+        let batch = match batches {
+            [] => return,
+            [one] => crate::storage::writer::sorted_for_queries(one),
+            [first, ..] => arrow_select::concat::concat_batches(&first.schema(), batches)
+                .and_then(|all| crate::storage::writer::sorted_for_queries(&all)),
+        };
+        let Ok(batch) = batch else {
             return;
         };
         let bytes = batch.get_array_memory_size() as u64;
@@ -245,13 +252,13 @@ mod tests {
     #[test]
     fn nothing_is_kept_until_a_query_comes_nor_after_it_went_idle() {
         let recent = RecentFiles::new(1 << 20, Duration::from_millis(50));
-        recent.keep("a".into(), &batch(1));
+        recent.keep("a".into(), &[batch(1)]);
         assert!(recent.get("a").is_none(), "nobody queried");
         recent.queried();
-        recent.keep("b".into(), &batch(2));
+        recent.keep("b".into(), &[batch(2)]);
         assert_eq!(recent.get("b"), Some(batch(2)));
         std::thread::sleep(Duration::from_millis(80));
-        recent.keep("c".into(), &batch(3));
+        recent.keep("c".into(), &[batch(3)]);
         assert_eq!(recent.files(), 0, "idle: everything went");
         assert_eq!(recent.held_bytes(), 0);
     }
@@ -319,9 +326,9 @@ mod tests {
         let one = batch(1).get_array_memory_size() as u64;
         let recent = RecentFiles::new(2 * one + one / 2, Duration::from_secs(60));
         recent.queried();
-        recent.keep("a".into(), &batch(1));
-        recent.keep("b".into(), &batch(2));
-        recent.keep("c".into(), &batch(3));
+        recent.keep("a".into(), &[batch(1)]);
+        recent.keep("b".into(), &[batch(2)]);
+        recent.keep("c".into(), &[batch(3)]);
         assert!(recent.get("a").is_none());
         assert!(recent.get("b").is_some() && recent.get("c").is_some());
         assert_eq!(recent.held_bytes(), 2 * one);
@@ -330,7 +337,7 @@ mod tests {
             Arc::new(Int64Array::from_iter_values(0..1_000)) as _,
         )])
         .unwrap();
-        recent.keep("huge".into(), &huge);
+        recent.keep("huge".into(), &[huge]);
         assert!(recent.get("huge").is_none(), "larger than the bound");
         assert_eq!(recent.held_bytes(), 2 * one);
     }
