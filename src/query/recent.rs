@@ -186,13 +186,10 @@ impl RecentFiles {
         }
         // One batch, sorted, so that a query of one symbol takes a slice
         // (`crate::query::table`).
-        let batch = match batches {
-            [] => return,
-            [one] => crate::storage::writer::sorted_for_queries(one),
-            [first, ..] => arrow_select::concat::concat_batches(&first.schema(), batches)
-                .and_then(|all| crate::storage::writer::sorted_for_queries(&all)),
+        let Some(first) = batches.first() else {
+            return;
         };
-        let Ok(batch) = batch else {
+        let Ok(batch) = crate::storage::writer::sorted_for_queries(&first.schema(), batches) else {
             return;
         };
         let bytes = batch.get_array_memory_size() as u64;

@@ -555,8 +555,8 @@ impl Maintainer {
                 batches.push(RecordBatch::try_new(schema.clone(), columns)?);
             }
         }
-        let batch = arrow_select::concat::concat_batches(&schema, &batches)?;
-        let batch = sorted_for_queries(&batch)?;
+        let batch = sorted_for_queries(&schema, &batches)?;
+        drop(batches);
         Ok(writer
             .with_max_row_group_rows(SORTED_ROW_GROUP_ROWS)
             .write(batch)
@@ -1222,13 +1222,32 @@ mod tests {
             ("kafka_offset", Arc::new(Int64Array::from(vec![0, 1, 2, 3])) as _),
         ])
         .unwrap();
-        let sorted = sorted_for_queries(&trades).unwrap();
-        let offsets = sorted.column_by_name("kafka_offset").unwrap();
-        let offsets = offsets.as_any().downcast_ref::<Int64Array>().unwrap();
-        assert_eq!(offsets.values().to_vec(), vec![3, 2, 1, 0]);
+        let schema = trades.schema();
+        let offsets_of = |batch: &RecordBatch| {
+            let offsets = batch.column_by_name("kafka_offset").unwrap();
+            offsets
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .values()
+                .to_vec()
+        };
+        let sorted = sorted_for_queries(&schema, std::slice::from_ref(&trades)).unwrap();
+        assert_eq!(offsets_of(&sorted), vec![3, 2, 1, 0]);
+        // The same rows in several batches, one of them empty, sort the same.
+        let parts = [
+            trades.slice(0, 1),
+            trades.slice(1, 0),
+            trades.slice(1, 2),
+            trades.slice(3, 1),
+        ];
+        let sorted = sorted_for_queries(&schema, &parts).unwrap();
+        assert_eq!(offsets_of(&sorted), vec![3, 2, 1, 0]);
+        assert_eq!(sorted_for_queries(&schema, &[]).unwrap().num_rows(), 0);
         let other =
             RecordBatch::try_from_iter([("reason", Arc::new(StringArray::from(vec!["b", "a"])) as _)])
                 .unwrap();
-        assert_eq!(sorted_for_queries(&other).unwrap(), other);
+        let halves = [other.slice(0, 1), other.slice(1, 1)];
+        assert_eq!(sorted_for_queries(&other.schema(), &halves).unwrap(), other);
     }
 }

@@ -69,11 +69,6 @@ pub struct TradeBatchBuilder {
 /// Fixed-width bytes per trade row: 2×i64 + 2×i128 + 2×ts + i32 + i64 + 4 string offsets.
 const TRADE_FIXED_BYTES: u64 = 8 + 16 + 16 + 8 + 8 + 4 + 8 + 4 * 4;
 
-/// What a trade's row adds to a batch's memory, estimated from its fields.
-fn estimated_row_bytes(trade: &Trade) -> u64 {
-    TRADE_FIXED_BYTES + (trade.exchange.len() + trade.symbol.len() + trade.trade_id.len() + 4) as u64
-}
-
 impl TradeBatchBuilder {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
@@ -106,7 +101,8 @@ impl TradeBatchBuilder {
         self.kafka_partition.append_value(trade.partition);
         self.kafka_offset.append_value(trade.offset);
         self.rows += 1;
-        self.estimated_bytes += estimated_row_bytes(trade);
+        self.estimated_bytes +=
+            TRADE_FIXED_BYTES + (trade.exchange.len() + trade.symbol.len() + trade.trade_id.len() + 4) as u64;
     }
 
     pub fn len(&self) -> usize {
@@ -178,9 +174,9 @@ pub const TRADE_BUFFER_CHUNK_ROWS: usize = 2_048;
 /// hands them to the writer as they are.
 pub struct TradeBuffer {
     full: Vec<TradeBatchBuilder>,
+    /// The estimated bytes of the chunks in `full`.
+    full_bytes: u64,
     current: TradeBatchBuilder,
-    rows: usize,
-    estimated_bytes: u64,
 }
 
 impl Default for TradeBuffer {
@@ -193,33 +189,31 @@ impl TradeBuffer {
     pub fn new() -> Self {
         Self {
             full: Vec::new(),
+            full_bytes: 0,
             current: TradeBatchBuilder::with_capacity(TRADE_BUFFER_CHUNK_ROWS),
-            rows: 0,
-            estimated_bytes: 0,
         }
     }
 
     pub fn push(&mut self, trade: &Trade) {
         if self.current.len() == TRADE_BUFFER_CHUNK_ROWS {
+            self.full_bytes += self.current.estimated_bytes();
             let next = TradeBatchBuilder::with_capacity(TRADE_BUFFER_CHUNK_ROWS);
             self.full.push(std::mem::replace(&mut self.current, next));
         }
         self.current.push(trade);
-        self.rows += 1;
-        self.estimated_bytes += estimated_row_bytes(trade);
     }
 
     pub fn len(&self) -> usize {
-        self.rows
+        self.full.len() * TRADE_BUFFER_CHUNK_ROWS + self.current.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows == 0
+        self.full.is_empty() && self.current.is_empty()
     }
 
     /// Bytes the buffered rows occupy in memory (an estimate from field sizes).
     pub fn estimated_bytes(&self) -> u64 {
-        self.estimated_bytes
+        self.full_bytes + self.current.estimated_bytes()
     }
 
     /// The buffered rows as batches, one per chunk, in the order they came;
@@ -233,8 +227,7 @@ impl TradeBuffer {
             batches.push(self.current.finish(schema)?);
         }
         self.current = TradeBatchBuilder::with_capacity(TRADE_BUFFER_CHUNK_ROWS);
-        self.rows = 0;
-        self.estimated_bytes = 0;
+        self.full_bytes = 0;
         Ok(batches)
     }
 
@@ -567,28 +560,71 @@ impl OneDay {
 pub const SORTED_ROW_GROUP_ROWS: usize = 16 * 1024;
 
 /// Trades sorted by (exchange, symbol, event time), the order queries filter
-/// by, in buffers of their own size; K2's other tables (no such columns) as
-/// they are. Lanes write their files in arrival order, a partition's symbols
-/// mixed: compaction gives the table this layout, and the batches kept for
-/// queries (`crate::query::recent`) are kept in it.
-pub fn sorted_for_queries(batch: &RecordBatch) -> Result<RecordBatch, arrow_schema::ArrowError> {
-    let keys = ["exchange", "symbol", "event_time"];
-    let Some(columns) = keys
+/// by, as one batch in buffers of its own size; K2's other tables (no such
+/// columns) concatenated as they are. Lanes write their files in arrival
+/// order, a partition's symbols mixed: compaction gives the table this
+/// layout, and the batches kept for queries (`crate::query::recent`) are kept
+/// in it. Only the three key columns are concatenated to find the order; the
+/// rows are then taken from `batches` directly, so the whole of them is
+/// copied once. `schema` is the batches' schema (for no batches at all).
+pub fn sorted_for_queries(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    const KEYS: [&str; 3] = ["exchange", "symbol", "event_time"];
+    let Some(key_columns) = KEYS
         .iter()
-        .map(|name| batch.column_by_name(name).cloned())
+        .map(|name| schema.index_of(name).ok())
         .collect::<Option<Vec<_>>>()
     else {
-        return Ok(batch.clone());
+        return arrow_select::concat::concat_batches(schema, batches);
     };
-    let sort: Vec<arrow_ord::sort::SortColumn> = columns
-        .into_iter()
-        .map(|values| arrow_ord::sort::SortColumn {
-            values,
-            options: None,
+    let batches: Vec<&RecordBatch> = batches.iter().filter(|batch| batch.num_rows() > 0).collect();
+    let sort = key_columns
+        .iter()
+        .map(|&column| {
+            let values = match batches.as_slice() {
+                [] => arrow_array::new_empty_array(schema.field(column).data_type()),
+                [one] => one.column(column).clone(),
+                many => {
+                    let parts: Vec<&dyn arrow_array::Array> =
+                        many.iter().map(|batch| batch.column(column).as_ref()).collect();
+                    arrow_select::concat::concat(&parts)?
+                }
+            };
+            Ok(arrow_ord::sort::SortColumn {
+                values,
+                options: None,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, arrow_schema::ArrowError>>()?;
     let indices = arrow_ord::sort::lexsort_to_indices(&sort, None)?;
-    arrow_select::take::take_record_batch(batch, &indices)
+    match batches.as_slice() {
+        [] => Ok(RecordBatch::new_empty(schema.clone())),
+        [one] => arrow_select::take::take_record_batch(one, &indices),
+        many => {
+            // Row `i` of the concatenated keys is row `i - starts[b]` of batch
+            // `b`, the last batch starting at or before `i` (none is empty).
+            let starts: Vec<usize> = many
+                .iter()
+                .scan(0, |start, batch| {
+                    let this = *start;
+                    *start += batch.num_rows();
+                    Some(this)
+                })
+                .collect();
+            let rows: Vec<(usize, usize)> = indices
+                .values()
+                .iter()
+                .map(|&i| {
+                    let i = i as usize;
+                    let batch = starts.partition_point(|&start| start <= i) - 1;
+                    (batch, i - starts[batch])
+                })
+                .collect();
+            arrow_select::interleave::interleave_record_batch(many, &rows)
+        }
+    }
 }
 
 #[cfg(test)]
