@@ -26,6 +26,7 @@ use roaring::RoaringTreemap;
 use serde::{Deserialize, Serialize};
 
 use crate::bloom::{LongWindow, LongWindowConfig};
+use crate::chunked_log::ChunkedLog;
 use crate::model::Trade;
 use crate::per_symbol::PerSymbol;
 use crate::state::{Checkpoint, EpochState, Replay, Staged, lock};
@@ -471,7 +472,7 @@ impl UnorderedWindows {
 pub struct LaneIds {
     pub ordered: EpochState<OrderedIds>,
     pending: IdKeySet,
-    pending_log: VecDeque<(i64, IdKey, i64)>,
+    pending_log: ChunkedLog<(i64, IdKey, i64)>,
     windows: Arc<UnorderedWindows>,
     partition: i32,
     key: String,
@@ -482,7 +483,7 @@ impl LaneIds {
         Self {
             ordered: EpochState::new(scope, OrderedIds::default),
             pending: IdKeySet::default(),
-            pending_log: VecDeque::new(),
+            pending_log: ChunkedLog::default(),
             windows,
             partition,
             key: String::new(),
@@ -531,16 +532,11 @@ impl LaneIds {
         if promoted {
             self.ordered.promoted(next_offset);
         }
-        let committed = self
-            .pending_log
-            .iter()
-            .take_while(|(offset, ..)| *offset < next_offset)
-            .count();
         let pending = &mut self.pending;
         self.windows.commit(
             self.partition,
             self.pending_log
-                .drain(..committed)
+                .pop_front_while(|(offset, ..)| *offset < next_offset)
                 .map(|(offset, key, event_time_us)| {
                     pending.remove(&key);
                     (key, event_time_us, offset)

@@ -7,6 +7,7 @@ pub mod backfill;
 pub mod bench;
 pub mod bloom;
 pub mod breaker;
+pub mod chunked_log;
 pub mod config;
 pub mod decode;
 pub mod dedup;

@@ -28,7 +28,7 @@
 //! that is still at B; a lane that found no state starts empty (base none)
 //! and its first promotion replaces the state.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::chunked_log::ChunkedLog;
 use crate::per_symbol::PerSymbol;
 
 /// Separates exchange and symbol in a state field name.
@@ -510,7 +511,7 @@ pub struct EpochState<T: Replay> {
     committed: T,
     ids: PerSymbol<u32>,
     names: Vec<(Box<str>, Box<str>)>,
-    log: VecDeque<(i64, u32, T::Op)>,
+    log: ChunkedLog<(i64, u32, T::Op)>,
     /// Symbols whose committed state changed since the last promotion.
     dirty: HashSet<u32>,
 }
@@ -525,7 +526,7 @@ impl<T: Replay> EpochState<T> {
             committed: empty(),
             ids: PerSymbol::default(),
             names: Vec::new(),
-            log: VecDeque::new(),
+            log: ChunkedLog::default(),
             dirty: HashSet::new(),
         }
     }
@@ -566,8 +567,7 @@ impl<T: Replay> EpochState<T> {
     /// Brings the committed copy up to `next_offset` and returns the state
     /// to stage: every symbol changed since the last promotion.
     pub fn stage(&mut self, next_offset: i64) -> Staged {
-        while self.log.front().is_some_and(|(offset, ..)| *offset < next_offset) {
-            let (offset, id, op) = self.log.pop_front().expect("checked above");
+        for (offset, id, op) in self.log.pop_front_while(|(offset, ..)| *offset < next_offset) {
             let (exchange, symbol) = &self.names[id as usize];
             self.committed.replay(offset, exchange, symbol, &op);
             self.dirty.insert(id);
