@@ -24,7 +24,7 @@ fn trade(offset: i64, now: i64) -> Trade {
         exchange: "ASX".into(),
         symbol: "BHP".into(),
         sequence: offset + 1,
-        trade_id: format!("BHP-{offset}"),
+        trade_id: format!("BHP-{offset}").into(),
         price: 45_00000000,
         quantity: 1_00000000,
         side: Side::Buy,

@@ -33,7 +33,7 @@ fn trade(symbol: &str, trade_id: String, offset: i64) -> Trade {
         exchange: "BINANCE".into(),
         symbol: symbol.into(),
         sequence: offset,
-        trade_id,
+        trade_id: trade_id.into(),
         price: 1,
         quantity: 1,
         side: Side::Buy,

@@ -75,9 +75,9 @@ fn args() -> Args {
 fn trade(partition: i32, offset: i64, now: i64) -> Trade {
     Trade {
         exchange: "ASX".into(),
-        symbol: format!("S{}", offset % 50),
+        symbol: format!("S{}", offset % 50).into(),
         sequence: offset + 1,
-        trade_id: format!("{partition}-{offset}"),
+        trade_id: format!("{partition}-{offset}").into(),
         price: 45_00000000 + (offset % 1000) as i128,
         quantity: 1_00000000,
         side: Side::Buy,

@@ -981,9 +981,9 @@ impl<'a> Run<'a> {
 
 fn trade_key(trade: &Trade) -> TradeKey {
     (
-        trade.exchange.clone(),
-        trade.symbol.clone(),
-        trade.trade_id.clone(),
+        trade.exchange.to_string(),
+        trade.symbol.to_string(),
+        trade.trade_id.to_string(),
     )
 }
 

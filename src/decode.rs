@@ -21,6 +21,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use compact_str::{CompactString, ToCompactString};
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
@@ -258,8 +259,8 @@ impl TradeDecoder {
     }
 
     fn canonical(&self, fields: &mut Fields<'_>, at: Position) -> Result<Trade, DecodeError> {
-        let exchange = fields.non_empty_string(Key::Exchange)?;
-        let symbol = fields.non_empty_string(Key::Symbol)?;
+        let exchange = fields.non_empty_text(Key::Exchange)?;
+        let symbol = fields.non_empty_text(Key::Symbol)?;
         let sequence = fields.non_negative_integer(Key::Sequence)?;
         let trade_id = fields.trade_id(Key::TradeId)?;
         let price = fields.decimal(Key::Price)?;
@@ -295,7 +296,7 @@ impl TradeDecoder {
             Some(other) => return Err(wrong_type(Key::BinanceEventType, "a string", &other)),
         }
         fields.integer(Key::BinanceEventTime)?;
-        let symbol = fields.non_empty_string(Key::BinanceSymbol)?;
+        let symbol = fields.non_empty_text(Key::BinanceSymbol)?;
         let trade_id = fields.non_negative_integer(Key::BinanceTradeId)?;
         let price = fields.decimal(Key::BinancePrice)?;
         let quantity = fields.decimal(Key::BinanceQuantity)?;
@@ -314,10 +315,10 @@ impl TradeDecoder {
             })?;
         self.check_skew(Key::BinanceTradeTime, event_time_us, at.now_us)?;
         Ok(Trade {
-            exchange: self.config.binance_exchange.clone(),
+            exchange: CompactString::from(self.config.binance_exchange.as_str()),
             symbol,
             sequence: trade_id,
-            trade_id: trade_id.to_string(),
+            trade_id: trade_id.to_compact_string(),
             price,
             quantity,
             side,
@@ -638,9 +639,18 @@ impl<'a> Fields<'a> {
     }
 
     fn non_empty_string(&mut self, key: Key) -> Result<String, DecodeError> {
+        self.non_empty_str(key).map(Cow::into_owned)
+    }
+
+    /// A trade's string, inline when short (`Trade`).
+    fn non_empty_text(&mut self, key: Key) -> Result<CompactString, DecodeError> {
+        self.non_empty_str(key).map(|s| CompactString::from(s.as_ref()))
+    }
+
+    fn non_empty_str(&mut self, key: Key) -> Result<Cow<'a, str>, DecodeError> {
         match self.required(key)? {
             Value::Str(s) if s.is_empty() => Err(DecodeError::EmptyString { field: key.name() }),
-            Value::Str(s) => Ok(s.into_owned()),
+            Value::Str(s) => Ok(s),
             other => Err(wrong_type(key, "a string", &other)),
         }
     }
@@ -664,12 +674,12 @@ impl<'a> Fields<'a> {
     }
 
     /// A trade id: a non-empty string, or an integer written as its decimal string.
-    fn trade_id(&mut self, key: Key) -> Result<String, DecodeError> {
+    fn trade_id(&mut self, key: Key) -> Result<CompactString, DecodeError> {
         match self.required(key)? {
             Value::Str(s) if s.is_empty() => Err(DecodeError::EmptyString { field: key.name() }),
-            Value::Str(s) => Ok(s.into_owned()),
-            Value::Int(i) => Ok(i.to_string()),
-            Value::UInt(u) => Ok(u.to_string()),
+            Value::Str(s) => Ok(CompactString::from(s.as_ref())),
+            Value::Int(i) => Ok(i.to_compact_string()),
+            Value::UInt(u) => Ok(u.to_compact_string()),
             other => Err(wrong_type(key, "a string or an integer", &other)),
         }
     }
@@ -979,10 +989,10 @@ mod tests {
         assert_eq!(
             trade,
             Trade {
-                exchange: "NASDAQ".to_owned(),
-                symbol: "AAPL".to_owned(),
+                exchange: "NASDAQ".into(),
+                symbol: "AAPL".into(),
                 sequence: 987_654,
-                trade_id: "T-1".to_owned(),
+                trade_id: "T-1".into(),
                 price: 4_512_000_000,
                 quantity: 10_050_000_000,
                 side: Side::Buy,
@@ -1076,10 +1086,10 @@ mod tests {
         assert_eq!(
             trade,
             Trade {
-                exchange: "BINANCE".to_owned(),
-                symbol: "BNBBTC".to_owned(),
+                exchange: "BINANCE".into(),
+                symbol: "BNBBTC".into(),
                 sequence: 12345,
-                trade_id: "12345".to_owned(),
+                trade_id: "12345".into(),
                 price: 100_000,
                 quantity: 10_000_000_000,
                 side: Side::Sell,

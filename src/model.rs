@@ -4,6 +4,8 @@
 //! Prices and quantities are fixed-point integers at scale 8, which is exactly
 //! Iceberg's `decimal(18,8)`: no float ever touches a price.
 
+use compact_str::CompactString;
+
 /// Scale of `price` and `quantity`: the integer is the value times 10^8.
 pub const DECIMAL_SCALE: i8 = 8;
 /// Precision of `price` and `quantity` (Iceberg `decimal(18,8)`).
@@ -26,13 +28,17 @@ impl Side {
 }
 
 /// One trade, decoded and validated, with the Kafka position it came from.
+///
+/// Its strings are [`CompactString`]s: up to 24 bytes (every exchange code,
+/// symbol and trade id K2 has seen) sit in the struct itself, so a trade
+/// costs no allocation of its own between decoding and its Arrow row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Trade {
-    pub exchange: String,
-    pub symbol: String,
+    pub exchange: CompactString,
+    pub symbol: CompactString,
     /// Feed sequence number, per (exchange, symbol).
     pub sequence: i64,
-    pub trade_id: String,
+    pub trade_id: CompactString,
     /// Price times 10^8.
     pub price: i128,
     /// Quantity times 10^8.

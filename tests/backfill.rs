@@ -99,9 +99,9 @@ async fn read_back(broker: &EmbeddedBroker, partitions: i32) -> Vec<Trade> {
 
 fn key(trade: &Trade) -> TradeKey {
     (
-        trade.exchange.clone(),
-        trade.symbol.clone(),
-        trade.trade_id.clone(),
+        trade.exchange.to_string(),
+        trade.symbol.to_string(),
+        trade.trade_id.to_string(),
     )
 }
 

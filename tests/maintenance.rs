@@ -175,9 +175,9 @@ async fn write_range(committer: &Committer, partition: i32, first: i64, rows: i6
     for offset in first..first + rows {
         builder.push(&Trade {
             exchange: "ASX".into(),
-            symbol: format!("S{}", offset % 7),
+            symbol: format!("S{}", offset % 7).into(),
             sequence: offset + 1,
-            trade_id: trade_id(partition, offset),
+            trade_id: trade_id(partition, offset).into(),
             price: 45_00000000 + offset as i128,
             quantity: 1_00000000,
             side: Side::Buy,

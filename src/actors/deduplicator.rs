@@ -101,9 +101,9 @@ impl Handler<TradeChunk> for Deduplicator {
                 IdVerdict::Duplicate => false,
                 IdVerdict::ProbableDuplicate => {
                     probable.push(ProbableDuplicate {
-                        exchange: t.exchange.clone(),
-                        symbol: t.symbol.clone(),
-                        trade_id: t.trade_id.clone(),
+                        exchange: t.exchange.to_string(),
+                        symbol: t.symbol.to_string(),
+                        trade_id: t.trade_id.to_string(),
                         topic: self.params.topic.clone(),
                         partition: t.partition,
                         offset: t.offset,

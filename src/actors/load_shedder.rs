@@ -182,7 +182,7 @@ mod tests {
             exchange: exchange.into(),
             symbol: symbol.into(),
             sequence: offset,
-            trade_id: format!("{symbol}-{offset}"),
+            trade_id: format!("{symbol}-{offset}").into(),
             price: 1,
             quantity: 1,
             side: Side::Buy,

@@ -374,10 +374,10 @@ async fn build_history(
             for (i, time) in times.into_iter().enumerate() {
                 price = (price + rng.random_range(-50_000i128..=50_000)).max(1);
                 builder.push(&Trade {
-                    exchange: exchange.to_string(),
-                    symbol: symbol.clone(),
+                    exchange: exchange.into(),
+                    symbol: symbol.into(),
                     sequence: (day as i64) * per_symbol_day as i64 + i as i64 + 1,
-                    trade_id: format!("H{day}-{symbol}-{i:07}"),
+                    trade_id: compact_str::format_compact!("H{day}-{symbol}-{i:07}"),
                     price,
                     quantity: rng.random_range(1..1_000_000_000),
                     side: if i % 2 == 0 { Side::Buy } else { Side::Sell },

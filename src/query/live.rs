@@ -386,7 +386,7 @@ mod tests {
             exchange: "BINANCE".into(),
             symbol: "BTCUSDT".into(),
             sequence: offset,
-            trade_id: format!("t{offset}"),
+            trade_id: format!("t{offset}").into(),
             price: 100_000_000,
             quantity: 1,
             side: Side::Buy,

@@ -648,7 +648,7 @@ mod tests {
             exchange: "ASX".into(),
             symbol: "BHP".into(),
             sequence: offset as i64,
-            trade_id: format!("BHP-{offset}"),
+            trade_id: format!("BHP-{offset}").into(),
             price: 1,
             quantity: 1,
             side: Side::Buy,
