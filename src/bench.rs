@@ -488,7 +488,7 @@ async fn time_pipeline(
         join_s: first_consumed - watched.started_at_s,
         steady_s: watched.durable_at_s - first_consumed,
         tail_s: watched.durable_at_s - last_consumed,
-        cpu_s: watched.cpu_s,
+        cpu_s: watched.stat.cpu_s(),
         system_cpu_s: watched.stat.system_s,
         minor_faults: watched.stat.minor_faults,
         startup_cpu_s: watched.at_first_consumed.cpu_s,
@@ -530,8 +530,7 @@ struct Watched {
     durable_at_s: f64,
     /// The `/metrics` scrape that showed it.
     scrape: Scrape,
-    cpu_s: f64,
-    /// The process's CPU and page faults, read with `cpu_s`.
+    /// The process's CPU and page faults when every message was committed.
     stat: ProcStat,
     /// The first scrape that showed a record consumed.
     at_first_consumed: CpuMark,
@@ -551,8 +550,8 @@ impl Watched {
     fn steady_cpu_us_per_trade(&self, messages: u64) -> f64 {
         let mark = self.at_first_consumed;
         match messages.checked_sub(mark.consumed) {
-            Some(trades) if trades > 0 => (self.cpu_s - mark.cpu_s) * 1e6 / trades as f64,
-            _ => self.cpu_s * 1e6 / messages.max(1) as f64,
+            Some(trades) if trades > 0 => (self.stat.cpu_s() - mark.cpu_s) * 1e6 / trades as f64,
+            _ => self.stat.cpu_s() * 1e6 / messages.max(1) as f64,
         }
     }
 }
@@ -644,14 +643,12 @@ fn watch_until_committed(
     };
     // Before the stop: the final commit and shutdown are not ingestion.
     let stat = ProcStat::of(pid).context("failed to read the CPU time of k2 run")?;
-    let cpu_s = stat.user_s + stat.system_s;
     let peak_rss_bytes = peak_rss_of(&pid.to_string());
     child.stop()?;
     Ok(Watched {
         started_at_s,
         durable_at_s,
         scrape,
-        cpu_s,
         stat,
         at_first_consumed: at_first_consumed.unwrap_or_default(),
         peak_rss_bytes,
@@ -796,8 +793,7 @@ fn http_get_with_head(addr: SocketAddr, path: &str) -> anyhow::Result<(String, S
 
 /// User + system CPU seconds of process `pid` so far (/proc/<pid>/stat).
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = ProcStat::of(pid)?;
-    Ok(stat.user_s + stat.system_s)
+    Ok(ProcStat::of(pid)?.cpu_s())
 }
 
 /// What `/proc/<pid>/stat` says of a process's CPU time and page faults.
@@ -810,6 +806,11 @@ struct ProcStat {
 }
 
 impl ProcStat {
+    /// User + system CPU seconds.
+    fn cpu_s(&self) -> f64 {
+        self.user_s + self.system_s
+    }
+
     fn of(pid: u32) -> anyhow::Result<ProcStat> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         ProcStat::parse(&stat).with_context(|| format!("/proc/{pid}/stat"))
@@ -1120,8 +1121,10 @@ k2_records_consumed_total{partition="1"} 250000
             started_at_s: 0.0,
             durable_at_s: 1.0,
             scrape: Scrape::default(),
-            cpu_s: 3.0,
-            stat: ProcStat::default(),
+            stat: ProcStat {
+                user_s: 3.0,
+                ..ProcStat::default()
+            },
             at_first_consumed: CpuMark { cpu_s, consumed },
             peak_rss_bytes: 0,
         };

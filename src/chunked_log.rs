@@ -18,16 +18,15 @@ use std::collections::VecDeque;
 pub const LOG_CHUNK: usize = 1_024;
 
 pub struct ChunkedLog<T> {
-    /// Never an empty chunk: the front one is dropped when emptied.
+    /// Never an empty chunk: the front one is dropped when emptied. Every
+    /// chunk but the first and the last is full.
     chunks: VecDeque<VecDeque<T>>,
-    len: usize,
 }
 
 impl<T> Default for ChunkedLog<T> {
     fn default() -> Self {
         Self {
             chunks: VecDeque::new(),
-            len: 0,
         }
     }
 }
@@ -42,7 +41,6 @@ impl<T> ChunkedLog<T> {
                 self.chunks.push_back(chunk);
             }
         }
-        self.len += 1;
     }
 
     pub fn front(&self) -> Option<&T> {
@@ -55,7 +53,6 @@ impl<T> ChunkedLog<T> {
         if chunk.is_empty() {
             self.chunks.pop_front();
         }
-        self.len -= 1;
         entry
     }
 
@@ -71,14 +68,21 @@ impl<T> ChunkedLog<T> {
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        match (self.chunks.front(), self.chunks.back()) {
+            (Some(first), Some(last)) if self.chunks.len() > 1 => {
+                first.len() + (self.chunks.len() - 2) * LOG_CHUNK + last.len()
+            }
+            (Some(only), _) => only.len(),
+            _ => 0,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.chunks.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
+    #[cfg(test)]
+    fn iter(&self) -> impl Iterator<Item = &T> {
         self.chunks.iter().flatten()
     }
 }
@@ -121,12 +125,14 @@ mod tests {
     fn a_chunk_never_grows() {
         let mut log = ChunkedLog::default();
         log.push_back(0);
+        assert_eq!(log.len(), 1);
         let capacity = log.chunks[0].capacity();
         assert!(capacity >= LOG_CHUNK);
         for i in 1..LOG_CHUNK * 3 {
             log.push_back(i);
         }
         assert_eq!(log.chunks.len(), 3);
+        assert_eq!(log.len(), LOG_CHUNK * 3);
         assert!(
             log.chunks
                 .iter()
