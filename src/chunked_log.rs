@@ -67,6 +67,16 @@ impl<T> ChunkedLog<T> {
         })
     }
 
+    /// The entry `index` places from the front.
+    pub fn get(&self, index: usize) -> Option<&T> {
+        let first = self.chunks.front()?;
+        if index < first.len() {
+            return first.get(index);
+        }
+        let rest = index - first.len();
+        self.chunks.get(1 + rest / LOG_CHUNK)?.get(rest % LOG_CHUNK)
+    }
+
     pub fn len(&self) -> usize {
         match (self.chunks.front(), self.chunks.back()) {
             (Some(first), Some(last)) if self.chunks.len() > 1 => {
@@ -109,6 +119,14 @@ mod tests {
         assert_eq!(log.len(), n - LOG_CHUNK - 3);
         assert_eq!(log.chunks.len(), 2, "the emptied chunk is gone");
         assert_eq!(log.front(), Some(&(LOG_CHUNK + 3)));
+        for index in [0, LOG_CHUNK - 4, LOG_CHUNK - 3, LOG_CHUNK + 3] {
+            assert_eq!(
+                log.get(index),
+                Some(&(LOG_CHUNK + 3 + index)),
+                "entry {index} from the front"
+            );
+        }
+        assert_eq!(log.get(n - LOG_CHUNK - 3), None, "one past the back");
         log.push_back(n);
         assert_eq!(
             log.iter().copied().collect::<Vec<_>>(),

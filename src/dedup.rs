@@ -18,7 +18,7 @@
 //!   uncommitted epoch wait in the lane ([`LaneIds`]), so a rewind discards
 //!   them.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,35 +100,6 @@ impl IdKey {
         }
     }
 }
-
-impl std::hash::Hash for IdKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.lo);
-    }
-}
-
-/// Hashes an [`IdKey`] to its low half: it is a hash already.
-#[derive(Debug, Default, Clone, Copy)]
-struct IdKeyHasher(u64);
-
-impl std::hash::Hasher for IdKeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is called (by `IdKey`); anything else is folded in.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type IdKeySet = HashSet<IdKey, std::hash::BuildHasherDefault<IdKeyHasher>>;
 
 /// Entries of the recent window per chunk of its ring.
 const CHUNK: usize = 4_096;
@@ -471,8 +442,7 @@ impl UnorderedWindows {
 /// ids without order of its uncommitted epochs.
 pub struct LaneIds {
     pub ordered: EpochState<OrderedIds>,
-    pending: IdKeySet,
-    pending_log: ChunkedLog<(i64, IdKey, i64)>,
+    pending: PendingIds,
     windows: Arc<UnorderedWindows>,
     partition: i32,
     key: String,
@@ -482,8 +452,7 @@ impl LaneIds {
     pub fn new(scope: String, windows: Arc<UnorderedWindows>, partition: i32) -> Self {
         Self {
             ordered: EpochState::new(scope, OrderedIds::default),
-            pending: IdKeySet::default(),
-            pending_log: ChunkedLog::default(),
+            pending: PendingIds::default(),
             windows,
             partition,
             key: String::new(),
@@ -509,16 +478,14 @@ impl LaneIds {
         self.key.push('\u{1f}');
         self.key.push_str(&trade.trade_id);
         let key = self.windows.key(self.key.as_bytes());
-        if self.pending.contains(&key) {
+        if self.pending.contains(key) {
             return IdVerdict::Duplicate;
         }
         let verdict = self
             .windows
             .verdict(key, trade.event_time_us, trade.partition, trade.offset);
         if verdict == IdVerdict::New || (verdict == IdVerdict::ProbableDuplicate && keep_probable) {
-            self.pending.insert(key);
-            self.pending_log
-                .push_back((trade.offset, key, trade.event_time_us));
+            self.pending.push(trade.offset, key, trade.event_time_us);
         }
         verdict
     }
@@ -532,16 +499,71 @@ impl LaneIds {
         if promoted {
             self.ordered.promoted(next_offset);
         }
-        let pending = &mut self.pending;
-        self.windows.commit(
-            self.partition,
-            self.pending_log
-                .pop_front_while(|(offset, ..)| *offset < next_offset)
-                .map(|(offset, key, event_time_us)| {
-                    pending.remove(&key);
-                    (key, event_time_us, offset)
-                }),
-        );
+        self.windows
+            .commit(self.partition, self.pending.take_below(next_offset));
+    }
+}
+
+/// A lane's ids without order that wait for their epoch's commit, in
+/// offset order: (offset, key, event time).
+///
+/// The ids live once, in a log of fixed chunks; an index of `u32` log
+/// positions finds them by key, as the recent window's does. A hash set
+/// of the keys themselves held each one a second time at 16 bytes a slot
+/// and grew by doubling: its fresh pages were the largest first touches
+/// left in the dedup (docs/perf.md, round nine). The index costs 5 bytes a
+/// slot.
+#[derive(Default)]
+struct PendingIds {
+    log: ChunkedLog<(i64, IdKey, i64)>,
+    /// Positions (low 32 bits) of the logged ids; a lane never holds 2³²
+    /// uncommitted ids.
+    index: hashbrown::HashTable<u32>,
+    /// Position of the log's front entry: ids taken so far.
+    taken: u64,
+}
+
+impl PendingIds {
+    fn key_at(log: &ChunkedLog<(i64, IdKey, i64)>, taken: u64, position: u32) -> IdKey {
+        let index = position.wrapping_sub(taken as u32) as usize;
+        log.get(index).expect("the index holds only logged positions").1
+    }
+
+    fn contains(&self, key: IdKey) -> bool {
+        let (log, taken) = (&self.log, self.taken);
+        self.index
+            .find(key.lo, |&p| Self::key_at(log, taken, p) == key)
+            .is_some()
+    }
+
+    /// Logs an id the lane has not seen (the caller checked `contains`).
+    fn push(&mut self, offset: i64, key: IdKey, event_time_us: i64) {
+        let position = (self.taken + self.log.len() as u64) as u32;
+        self.log.push_back((offset, key, event_time_us));
+        let (log, taken) = (&self.log, self.taken);
+        self.index
+            .insert_unique(key.lo, position, |&p| Self::key_at(log, taken, p).lo);
+    }
+
+    /// Takes the ids below `next_offset` from the front, as (key, event
+    /// time, offset).
+    fn take_below(&mut self, next_offset: i64) -> impl Iterator<Item = (IdKey, i64, i64)> {
+        std::iter::from_fn(move || {
+            if self.log.front()?.0 >= next_offset {
+                return None;
+            }
+            let (offset, key, event_time_us) = self.log.pop_front()?;
+            let position = self.taken as u32;
+            self.taken += 1;
+            if let Ok(entry) = self.index.find_entry(key.lo, |&p| p == position) {
+                entry.remove();
+            }
+            Some((key, event_time_us, offset))
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
     }
 }
 
@@ -810,6 +832,41 @@ mod tests {
 
     fn key(text: &str) -> IdKey {
         IdKey::of(text.as_bytes(), 7)
+    }
+
+    /// Ids pending over several log chunks: each is found until the commit
+    /// that covers its offset takes it, in offset order, and not after.
+    #[test]
+    fn pending_ids_are_found_until_their_commit_takes_them() {
+        let mut pending = PendingIds::default();
+        let n = crate::chunked_log::LOG_CHUNK as i64 * 3 + 10;
+        for offset in 0..n {
+            let id = key(&format!("id-{offset}"));
+            assert!(!pending.contains(id), "offset {offset} before it is logged");
+            pending.push(offset, id, offset * 10);
+        }
+        assert_eq!(pending.len(), n as usize);
+        let cut = n / 2 + 1;
+        let taken: Vec<_> = pending.take_below(cut).collect();
+        assert_eq!(taken.len(), cut as usize);
+        for (i, &(id, event_time_us, offset)) in taken.iter().enumerate() {
+            assert_eq!(
+                (id, event_time_us, offset),
+                (key(&format!("id-{i}")), i as i64 * 10, i as i64)
+            );
+        }
+        assert_eq!(pending.len(), (n - cut) as usize);
+        for offset in 0..n {
+            let id = key(&format!("id-{offset}"));
+            assert_eq!(pending.contains(id), offset >= cut, "offset {offset}");
+        }
+        // An id taken by its commit may be logged again (a replay after a
+        // rewind is checked against the windows, not against this log).
+        pending.push(n, key("id-0"), 0);
+        assert!(pending.contains(key("id-0")));
+        assert_eq!(pending.take_below(i64::MAX).count(), (n - cut + 1) as usize);
+        assert_eq!(pending.len(), 0);
+        assert!(!pending.contains(key(&format!("id-{}", n - 1))));
     }
 
     #[test]
