@@ -12,6 +12,14 @@ use k2::embedded::EmbeddedBroker;
 use k2::loadgen::{Burst, GeneratorParams, LoadgenParams, Ramp, RateShape, run_loadgen};
 use k2::service::{self, ServiceOptions};
 
+/// jemalloc for the whole process: with `unprefixed_malloc_on_supported_platforms`
+/// it also serves librdkafka's C allocations. Under glibc's malloc a message's
+/// op, allocated on librdkafka's broker thread and freed on a lane's, took the
+/// broker thread's arena lock, and lanes slept on it (docs/perf.md, round nine).
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// K2 ingests market data (trades) from Kafka into Apache Iceberg tables,
 /// exactly once, through supervised actor lanes.
 #[derive(Parser)]
