@@ -548,18 +548,17 @@ impl PendingIds {
     /// Takes the ids below `next_offset` from the front, as (key, event
     /// time, offset).
     fn take_below(&mut self, next_offset: i64) -> impl Iterator<Item = (IdKey, i64, i64)> {
-        std::iter::from_fn(move || {
-            if self.log.front()?.0 >= next_offset {
-                return None;
-            }
-            let (offset, key, event_time_us) = self.log.pop_front()?;
-            let position = self.taken as u32;
-            self.taken += 1;
-            if let Ok(entry) = self.index.find_entry(key.lo, |&p| p == position) {
-                entry.remove();
-            }
-            Some((key, event_time_us, offset))
-        })
+        let (index, taken) = (&mut self.index, &mut self.taken);
+        self.log
+            .pop_front_while(move |(offset, ..)| *offset < next_offset)
+            .map(move |(offset, key, event_time_us)| {
+                let position = *taken as u32;
+                *taken += 1;
+                if let Ok(entry) = index.find_entry(key.lo, |&p| p == position) {
+                    entry.remove();
+                }
+                (key, event_time_us, offset)
+            })
     }
 
     fn len(&self) -> usize {
