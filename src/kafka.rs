@@ -576,6 +576,15 @@ pub fn create_consumer(config: &KafkaConfig, brokers: &str) -> anyhow::Result<Ar
         // four).
         client.set("queued.max.messages.kbytes", "2048");
     }
+    if !config.client.contains_key("fetch.wait.max.ms") {
+        // How long a broker may hold a fetch that found nothing. A Kafka
+        // broker answers as soon as a record arrives (fetch.min.bytes=1);
+        // the embedded broker (librdkafka's mock) holds it the whole time,
+        // so librdkafka's 500 ms put half a second between produce and
+        // consume there at any rate below K2's. 50 ms costs a broker at most
+        // 20 empty fetches a second per connection while nothing comes.
+        client.set("fetch.wait.max.ms", "50");
+    }
     if let Some(instance) = &config.group_instance_id {
         client.set("group.instance.id", instance);
     }

@@ -25,6 +25,7 @@ use crate::degradation::DegradationLevel;
 use crate::faults::Faults;
 use crate::kafka::{KafkaConsumer, LaneQueues};
 use crate::messages::{ChunkSink, FilesWritten, Flush, LaneFailed, LaneId, TradeChunk};
+use crate::pending::CommitSchedule;
 use crate::sequence::SequenceConfig;
 use crate::shedding::TierTable;
 use crate::state::StateStore;
@@ -64,6 +65,8 @@ pub struct LaneShared {
     pub faults: Arc<Faults>,
     /// Each lane's uncommitted rows, for live queries.
     pub live: Arc<crate::query::live::LiveRows>,
+    /// When the next commit is due: batchers flush just before it.
+    pub commit_schedule: Arc<CommitSchedule>,
 }
 
 /// The real lanes: actors on the pipeline's arbiters, lane `p` on arbiter
@@ -136,6 +139,7 @@ fn spawn_lane(
         status: status.clone(),
         faults: shared.faults.clone(),
         live: shared.live.open(lane),
+        commit_schedule: shared.commit_schedule.clone(),
     };
     let (writer, committer, failures) = (
         shared.writer.clone(),

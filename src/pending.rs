@@ -1,7 +1,8 @@
 //! The committer's book of files waiting for a commit, apart from actors:
 //! which lane incarnation each partition accepts files from, the pending
 //! range of each partition, what a commit takes and what a failed commit
-//! puts back, and when a commit is due. Time is passed in.
+//! puts back, and when a commit is due (and when the batchers flush for
+//! it, [`CommitSchedule`]). Time is passed in.
 //!
 //! Rules:
 //! - A partition accepts files only from its current lane incarnation, and
@@ -15,6 +16,8 @@
 //!   commit interval is an error the committer reports.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicI64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -53,10 +56,93 @@ pub enum Accepted {
 pub struct DuePolicy {
     pub interval: Duration,
     /// Once every pending range is caught up, a commit is due this long
-    /// after the last one (None: caught-up files wait like any others).
+    /// after the last one (None: caught-up files wait like any others),
+    /// unless the commit due by the interval is nearer than the lead.
     pub caught_up_gap: Option<Duration>,
     pub max_rows: u64,
     pub max_bytes: u64,
+}
+
+impl DuePolicy {
+    pub fn lead(&self) -> Duration {
+        flush_lead(self.interval)
+    }
+}
+
+/// How long before a commit due by the interval the batchers flush for it
+/// ([`CommitSchedule`]): a tenth of the interval, 20 to 200 ms, time for
+/// every lane's flush to reach the committer first.
+pub fn flush_lead(interval: Duration) -> Duration {
+    (interval / 10).clamp(Duration::from_millis(20), Duration::from_millis(200))
+}
+
+/// The commit due by the interval after `due` that is still ahead of
+/// `now`: dues stay an interval apart, whatever commits ran early (rows,
+/// bytes, caught up) or did not run at all (nothing pending), so that
+/// neither moves the one the batchers flush for.
+pub fn next_due_after(due: Instant, interval: Duration, now: Instant) -> Instant {
+    if now < due || interval.is_zero() {
+        return due.max(now);
+    }
+    let behind = now.duration_since(due).as_nanos();
+    let steps = behind / interval.as_nanos() + 1;
+    due + interval * u32::try_from(steps).unwrap_or(u32::MAX)
+}
+
+/// When the next commit is due by its interval, published by the committer
+/// for the batchers: each flushes what it holds a short lead before it, so
+/// that a trade waits about one interval for its commit instead of a batch
+/// age and then an interval (a flush that missed the commit's start waited
+/// for the next one).
+#[derive(Debug)]
+pub struct CommitSchedule {
+    /// Unix milliseconds; 0 until the committer starts.
+    next_due_ms: AtomicI64,
+    interval_ms: i64,
+    lead_ms: i64,
+}
+
+impl CommitSchedule {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            next_due_ms: AtomicI64::new(0),
+            interval_ms: interval.as_millis().min(i64::MAX as u128) as i64,
+            lead_ms: flush_lead(interval).as_millis() as i64,
+        }
+    }
+
+    pub fn set_next_due(&self, unix_ms: i64) {
+        self.next_due_ms.store(unix_ms, Relaxed);
+    }
+
+    /// For a batcher holding rows: the commit its flush is for and when to
+    /// flush (unix ms). `served` is the due its last such flush was for: it
+    /// flushes once per commit, so rows that came after that flush aim at
+    /// the commit after (an interval later, until the committer says when).
+    /// None before the committer started.
+    pub fn flush_at(&self, served: i64) -> Option<(i64, i64)> {
+        let next = self.next_due_ms.load(Relaxed);
+        if next == 0 {
+            return None;
+        }
+        let due = if next > served {
+            next
+        } else {
+            served + self.interval_ms
+        };
+        Some((due, due - self.lead_ms))
+    }
+}
+
+/// What a commit being due depends on besides the book.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitTimes {
+    /// When the last commit ended.
+    pub last_commit: Instant,
+    /// The commit due by the interval ([`next_due_after`]).
+    pub next_due: Instant,
+    /// A failed commit's backoff.
+    pub retry_after: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -194,23 +280,21 @@ impl PendingFiles {
     }
 
     /// Whether a commit is due: files wait, no retry backoff runs, and the
-    /// interval passed since the last commit, or the rows or bytes reached
-    /// their limit, or every pending range is caught up (its lane read all
-    /// Kafka had) and the caught-up gap passed.
-    pub fn is_due(
-        &self,
-        policy: &DuePolicy,
-        now: Instant,
-        last_commit: Instant,
-        retry_after: Option<Instant>,
-    ) -> bool {
+    /// commit due by the interval (`next_due`) has come, or the rows or
+    /// bytes reached their limit, or every pending range is caught up (its
+    /// lane read all Kafka had) and the caught-up gap since the last commit
+    /// passed, unless the commit due by the interval is within the lead
+    /// (the lanes are flushing for it: it takes them all at once).
+    pub fn is_due(&self, policy: &DuePolicy, now: Instant, times: CommitTimes) -> bool {
         !self.ranges.is_empty()
-            && retry_after.is_none_or(|t| now >= t)
-            && (now.saturating_duration_since(last_commit) >= policy.interval
+            && times.retry_after.is_none_or(|t| now >= t)
+            && (now >= times.next_due
                 || self.rows >= policy.max_rows
                 || self.bytes >= policy.max_bytes
                 || policy.caught_up_gap.is_some_and(|gap| {
-                    now.saturating_duration_since(last_commit) >= gap && self.all_caught_up()
+                    now.saturating_duration_since(times.last_commit) >= gap
+                        && now + policy.lead() < times.next_due
+                        && self.all_caught_up()
                 }))
     }
 
@@ -378,6 +462,16 @@ mod tests {
         assert_eq!((book.rows(), book.bytes()), (15, 20));
     }
 
+    /// The times of a committer whose last commit ended at `last` and
+    /// whose next commit is due by the interval at `due`.
+    fn times(last: Instant, due: Instant, retry_after: Option<Instant>) -> CommitTimes {
+        CommitTimes {
+            last_commit: last,
+            next_due: due,
+            retry_after,
+        }
+    }
+
     #[test]
     fn a_commit_is_due_on_interval_rows_or_bytes_and_never_during_a_retry_backoff() {
         let policy = DuePolicy {
@@ -387,20 +481,24 @@ mod tests {
             max_bytes: 1_000,
         };
         let t0 = Instant::now();
+        let due = t0 + Duration::from_secs(2);
         let mut book = PendingFiles::default();
         assert!(
-            !book.is_due(&policy, t0 + Duration::from_secs(9), t0, None),
+            !book.is_due(&policy, t0 + Duration::from_secs(9), times(t0, due, None)),
             "nothing pending"
         );
         book.register(lane(0, 1)).unwrap();
         book.accept(files(lane(0, 1), 0, 10), t0);
-        assert!(!book.is_due(&policy, t0 + Duration::from_secs(1), t0, None));
-        assert!(book.is_due(&policy, t0 + Duration::from_secs(2), t0, None));
+        assert!(!book.is_due(&policy, t0 + Duration::from_secs(1), times(t0, due, None)));
+        assert!(book.is_due(&policy, t0 + Duration::from_secs(2), times(t0, due, None)));
         let retry = Some(t0 + Duration::from_secs(5));
-        assert!(!book.is_due(&policy, t0 + Duration::from_secs(3), t0, retry));
-        assert!(book.is_due(&policy, t0 + Duration::from_secs(5), t0, retry));
+        assert!(!book.is_due(&policy, t0 + Duration::from_secs(3), times(t0, due, retry)));
+        assert!(book.is_due(&policy, t0 + Duration::from_secs(5), times(t0, due, retry)));
         book.accept(files(lane(0, 1), 10, 110), t0);
-        assert!(book.is_due(&policy, t0, t0, None), "rows reached the limit");
+        assert!(
+            book.is_due(&policy, t0, times(t0, due, None)),
+            "rows reached the limit"
+        );
     }
 
     /// When input stops, every lane ends with a caught-up flush: the commit
@@ -416,6 +514,7 @@ mod tests {
         };
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
+        let t = times(t0, at(2_000), None);
         let caught_up = |lane, first, next| FilesWritten {
             caught_up: true,
             ..files(lane, first, next)
@@ -424,19 +523,62 @@ mod tests {
         book.register(lane(0, 1)).unwrap();
         book.register(lane(1, 1)).unwrap();
         book.accept(caught_up(lane(0, 1), 0, 10), t0);
-        assert!(!book.is_due(&policy, at(400), t0, None), "within the gap");
-        assert!(book.is_due(&policy, at(500), t0, None));
+        assert!(!book.is_due(&policy, at(400), t), "within the gap");
+        assert!(book.is_due(&policy, at(500), t));
         book.accept(files(lane(1, 1), 0, 10), t0);
-        assert!(!book.is_due(&policy, at(600), t0, None), "lane 1 still reading");
+        assert!(!book.is_due(&policy, at(600), t), "lane 1 still reading");
         book.accept(caught_up(lane(1, 1), 10, 12), t0);
-        assert!(book.is_due(&policy, at(600), t0, None));
+        assert!(book.is_due(&policy, at(600), t));
+        // Within the lead of the commit due by the interval the lanes are
+        // flushing for it: one commit takes them all when it comes.
+        assert!(
+            !book.is_due(&policy, at(1_850), t),
+            "the interval's commit is near"
+        );
+        assert!(book.is_due(&policy, at(2_000), t));
         book.accept(files(lane(0, 1), 10, 20), t0);
-        assert!(!book.is_due(&policy, at(600), t0, None), "lane 0 read more since");
+        assert!(!book.is_due(&policy, at(600), t), "lane 0 read more since");
         let off = DuePolicy {
             caught_up_gap: None,
             ..policy
         };
         book.accept(caught_up(lane(0, 1), 20, 21), t0);
-        assert!(!book.is_due(&off, at(1_900), t0, None), "off: the interval rules");
+        assert!(!book.is_due(&off, at(1_500), t), "off: the interval rules");
+    }
+
+    #[test]
+    fn dues_stay_an_interval_apart_whatever_ran_between() {
+        let interval = Duration::from_secs(2);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Ahead: unchanged (an early commit does not move it).
+        assert_eq!(next_due_after(at(2_000), interval, at(1_500)), at(2_000));
+        // Reached or passed: the next one of the cadence, not now + interval.
+        assert_eq!(next_due_after(at(2_000), interval, at(2_000)), at(4_000));
+        assert_eq!(next_due_after(at(2_000), interval, at(2_030)), at(4_000));
+        // Idle for a while: whole intervals on.
+        assert_eq!(next_due_after(at(2_000), interval, at(9_100)), at(10_000));
+    }
+
+    #[test]
+    fn a_batcher_flushes_a_lead_before_the_commit_due_and_once_per_commit() {
+        let schedule = CommitSchedule::new(Duration::from_secs(2));
+        // Nothing before the committer published a due.
+        assert_eq!(schedule.flush_at(0), None);
+        schedule.set_next_due(10_000);
+        // A tenth of the interval ahead (at most 200 ms).
+        assert_eq!(schedule.flush_at(0), Some((10_000, 9_800)));
+        // Flushed for that commit: rows that come after aim at the one after,
+        // an interval later until the committer says when it is due.
+        assert_eq!(schedule.flush_at(10_000), Some((12_000, 11_800)));
+        schedule.set_next_due(12_000);
+        assert_eq!(schedule.flush_at(10_000), Some((12_000, 11_800)));
+        // The lead stays between 20 and 200 ms whatever the interval.
+        let short = CommitSchedule::new(Duration::from_millis(100));
+        short.set_next_due(1_000);
+        assert_eq!(short.flush_at(0), Some((1_000, 980)));
+        let long = CommitSchedule::new(Duration::from_secs(60));
+        long.set_next_due(100_000);
+        assert_eq!(long.flush_at(0), Some((100_000, 99_800)));
     }
 }

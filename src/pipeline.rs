@@ -39,6 +39,7 @@ use crate::faults::FaultInjectingCatalog;
 use crate::faults::Faults;
 use crate::kafka::{self, GroupDriver, GroupListeners, KafkaConsumer, KafkaPartitions};
 use crate::lane::{ActorLanes, LaneShared};
+use crate::pending::CommitSchedule;
 use crate::query::live::LiveRows;
 use crate::query::recent::RecentFiles;
 use crate::shedding::TierTable;
@@ -123,6 +124,9 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             Duration::from_millis(config.query.recent_idle_ms),
         ),
     );
+    let schedule = Arc::new(CommitSchedule::new(Duration::from_millis(
+        config.commit.interval_ms,
+    )));
     let committer = IcebergCommitter::new(IcebergCommitterParams {
         committer: Arc::new(Committer {
             catalog: catalog.clone(),
@@ -149,6 +153,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         faults: faults.clone(),
         windows: windows.clone(),
         live: live.clone(),
+        schedule: schedule.clone(),
     })
     .start();
 
@@ -210,6 +215,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 storage_breaker: health.storage.clone(),
                 faults,
                 live,
+                commit_schedule: schedule,
             };
             Supervisor::new(SupervisorParams {
                 lanes: Box::new(ActorLanes { shared, arbiters }),

@@ -19,6 +19,7 @@ use crate::messages::{
 };
 use crate::metrics as m;
 use crate::model::SideRows;
+use crate::pending::CommitSchedule;
 use crate::query::live::LiveLane;
 use crate::storage::writer::TableWriter;
 use crate::supervision::LaneStatus;
@@ -43,6 +44,9 @@ pub struct BatcherParams {
     pub faults: Arc<crate::faults::Faults>,
     /// The buffer, shared with live queries (`query::live`).
     pub live: Arc<LiveLane>,
+    /// When the next commit is due: at NORMAL a buffer is flushed just
+    /// before it, whatever its age.
+    pub commit_schedule: Arc<CommitSchedule>,
 }
 
 /// Wait between attempts to write a buffer whose write failed.
@@ -80,6 +84,10 @@ pub struct Batcher {
     oldest: Option<Instant>,
     /// Chunks received, so an idle flush can tell whether another came.
     chunks: u64,
+    /// Flushes started, so a commit's flush can tell whether one came first.
+    flushes: u64,
+    /// The commit (its due, unix ms) the last commit's flush was for.
+    served_due: i64,
     /// The buffer's last chunk ended where Kafka's log did: whatever
     /// flushes it (the idle flush, age, size) tells the committer so.
     caught_up: bool,
@@ -113,6 +121,8 @@ impl Batcher {
             range: None,
             oldest: None,
             chunks: 0,
+            flushes: 0,
+            served_due: 0,
             caught_up: false,
             growth,
             counters: BatcherCounters::default(),
@@ -152,6 +162,7 @@ impl Batcher {
     /// commit interval.
     fn flush_future(&mut self) -> Option<ResponseActFuture<Self, ()>> {
         let (first_offset, next_offset) = self.range.take()?;
+        self.flushes += 1;
         let caught_up = std::mem::take(&mut self.caught_up);
         self.oldest = None;
         let side = std::mem::take(&mut self.side);
@@ -201,6 +212,30 @@ impl Batcher {
                 Err(err) => act.fail(ctx, err),
             },
         )))
+    }
+
+    /// Flushes the buffer (started by this flush count) in time for the
+    /// next commit due by the interval, at NORMAL: the age flush alone let
+    /// a trade wait up to a batch age and then a whole interval. Degraded
+    /// levels keep their larger batches.
+    fn flush_for_commit(&mut self, flushes: u64, ctx: &mut Context<Self>) {
+        if self.flushes != flushes || self.growth > 1 {
+            // Flushed meanwhile (its next buffer aims at a commit of its own).
+            return;
+        }
+        let Some((due, at)) = self.params.commit_schedule.flush_at(self.served_due) else {
+            return;
+        };
+        let wait = at - crate::model::now_us() / 1000;
+        if wait > 0 {
+            // The commit moved later (one ran early: rows, bytes, caught up).
+            ctx.run_later(Duration::from_millis(wait as u64), move |act, ctx| {
+                act.flush_for_commit(flushes, ctx)
+            });
+            return;
+        }
+        self.served_due = due;
+        self.flush(ctx);
     }
 
     fn fail(&mut self, ctx: &mut Context<Self>, error: LaneError) {
@@ -302,6 +337,7 @@ impl Handler<TradeChunk> for Batcher {
             None => chunk.first_offset,
         };
         self.range = Some((first, chunk.next_offset));
+        let started = self.oldest.is_none();
         self.oldest.get_or_insert_with(Instant::now);
         let buffered = self.buffer.push(&chunk.trades);
         self.side.extend(chunk.side);
@@ -312,16 +348,21 @@ impl Handler<TradeChunk> for Batcher {
             if let Some(fut) = self.flush_future() {
                 ctx.wait(fut);
             }
-        } else if chunk.caught_up && !self.params.idle_flush.is_zero() {
-            // Kafka had nothing more: flush unless another chunk comes soon.
-            let seen = self.chunks;
-            ctx.run_later(self.params.idle_flush, move |act, ctx| {
-                if act.chunks == seen
-                    && let Some(fut) = act.flush_future()
-                {
-                    ctx.wait(fut);
-                }
-            });
+        } else {
+            if started && self.growth == 1 {
+                self.flush_for_commit(self.flushes, ctx);
+            }
+            if chunk.caught_up && !self.params.idle_flush.is_zero() {
+                // Kafka had nothing more: flush unless another chunk comes soon.
+                let seen = self.chunks;
+                ctx.run_later(self.params.idle_flush, move |act, ctx| {
+                    if act.chunks == seen
+                        && let Some(fut) = act.flush_future()
+                    {
+                        ctx.wait(fut);
+                    }
+                });
+            }
         }
     }
 }
@@ -396,6 +437,15 @@ mod tests {
     /// A batcher that flushes by age after 50 ms and would flush an idle
     /// caught-up buffer only after a minute; returns it and what it sent.
     async fn batcher(dir: &std::path::Path) -> (Addr<Batcher>, Arc<Mutex<Vec<FilesWritten>>>) {
+        let schedule = Arc::new(CommitSchedule::new(Duration::from_secs(2)));
+        batcher_with(dir, Duration::from_millis(50), schedule).await
+    }
+
+    async fn batcher_with(
+        dir: &std::path::Path,
+        max_age: Duration,
+        commit_schedule: Arc<CommitSchedule>,
+    ) -> (Addr<Batcher>, Arc<Mutex<Vec<FilesWritten>>>) {
         let config = CatalogConfig::sqlite_in(dir);
         let catalog = open_catalog(&config, dir).await.unwrap();
         let idents = TableIdents::new(&config.namespace);
@@ -411,7 +461,7 @@ mod tests {
             },
             max_rows: 1_000_000,
             max_bytes: 1 << 30,
-            max_age: Duration::from_millis(50),
+            max_age,
             idle_flush: Duration::from_secs(60),
             mailbox_capacity: 2,
             soft_growth: 1,
@@ -423,6 +473,7 @@ mod tests {
                 partition: 3,
                 incarnation: 1,
             }),
+            commit_schedule,
         };
         let batcher = Batcher::new(
             params,
@@ -482,5 +533,36 @@ mod tests {
         // A later chunk that is not caught up starts over.
         batcher.send(chunk(30, 40, false)).await.unwrap();
         assert_eq!(flushes(&sent, 3).await[2], (30, 40, false));
+    }
+
+    #[actix_rt::test]
+    async fn a_buffer_is_flushed_for_the_commit_due_whatever_its_age() {
+        let dir = tempfile::tempdir().unwrap();
+        // An interval of 1 s: flushes 100 ms before the due. Ages never flush.
+        let schedule = Arc::new(CommitSchedule::new(Duration::from_secs(1)));
+        let (batcher, sent) = batcher_with(dir.path(), Duration::from_secs(3600), schedule.clone()).await;
+        let now_ms = || crate::model::now_us() / 1000;
+        let start = now_ms();
+        schedule.set_next_due(start + 600);
+        batcher.send(chunk(0, 10, false)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            sent.lock().unwrap().is_empty(),
+            "flushed long before the commit was due"
+        );
+        assert_eq!(flushes(&sent, 1).await, [(0, 10, false)]);
+        assert!(now_ms() >= start + 500, "flushed before the lead");
+        // Rows after that flush wait for the next commit: none published
+        // yet, so an interval after the one served (flush at +1500 ms).
+        batcher.send(chunk(10, 20, false)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sent.lock().unwrap().len(), 1, "flushed twice for one commit");
+        // The commit ran late: the next is due later than that estimate.
+        schedule.set_next_due(start + 2_000);
+        assert_eq!(flushes(&sent, 2).await, [(0, 10, false), (10, 20, false)]);
+        assert!(
+            now_ms() >= start + 1_900,
+            "flushed before the lead of the commit published"
+        );
     }
 }

@@ -37,7 +37,9 @@ use crate::messages::{
     RegisterError, RegisterLane, ReleasePartitions, Stage,
 };
 use crate::metrics as m;
-use crate::pending::{Accepted, DuePolicy, Pending, PendingFiles};
+use crate::pending::{
+    Accepted, CommitSchedule, CommitTimes, DuePolicy, Pending, PendingFiles, next_due_after,
+};
 use crate::query::live::LiveRows;
 use crate::state::{Checkpoint, EpochCheckpoint, StateStore, put_in_force};
 use crate::storage::commit::{CommitError, CommitOutcome, Committer, PartitionRange};
@@ -163,6 +165,8 @@ pub struct IcebergCommitterParams {
     pub windows: Arc<UnorderedWindows>,
     /// Lanes' uncommitted rows: a commit in the catalog drops what it covers.
     pub live: Arc<LiveRows>,
+    /// Where the committer publishes when its next commit is due.
+    pub schedule: Arc<CommitSchedule>,
 }
 
 /// A lane stage state to tell of a commit: its checkpoint, the next offset
@@ -186,6 +190,7 @@ pub struct IcebergCommitter {
     faults: Arc<crate::faults::Faults>,
     windows: Arc<UnorderedWindows>,
     live: Arc<LiveRows>,
+    schedule: Arc<CommitSchedule>,
     /// SOFT and above skip snapshot expiry (non-essential work).
     level: DegradationLevel,
     /// Stage state of each partition's current lane.
@@ -205,6 +210,8 @@ pub struct IcebergCommitter {
     /// Told when the running commit ends, successful or not.
     settled: Vec<oneshot::Sender<()>>,
     last_commit: Instant,
+    /// The commit due by the interval: dues are an interval apart.
+    next_due: Instant,
     retry_after: Option<Instant>,
     epoch: u64,
     /// Committed offsets as of this process's last commit or load.
@@ -214,6 +221,7 @@ pub struct IcebergCommitter {
 
 impl IcebergCommitter {
     pub fn new(params: IcebergCommitterParams) -> Self {
+        let interval = params.policy.interval;
         Self {
             committer: params.committer,
             policy: params.policy,
@@ -223,6 +231,7 @@ impl IcebergCommitter {
             faults: params.faults,
             windows: params.windows,
             live: params.live,
+            schedule: params.schedule,
             level: DegradationLevel::Normal,
             checkpoints: HashMap::new(),
             supervisor: None,
@@ -234,6 +243,7 @@ impl IcebergCommitter {
             next_waiters: Vec::new(),
             settled: Vec::new(),
             last_commit: Instant::now(),
+            next_due: Instant::now() + interval,
             retry_after: None,
             epoch: 0,
             committed: BTreeMap::new(),
@@ -251,12 +261,12 @@ impl IcebergCommitter {
     }
 
     fn commit_due(&self) -> bool {
-        self.book.is_due(
-            &self.due_policy(),
-            Instant::now(),
-            self.last_commit,
-            self.retry_after,
-        )
+        let times = CommitTimes {
+            last_commit: self.last_commit,
+            next_due: self.next_due,
+            retry_after: self.retry_after,
+        };
+        self.book.is_due(&self.due_policy(), Instant::now(), times)
     }
 
     fn fail_lane(&self, lane: LaneId, error: LaneError) {
@@ -269,11 +279,32 @@ impl IcebergCommitter {
         }
     }
 
-    /// Starts a commit if one is due and none runs.
+    /// Starts a commit if one is due and none runs. A due that came with
+    /// nothing pending passes: the batchers are told the next one.
     fn maybe_commit(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight.is_none() && self.commit_due() {
-            self.start_commit(ctx);
+        if self.in_flight.is_some() {
+            return;
         }
+        if self.commit_due() {
+            self.start_commit(ctx);
+        } else if self.book.is_empty() && Instant::now() >= self.next_due {
+            self.schedule_next(ctx);
+        }
+    }
+
+    /// Moves to the next commit due by the interval (once the one before
+    /// came), publishes it for the batchers, which flush just before it,
+    /// and wakes up then. Early commits do not move it.
+    fn schedule_next(&mut self, ctx: &mut Context<Self>) {
+        let now = Instant::now();
+        self.next_due = next_due_after(self.next_due, self.policy.interval, now);
+        let due = self
+            .retry_after
+            .map_or(self.next_due, |retry| retry.max(self.next_due));
+        let wait = due.saturating_duration_since(now);
+        let now_ms = crate::model::now_us() / 1000;
+        self.schedule.set_next_due(now_ms + wait.as_millis() as i64);
+        ctx.run_later(wait, |act, ctx| act.maybe_commit(ctx));
     }
 
     /// Commits everything pending, beside the mailbox, unless a commit runs
@@ -289,6 +320,10 @@ impl IcebergCommitter {
                 let _ = waiter.send(Ok(()));
             }
             return;
+        }
+        if Instant::now() >= self.next_due {
+            // This commit takes what the lanes flushed for the due.
+            self.schedule_next(ctx);
         }
         self.in_flight = Some(InFlight {
             started: Instant::now(),
@@ -621,6 +656,7 @@ impl Actor for IcebergCommitter {
         ctx.set_mailbox_capacity(64);
         let tick = (self.policy.interval / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
         ctx.run_interval(tick, |act, ctx| act.maybe_commit(ctx));
+        self.schedule_next(ctx);
     }
 }
 
