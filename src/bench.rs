@@ -882,6 +882,8 @@ struct Scrape {
     commit_quantiles: Vec<(f64, f64)>,
     commit_sum_s: f64,
     commit_count: u64,
+    /// Data files the batchers wrote.
+    data_files_written: u64,
 }
 
 impl Scrape {
@@ -901,6 +903,7 @@ impl Scrape {
                 m::FIRST_RECORD_CONSUMED => scrape.first_consumed_s = Some(value),
                 m::LAST_RECORD_CONSUMED => scrape.last_consumed_s = Some(value),
                 m::LAST_COMMIT => scrape.last_commit_s = Some(value),
+                m::DATA_FILES_WRITTEN => scrape.data_files_written = value as u64,
                 m::COMMIT_DURATION => {
                     if let Some(q) = label(labels, "quantile").and_then(|q| q.parse().ok()) {
                         scrape.commit_quantiles.push((q, value));
@@ -1098,6 +1101,8 @@ k2_commit_duration_seconds_sum 0.12
 k2_commit_duration_seconds_count 3
 k2_records_consumed_total{partition="0"} 500000
 k2_records_consumed_total{partition="1"} 250000
+# TYPE k2_data_files_written_total counter
+k2_data_files_written_total 192
 "#;
 
     #[test]
@@ -1137,13 +1142,14 @@ k2_records_consumed_total{partition="1"} 250000
     }
 
     #[test]
-    fn a_scrape_reads_commits_trades_and_the_consumed_timestamps() {
+    fn a_scrape_reads_commits_trades_files_and_the_consumed_timestamps() {
         let scrape = Scrape::parse(METRICS);
         assert_eq!(scrape.trades_committed, 1_000_000);
         assert_eq!(scrape.commits, 3, "only outcome=\"ok\" counts");
         assert_eq!(scrape.records_consumed, 750_000, "summed over partitions");
         assert_eq!(scrape.first_consumed_s, Some(1_764_680_000.125));
         assert_eq!(scrape.last_consumed_s, Some(1_764_680_008.5));
+        assert_eq!(scrape.data_files_written, 192);
         assert_eq!(scrape.commit_buckets.len(), 5);
         assert_eq!(scrape.commit_buckets[4], (f64::INFINITY, 3));
         assert!((scrape.commit_mean_s().unwrap() - 0.04).abs() < 1e-12);

@@ -83,6 +83,8 @@ pub struct LatencyReport {
     pub commits: u64,
     pub commit_p50_s: f64,
     pub commit_p99_s: f64,
+    /// Data files the batchers wrote for those commits.
+    pub data_files: u64,
 }
 
 pub async fn run(params: LatencyParams, data_dir: &Path) -> anyhow::Result<LatencyReport> {
@@ -209,6 +211,7 @@ pub async fn run(params: LatencyParams, data_dir: &Path) -> anyhow::Result<Laten
         commits: watched.scrape.commits,
         commit_p50_s: quantile(0.5),
         commit_p99_s: quantile(0.99),
+        data_files: watched.scrape.data_files_written,
     })
 }
 
@@ -455,8 +458,8 @@ pub fn print_report(r: &LatencyReport) {
         r.peak_rss_bytes as f64 / (1024.0 * 1024.0)
     );
     println!(
-        "  commits              {} (p50 {:.3} s, p99 {:.3} s)",
-        r.commits, r.commit_p50_s, r.commit_p99_s
+        "  commits              {} (p50 {:.3} s, p99 {:.3} s), {} data files",
+        r.commits, r.commit_p50_s, r.commit_p99_s, r.data_files
     );
 }
 
