@@ -63,12 +63,6 @@ pub struct DuePolicy {
     pub max_bytes: u64,
 }
 
-impl DuePolicy {
-    pub fn lead(&self) -> Duration {
-        flush_lead(self.interval)
-    }
-}
-
 /// How long before a commit due by the interval the batchers flush for it
 /// ([`CommitSchedule`]): a tenth of the interval, 20 to 200 ms, time for
 /// every lane's flush to reach the committer first.
@@ -293,7 +287,7 @@ impl PendingFiles {
                 || self.bytes >= policy.max_bytes
                 || policy.caught_up_gap.is_some_and(|gap| {
                     now.saturating_duration_since(times.last_commit) >= gap
-                        && now + policy.lead() < times.next_due
+                        && now + flush_lead(policy.interval) < times.next_due
                         && self.all_caught_up()
                 }))
     }

@@ -349,7 +349,8 @@ impl Handler<TradeChunk> for Batcher {
                 ctx.wait(fut);
             }
         } else {
-            if started && self.growth == 1 {
+            if started {
+                // At NORMAL only: flush_for_commit checks the level.
                 self.flush_for_commit(self.flushes, ctx);
             }
             if chunk.caught_up && !self.params.idle_flush.is_zero() {
