@@ -222,7 +222,6 @@ impl QueryEngine {
         Fut: Future<Output = Result<(DataFrame, Cut), QueryError>> + Send + 'static,
     {
         let limit = limit.min(self.source.limits.max_rows);
-        let timeout_ms = self.source.limits.timeout_ms;
         let source = self.source.clone();
         let work = async move {
             let cut = source.cut(all_tables).await?;
@@ -261,11 +260,64 @@ impl QueryEngine {
                 },
             })
         };
+        self.within_time_limit(work).await
+    }
+
+    /// Runs `build` on a cut and hands each batch of its rows to `fold` as
+    /// the plan yields it, on the query runtime within the time limit. No
+    /// row limit: whatever `fold` keeps is its own to bound. The answer
+    /// carries the cut and the timings, and no rows.
+    pub async fn fold<F, Fut, T, G>(
+        &self,
+        build: F,
+        mut state: T,
+        mut fold: G,
+    ) -> Result<(T, QueryAnswer), QueryError>
+    where
+        F: FnOnce(Cut) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(DataFrame, Cut), QueryError>> + Send + 'static,
+        T: Send + 'static,
+        G: FnMut(&mut T, &RecordBatch) -> Result<(), QueryError> + Send + 'static,
+    {
+        use futures::StreamExt as _;
+        let source = self.source.clone();
+        let work = async move {
+            let cut = source.cut(false).await?;
+            let executing = Instant::now();
+            let (frame, cut) = build(cut).await?;
+            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+            let mut stream = frame.execute_stream().await?;
+            while let Some(batch) = stream.next().await {
+                fold(&mut state, &batch?)?;
+            }
+            let answer = QueryAnswer {
+                schema,
+                batches: Vec::new(),
+                rows: 0,
+                truncated: false,
+                snapshot_id: cut.snapshot_id,
+                live_rows: cut.live_rows,
+                timings: Timings {
+                    execute: executing.elapsed(),
+                    ..cut.timings
+                },
+            };
+            Ok((state, answer))
+        };
+        self.within_time_limit(work).await
+    }
+
+    /// Runs `work` on the query runtime, stopped after `query.timeout_ms`.
+    async fn within_time_limit<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = Result<T, QueryError>> + Send + 'static,
+    ) -> Result<T, QueryError> {
+        let timeout_ms = self.source.limits.timeout_ms;
         let handle = self
             .handle()
             .spawn(tokio::time::timeout(Duration::from_millis(timeout_ms), work));
         match handle.await {
-            Ok(Ok(answer)) => answer,
+            Ok(Ok(done)) => done,
             Ok(Err(_elapsed)) => Err(QueryError::Timeout(timeout_ms)),
             Err(join) => Err(QueryError::Failed(format!("the query task ended: {join}"))),
         }
