@@ -170,6 +170,7 @@ async fn main() {
         },
         zstd_level: 1,
         hold: Duration::ZERO,
+        for_queries: None,
     });
     let done = Arc::new(AtomicBool::new(false));
     let background = (!args.before).then(|| {

@@ -34,6 +34,7 @@ pub async fn maintain(config: &K2Config, base_dir: &Path, progress: bool) -> any
         config: config.maintenance.clone(),
         zstd_level: config.batcher.zstd_level,
         hold: Duration::from_millis(config.faults.hold_in_maintenance_ms),
+        for_queries: None,
     };
     let tables = TableIdents::new(&config.catalog.namespace).all();
     let mut before = Vec::new();

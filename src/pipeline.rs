@@ -46,7 +46,7 @@ use crate::shedding::TierTable;
 use crate::state::open_store;
 use crate::storage::catalog::{CatalogDb, open_catalog};
 use crate::storage::commit::Committer;
-use crate::storage::maintenance::{Maintainer, MetadataSwap};
+use crate::storage::maintenance::{HeldTrades, Maintainer, MetadataSwap};
 use crate::storage::tables::{TableIdents, ensure_tables};
 use crate::storage::writer::TableWriter;
 use crate::supervision::RestartPolicy;
@@ -168,7 +168,16 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     let maintenance_arbiter = Arbiter::new();
     let maintainer = TableMaintainer::start_in_arbiter(&maintenance_arbiter.handle(), {
         let params = TableMaintainerParams {
-            open: open_maintainer(config, &params.base_dir, faults.clone(), tables.clone()),
+            open: open_maintainer(
+                config,
+                &params.base_dir,
+                faults.clone(),
+                HeldTrades {
+                    table: tables.trades.clone(),
+                    files: live.recent().clone(),
+                },
+                tables.clone(),
+            ),
             tables: tables.all(),
             interval: Duration::from_millis(config.maintenance.interval_ms),
             status: maintenance.clone(),
@@ -284,6 +293,7 @@ fn open_maintainer(
     config: &K2Config,
     base_dir: &std::path::Path,
     faults: Arc<Faults>,
+    for_queries: HeldTrades,
     tables: TableIdents,
 ) -> OpenMaintainer {
     let (catalog_config, maintenance, zstd_level) = (
@@ -297,6 +307,7 @@ fn open_maintainer(
         let (catalog_config, maintenance, base_dir) =
             (catalog_config.clone(), maintenance.clone(), base_dir.clone());
         let (faults, tables) = (faults.clone(), tables.clone());
+        let for_queries = for_queries.clone();
         Box::pin(async move {
             let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(
                 open_catalog(&catalog_config, &base_dir).await?,
@@ -312,6 +323,7 @@ fn open_maintainer(
                 config: maintenance,
                 zstd_level,
                 hold,
+                for_queries: Some(for_queries),
             })
         })
     })

@@ -13,17 +13,20 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow_array::{Array, RecordBatch};
 use iceberg::Catalog;
 use iceberg::spec::Operation;
 use k2::config::{CatalogConfig, MaintenanceConfig};
 use k2::model::{Side, SideRows, Trade};
+use k2::query::recent::{Held, RecentFiles};
 use k2::storage::catalog::{CatalogDb, open_catalog};
 use k2::storage::commit::{Committer, PartitionRange};
-use k2::storage::maintenance::{Maintainer, MetadataSwap, PassEnd, PassScope, table_health};
+use k2::storage::maintenance::{HeldTrades, Maintainer, MetadataSwap, PassEnd, PassScope, table_health};
 use k2::storage::offsets::TopicOffsets;
 use k2::storage::reader::scan_trade_keys;
 use k2::storage::tables::{TableIdents, ensure_tables};
 use k2::storage::writer::{TableWriter, TradeBatchBuilder};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 const TOPIC: &str = "t";
 const DAY_US: i64 = 86_400_000_000;
@@ -156,6 +159,7 @@ async fn maintainer_on(dir: &Path, catalog_config: &CatalogConfig, config: Maint
         config,
         zstd_level: 1,
         hold: Duration::ZERO,
+        for_queries: None,
     }
 }
 
@@ -281,6 +285,91 @@ fn assert_pyiceberg_reads(dir: &Path, committed: &HashSet<String>) {
 fn symbol_of(id: &str) -> String {
     let offset: i64 = id.rsplit('-').next().unwrap().parse().unwrap();
     format!("S{}", offset % 7)
+}
+
+/// A data file's rows, read from disk.
+fn read_data_file(path: &str) -> RecordBatch {
+    let file = std::fs::File::open(path.strip_prefix("file://").expect("local file")).expect("data file");
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("parquet")
+        .build()
+        .expect("reader");
+    let batches: Vec<RecordBatch> = reader.map(|b| b.expect("batch")).collect();
+    arrow_select::concat::concat_batches(&batches[0].schema(), &batches).expect("concat")
+}
+
+fn column_text(batch: &RecordBatch, name: &str) -> Vec<String> {
+    let column = batch.column_by_name(name).expect("column");
+    (0..column.len())
+        .map(|row| arrow_cast::display::array_value_to_string(column.as_ref(), row).expect("value"))
+        .collect()
+}
+
+#[actix_rt::test]
+async fn compaction_takes_held_files_from_memory_and_hands_its_sorted_output_to_queries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fx = Fixture::new(dir.path(), maintenance_config()).await;
+    let held = RecentFiles::new(64 << 20, Duration::from_secs(600));
+    held.queried();
+    fx.maintainer.for_queries = Some(HeldTrades {
+        table: fx.idents.trades.clone(),
+        files: held.clone(),
+    });
+    for i in 0..6 {
+        fx.commit(i % 2, 50).await;
+    }
+    // Every committed file held as a running K2 holds them (its exact rows),
+    // then deleted from disk: the rewrite can only have taken it from memory.
+    let inputs = live_data_files(&fx.trades().await).await;
+    assert_eq!(inputs.len(), 12, "one file per commit and day");
+    for path in &inputs {
+        held.keep(path.clone(), &[read_data_file(path)]);
+        std::fs::remove_file(path.strip_prefix("file://").unwrap()).unwrap();
+    }
+
+    let report = fx.maintainer.rewrite(&fx.idents.trades).await.expect("rewrite");
+    assert_eq!((report.files_compacted, report.files_written), (12, 2));
+    fx.assert_exact().await;
+
+    for path in &inputs {
+        assert!(
+            matches!(held.rows(path, None, None), Held::NotKept),
+            "a replaced file is forgotten"
+        );
+    }
+    let outputs = live_data_files(&fx.trades().await).await;
+    assert_eq!(outputs.len(), 2);
+    for path in &outputs {
+        let on_disk = read_data_file(path);
+        let Held::Rows(rows) = held.rows(path, None, None) else {
+            panic!("the compacted file {path} is held");
+        };
+        for column in [
+            "exchange",
+            "symbol",
+            "event_time",
+            "trade_id",
+            "kafka_offset",
+            "price",
+        ] {
+            assert_eq!(
+                column_text(&rows, column),
+                column_text(&on_disk, column),
+                "held rows are the file's, in its order ({column})"
+            );
+        }
+        // Sorted by symbol, so a query of one symbol takes a slice.
+        let Held::Rows(s3) = held.rows(path, Some("ASX"), Some("S3")) else {
+            panic!("S3 trades are in every file");
+        };
+        let expected = column_text(&on_disk, "symbol")
+            .iter()
+            .filter(|s| *s == "S3")
+            .count();
+        assert_eq!(s3.num_rows(), expected);
+        assert!(column_text(&s3, "symbol").iter().all(|s| s == "S3"));
+    }
+    assert_eq!(held.files(), 2, "only the compacted files are held");
 }
 
 #[actix_rt::test]

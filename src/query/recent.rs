@@ -193,6 +193,58 @@ impl RecentFiles {
             return;
         };
         let bytes = batch.get_array_memory_size() as u64;
+        self.hold(path, batch, bytes);
+    }
+
+    /// Whether files handed over now would be kept: a query came within
+    /// `query.recent_idle_ms` and there is room at all.
+    pub fn wanted(&self) -> bool {
+        self.max_bytes > 0
+            && self
+                .inner()
+                .last_query
+                .is_some_and(|at| at.elapsed() <= self.idle)
+    }
+
+    /// `batch` is the whole content of the data file at `path`, already in
+    /// the order [`crate::storage::writer::sorted_for_queries`] gives (a
+    /// compaction's output), costing `bytes` (a slice of a larger batch
+    /// costs its share, not the whole buffer's). Kept like [`Self::keep`]'s,
+    /// without sorting it again; if it is not in that order after all, it
+    /// is kept without the index and read whole.
+    pub fn keep_sorted(&self, path: String, batch: RecordBatch, bytes: u64) {
+        if self.wanted() {
+            self.hold(path, batch, bytes);
+        }
+    }
+
+    /// Drops the files at `paths` (compaction replaced them, or they were
+    /// never committed); a query that still plans one reads the file.
+    pub fn forget<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
+        let mut kept = self.inner();
+        let mut gone = false;
+        for path in paths {
+            gone |= kept.by_path.remove(path).is_some();
+        }
+        if gone {
+            let Kept {
+                by_path,
+                order,
+                bytes,
+                ..
+            } = &mut *kept;
+            order.retain(|(path, size)| {
+                let stays = by_path.contains_key(path);
+                if !stays {
+                    *bytes -= size;
+                }
+                stays
+            });
+            metrics::gauge!(crate::metrics::QUERY_RECENT_BYTES).set(kept.bytes as f64);
+        }
+    }
+
+    fn hold(&self, path: String, batch: RecordBatch, bytes: u64) {
         if bytes > self.max_bytes {
             return;
         }
@@ -226,6 +278,11 @@ impl RecentFiles {
             Some(file) => file.rows(exchange, symbol),
             None => Held::NotKept,
         }
+    }
+
+    /// `query.max_recent_bytes`.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     pub fn held_bytes(&self) -> u64 {
@@ -316,6 +373,32 @@ mod tests {
         assert!(matches!(file.rows(Some("A"), Some("Y")), Held::Rows(rows) if rows.num_rows() == 3));
         let recent = RecentFiles::new(1 << 20, Duration::from_secs(60));
         assert!(matches!(recent.rows("nowhere", Some("A"), None), Held::NotKept));
+    }
+
+    #[test]
+    fn forgotten_files_give_back_their_bytes_and_sorted_ones_are_charged_their_share() {
+        let one = batch(1).get_array_memory_size() as u64;
+        let recent = RecentFiles::new(1 << 20, Duration::from_secs(60));
+        recent.keep_sorted("early".into(), batch(0), 7);
+        assert_eq!(recent.files(), 0, "nobody queried yet");
+        recent.queried();
+        assert!(recent.wanted());
+        recent.keep("a".into(), &[batch(1)]);
+        recent.keep("b".into(), &[batch(2)]);
+        recent.keep_sorted("c".into(), batch(3), 7);
+        assert_eq!(recent.held_bytes(), 2 * one + 7);
+        recent.forget(["a", "c", "never kept"]);
+        assert_eq!(recent.held_bytes(), one);
+        assert!(recent.get("a").is_none() && recent.get("c").is_none());
+        assert_eq!(recent.get("b"), Some(batch(2)));
+        // What is forgotten no longer counts against the bound.
+        let bounded = RecentFiles::new(2 * one, Duration::from_secs(60));
+        bounded.queried();
+        bounded.keep("a".into(), &[batch(1)]);
+        bounded.keep("b".into(), &[batch(2)]);
+        bounded.forget(["a"]);
+        bounded.keep("c".into(), &[batch(3)]);
+        assert!(bounded.get("b").is_some() && bounded.get("c").is_some());
     }
 
     #[test]

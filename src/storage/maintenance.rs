@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arrow_array::RecordBatch;
+use arrow_schema::SchemaRef;
 use iceberg::spec::{
     DataContentType, DataFile, MAIN_BRANCH, ManifestContentType, ManifestFile, ManifestListWriter,
     ManifestWriterBuilder, Operation, Snapshot, SnapshotRef, Summary, TableMetadataBuilder,
@@ -51,6 +52,7 @@ use super::catalog::CatalogDb;
 use super::offsets::OFFSETS_KEY_PREFIX;
 use super::writer::{SORTED_ROW_GROUP_ROWS, TableWriter, sorted_for_queries};
 use crate::config::MaintenanceConfig;
+use crate::query::recent::{Held, RecentFiles};
 
 /// Attempts of one rewrite (or expiry) against concurrent commits before it
 /// gives up for this pass (ingestion commits every couple of seconds; a rewrite
@@ -238,6 +240,18 @@ pub struct Maintainer {
     /// Held at each step boundary of a rewrite (a drill's kill lands inside
     /// it; `[faults] hold_in_maintenance_ms`). Zero: off.
     pub hold: Duration,
+    /// Inside a running K2: the trades table's files held in memory for
+    /// queries. Compaction reads its inputs from there when they are held,
+    /// and hands its output over, so that queries of the recent window
+    /// never decode the compacted file (ADR 0012). None in `k2 maintain`.
+    pub for_queries: Option<HeldTrades>,
+}
+
+/// The trades table and the files of it a running K2 holds for queries.
+#[derive(Clone)]
+pub struct HeldTrades {
+    pub table: TableIdent,
+    pub files: Arc<RecentFiles>,
 }
 
 /// One small file chosen for compaction, with what its replacement must keep.
@@ -260,6 +274,10 @@ struct Staged {
     removed: Vec<DataFile>,
     /// Every file this rewrite wrote, deleted if it never commits.
     written: Vec<String>,
+    /// The rows of compacted files for the files held for queries (path,
+    /// rows, bytes), handed over once the rewrite commits: before, they
+    /// would push out the files they replace while queries still read them.
+    for_queries: Vec<(String, RecordBatch, u64)>,
 }
 
 impl Maintainer {
@@ -389,10 +407,28 @@ impl Maintainer {
             report.manifests_after = report.manifests_before;
             return Ok(report);
         }
-        let staged = self.stage(&base, &snapshot, &live, &compact, &mut report).await?;
+        let held = self
+            .for_queries
+            .as_ref()
+            .filter(|held| held.table == *ident)
+            .map(|held| held.files.as_ref());
+        let staged = self
+            .stage(&base, &snapshot, &live, &compact, held, &mut report)
+            .await?;
         self.held("rewrite files written").await;
+        // Once the rewrite commits, the files it replaced go from the files
+        // held for queries and the compacted ones come in (a query uses a held
+        // file only if its snapshot lists it).
         match self.commit_staged(ident, &staged, &mut report).await {
-            Ok(()) => Ok(report),
+            Ok(()) => {
+                if let Some(held) = held {
+                    held.forget(staged.removed.iter().map(|f| f.file_path()));
+                    for (path, rows, bytes) in staged.for_queries {
+                        held.keep_sorted(path, rows, bytes);
+                    }
+                }
+                Ok(report)
+            }
             Err(err @ MaintenanceError::Unconfirmed { .. }) => Err(err),
             Err(err) => {
                 delete_quietly(base.file_io(), &staged.written).await;
@@ -428,6 +464,7 @@ impl Maintainer {
         snapshot: &SnapshotRef,
         live: &BTreeMap<i32, Vec<Candidate>>,
         compact: &[Vec<usize>],
+        held: Option<&RecentFiles>,
         report: &mut RewriteReport,
     ) -> Result<Staged, MaintenanceError> {
         let metadata = base.metadata();
@@ -450,13 +487,25 @@ impl Maintainer {
             added: Vec::new(),
             removed: Vec::new(),
             written: Vec::new(),
+            for_queries: Vec::new(),
         };
         let result = async {
-            // One group at a time: the pass holds one group's rows, not all.
+            // One group at a time: the pass holds one group's rows, not all
+            // (and, for queries, earlier groups' sorted rows within
+            // `query.max_recent_bytes`).
             for group in groups {
                 let files = &live[&default_spec];
                 let inputs: Vec<&DataFile> = group.iter().map(|&i| &files[i].entry_file).collect();
-                let added = self.compact(base, &inputs).await?;
+                let (added, sorted) = self.compact(base, &inputs, held).await?;
+                if let (Some(held), Some(sorted)) = (held, sorted) {
+                    let room = held
+                        .max_bytes()
+                        .saturating_sub(staged.for_queries.iter().map(|(_, _, bytes)| bytes).sum::<u64>());
+                    let slices = file_slices(&sorted, &added);
+                    if slices.iter().map(|(_, _, bytes)| bytes).sum::<u64>() <= room {
+                        staged.for_queries.extend(slices);
+                    }
+                }
                 staged
                     .written
                     .extend(added.iter().map(|f| f.file_path().to_string()));
@@ -529,38 +578,44 @@ impl Maintainer {
     }
 
     /// Reads `inputs` and writes their rows again into files near the target
-    /// size, sorted for queries (`sorted_for_queries`).
-    async fn compact(&self, base: &Table, inputs: &[&DataFile]) -> Result<Vec<DataFile>, MaintenanceError> {
+    /// size, sorted for queries (`sorted_for_queries`). Inputs K2 holds for
+    /// queries are taken from memory instead of decoded; the sorted rows come
+    /// back beside the files when `held` wants them.
+    async fn compact(
+        &self,
+        base: &Table,
+        inputs: &[&DataFile],
+        held: Option<&RecentFiles>,
+    ) -> Result<(Vec<DataFile>, Option<RecordBatch>), MaintenanceError> {
         let writer = TableWriter::new(base, self.zstd_level, self.config.target_file_size_bytes)?;
         let schema = writer.arrow_schema().clone();
         let mut batches = Vec::new();
         for file in inputs {
+            // A held batch is the file's rows; one that does not match the
+            // file's count or the table's schema (none should) is not used.
+            let in_memory = held.and_then(|held| match held.rows(file.file_path(), None, None) {
+                Held::Rows(rows) if rows.num_rows() as u64 == file.record_count() => {
+                    in_table_schema(&schema, &rows).ok()
+                }
+                Held::Rows(_) | Held::NotKept | Held::Nothing => None,
+            });
+            if let Some(rows) = in_memory {
+                batches.push(rows);
+                continue;
+            }
             let bytes = base.file_io().new_input(file.file_path())?.read().await?;
             for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()? {
-                let batch = batch?;
-                // Parquet may hand back a timezone or field metadata spelled
-                // differently from the table's Arrow schema; the values are the same.
-                let columns = schema
-                    .fields()
-                    .iter()
-                    .zip(batch.columns())
-                    .map(|(field, column)| {
-                        if column.data_type() == field.data_type() {
-                            Ok(column.clone())
-                        } else {
-                            arrow_cast::cast(column, field.data_type())
-                        }
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                batches.push(RecordBatch::try_new(schema.clone(), columns)?);
+                batches.push(in_table_schema(&schema, &batch?)?);
             }
         }
         let batch = sorted_for_queries(&schema, &batches)?;
         drop(batches);
-        Ok(writer
+        let written = writer
             .with_max_row_group_rows(SORTED_ROW_GROUP_ROWS)
-            .write(batch)
-            .await?)
+            .write(batch.clone())
+            .await?;
+        let for_queries = held.is_some_and(RecentFiles::wanted).then_some(batch);
+        Ok((written, for_queries))
     }
 
     /// Commits `staged` on top of the newest snapshot, rebasing when other
@@ -1095,6 +1150,47 @@ fn list_files(root: &Path) -> Result<Vec<ListedFile>, MaintenanceError> {
         }
     }
     Ok(out)
+}
+
+/// `batch` as the table's Arrow schema, columns by name: Parquet may hand
+/// back a timezone or field metadata spelled differently from the table's;
+/// the values are the same.
+fn in_table_schema(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let column = batch.column_by_name(field.name()).ok_or_else(|| {
+                arrow_schema::ArrowError::SchemaError(format!("a data file has no column {}", field.name()))
+            })?;
+            if column.data_type() == field.data_type() {
+                Ok(column.clone())
+            } else {
+                arrow_cast::cast(column, field.data_type())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
+}
+
+/// Each written file's rows, with their share of the batch's bytes: the
+/// writer wrote `batch`'s rows in order, file after file, so a file is the
+/// slice of its record count. Nothing if the counts do not add up to the batch.
+fn file_slices(batch: &RecordBatch, written: &[DataFile]) -> Vec<(String, RecordBatch, u64)> {
+    let rows = batch.num_rows();
+    let counts: Vec<usize> = written.iter().map(|f| f.record_count() as usize).collect();
+    if rows == 0 || counts.iter().sum::<usize>() != rows {
+        return Vec::new();
+    }
+    let bytes = batch.get_array_memory_size() as u128;
+    let mut offset = 0;
+    let mut slices = Vec::with_capacity(written.len());
+    for (file, count) in written.iter().zip(counts) {
+        let share = (bytes * count as u128 / rows as u128) as u64;
+        slices.push((file.file_path().to_string(), batch.slice(offset, count), share));
+        offset += count;
+    }
+    slices
 }
 
 #[cfg(test)]
