@@ -1,8 +1,9 @@
 //! The trade queries behind `/v1/trades`, `/v1/trades/recent` and
 //! `/v1/ohlcv`: the same filter over `market.trades` and `live`, unioned, in
-//! event-time order. OHLCV bars keep prices exact: DataFusion sums decimals,
-//! and VWAP is one exact division of sum(price × quantity) by sum(quantity),
-//! rounded half to even at the table's 8 decimal places.
+//! event-time order. OHLCV bars keep prices exact: K2 sums the decimals in
+//! 128-bit integers as the trades stream by (`Bars`), and VWAP is one exact
+//! division of sum(price × quantity) by sum(quantity), rounded half to even
+//! at the table's 8 decimal places.
 
 use arrow_array::{Array, Decimal128Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_schema::DataType;
