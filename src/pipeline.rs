@@ -172,10 +172,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 config,
                 &params.base_dir,
                 faults.clone(),
-                HeldTrades {
-                    table: tables.trades.clone(),
-                    files: live.recent().clone(),
-                },
+                live.recent().clone(),
                 tables.clone(),
             ),
             tables: tables.all(),
@@ -293,7 +290,7 @@ fn open_maintainer(
     config: &K2Config,
     base_dir: &std::path::Path,
     faults: Arc<Faults>,
-    for_queries: HeldTrades,
+    recent: Arc<RecentFiles>,
     tables: TableIdents,
 ) -> OpenMaintainer {
     let (catalog_config, maintenance, zstd_level) = (
@@ -307,7 +304,10 @@ fn open_maintainer(
         let (catalog_config, maintenance, base_dir) =
             (catalog_config.clone(), maintenance.clone(), base_dir.clone());
         let (faults, tables) = (faults.clone(), tables.clone());
-        let for_queries = for_queries.clone();
+        let for_queries = HeldTrades {
+            table: tables.trades.clone(),
+            files: recent.clone(),
+        };
         Box::pin(async move {
             let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(
                 open_catalog(&catalog_config, &base_dir).await?,

@@ -102,6 +102,24 @@ pub struct QueryAnswer {
     pub timings: Timings,
 }
 
+impl QueryAnswer {
+    /// No rows yet, from `cut`, executed since `executing`.
+    fn empty(schema: SchemaRef, cut: &Cut, executing: Instant) -> Self {
+        Self {
+            schema,
+            batches: Vec::new(),
+            rows: 0,
+            truncated: false,
+            snapshot_id: cut.snapshot_id,
+            live_rows: cut.live_rows,
+            timings: Timings {
+                execute: executing.elapsed(),
+                ..cut.timings
+            },
+        }
+    }
+}
+
 /// Time a query spent in each phase (the HTTP answer reports them in its
 /// `Server-Timing` header).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -248,16 +266,10 @@ impl QueryEngine {
                 rows = limit;
             }
             Ok(QueryAnswer {
-                schema,
                 batches,
                 rows,
                 truncated,
-                snapshot_id: cut.snapshot_id,
-                live_rows: cut.live_rows,
-                timings: Timings {
-                    execute: executing.elapsed(),
-                    ..cut.timings
-                },
+                ..QueryAnswer::empty(schema, &cut, executing)
             })
         };
         self.within_time_limit(work).await
@@ -290,19 +302,7 @@ impl QueryEngine {
             while let Some(batch) = stream.next().await {
                 fold(&mut state, &batch?)?;
             }
-            let answer = QueryAnswer {
-                schema,
-                batches: Vec::new(),
-                rows: 0,
-                truncated: false,
-                snapshot_id: cut.snapshot_id,
-                live_rows: cut.live_rows,
-                timings: Timings {
-                    execute: executing.elapsed(),
-                    ..cut.timings
-                },
-            };
-            Ok((state, answer))
+            Ok((state, QueryAnswer::empty(schema, &cut, executing)))
         };
         self.within_time_limit(work).await
     }

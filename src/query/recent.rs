@@ -175,8 +175,7 @@ impl RecentFiles {
     pub fn keep(&self, path: String, batches: &[RecordBatch]) {
         {
             let mut kept = self.inner();
-            let querying = kept.last_query.is_some_and(|at| at.elapsed() <= self.idle);
-            if !querying || self.max_bytes == 0 {
+            if !self.wanted_by(&kept) {
                 if !kept.by_path.is_empty() {
                     kept.clear();
                     metrics::gauge!(crate::metrics::QUERY_RECENT_BYTES).set(0.0);
@@ -199,11 +198,11 @@ impl RecentFiles {
     /// Whether files handed over now would be kept: a query came within
     /// `query.recent_idle_ms` and there is room at all.
     pub fn wanted(&self) -> bool {
-        self.max_bytes > 0
-            && self
-                .inner()
-                .last_query
-                .is_some_and(|at| at.elapsed() <= self.idle)
+        self.wanted_by(&self.inner())
+    }
+
+    fn wanted_by(&self, kept: &Kept) -> bool {
+        self.max_bytes > 0 && kept.last_query.is_some_and(|at| at.elapsed() <= self.idle)
     }
 
     /// `batch` is the whole content of the data file at `path`, already in

@@ -248,7 +248,6 @@ pub struct Maintainer {
 }
 
 /// The trades table and the files of it a running K2 holds for queries.
-#[derive(Clone)]
 pub struct HeldTrades {
     pub table: TableIdent,
     pub files: Arc<RecentFiles>,
