@@ -315,12 +315,25 @@ mod tests {
 
     #[test]
     fn json_keeps_decimals_exact_as_text() {
-        let price = arrow_array::Decimal128Array::from(vec![12_345_678_901_234_567i128])
-            .with_precision_and_scale(18, 8)
-            .unwrap();
+        let price = arrow_array::Decimal128Array::from(vec![
+            12_345_678_901_234_567i128,
+            4_250_000_000,
+            1,
+            -150_000_000,
+        ])
+        .with_precision_and_scale(18, 8)
+        .unwrap();
         let batch = RecordBatch::try_from_iter([("price", Arc::new(price) as ArrayRef)]).unwrap();
         let rows = json_rows(&[batch]).unwrap();
-        assert_eq!(rows, serde_json::json!([{ "price": "123456789.01234567" }]));
+        assert_eq!(
+            rows,
+            serde_json::json!([
+                { "price": "123456789.01234567" },
+                { "price": "42.50000000" },
+                { "price": "0.00000001" },
+                { "price": "-1.50000000" },
+            ])
+        );
     }
 
     #[test]

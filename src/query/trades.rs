@@ -347,20 +347,6 @@ pub fn vwap(notional: i128, volume: i128) -> Option<i128> {
     Some(if away { quotient + sign } else { quotient })
 }
 
-/// A decimal times 10^8 as text with all 8 places, e.g. `42.50000000`.
-pub fn decimal_text(value: i128) -> String {
-    let scale = 10i128.pow(DECIMAL_SCALE as u32);
-    let sign = if value < 0 { "-" } else { "" };
-    let value = value.unsigned_abs();
-    let scale = scale.unsigned_abs();
-    format!(
-        "{sign}{}.{:0width$}",
-        value / scale,
-        value % scale,
-        width = DECIMAL_SCALE as usize
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -379,13 +365,6 @@ mod tests {
         let notional = (100 * 2 + 101) * 10i128.pow(16);
         assert_eq!(vwap(notional, 3 * 10i128.pow(8)), Some(10_033_333_333));
         assert_eq!(vwap(1, 0), None);
-    }
-
-    #[test]
-    fn decimals_print_with_all_their_places() {
-        assert_eq!(decimal_text(4_250_000_000), "42.50000000");
-        assert_eq!(decimal_text(1), "0.00000001");
-        assert_eq!(decimal_text(-150_000_000), "-1.50000000");
     }
 
     fn trades(rows: &[(i64, i64, &str, i128, i128)]) -> RecordBatch {
