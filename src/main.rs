@@ -231,6 +231,11 @@ enum Command {
         /// With --queries: days the history covers, ending now.
         #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..8), requires = "queries")]
         days: u32,
+        /// With --queries: write every query of the query phase to this CSV file (when asked,
+        /// which query, wall ms, rows, live rows, K2's phases) and `k2 run`'s log beside it
+        /// (`<name>.k2-run.log`), to set slow queries against what K2 was doing.
+        #[arg(long, requires = "queries")]
+        timeline: Option<PathBuf>,
         /// Print the figures (medians and every run) as one JSON object on the last line.
         #[arg(long)]
         json: bool,
@@ -555,6 +560,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             queries,
             history,
             days,
+            timeline,
             json,
         } => {
             if cfg!(debug_assertions) {
@@ -575,6 +581,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         rate: rate.unwrap_or(20_000),
                         seconds,
                         k2_binary,
+                        timeline: timeline.map(std::path::absolute).transpose()?,
                     },
                     &dir,
                 )

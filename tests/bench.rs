@@ -113,6 +113,8 @@ async fn a_tiny_latency_bench_makes_every_message_durable_and_reports_ordered_qu
 #[actix_rt::test]
 async fn a_tiny_query_bench_times_both_queries_while_k2_ingests() {
     let dir = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let timeline = out.path().join("queries.csv");
     let report = k2::bench::query::run(
         k2::bench::query::QueryBenchParams {
             history: 20_000,
@@ -122,6 +124,7 @@ async fn a_tiny_query_bench_times_both_queries_while_k2_ingests() {
             rate: 1_000,
             seconds: 2,
             k2_binary: env!("CARGO_BIN_EXE_k2").into(),
+            timeline: Some(timeline.clone()),
         },
         dir.path(),
     )
@@ -145,4 +148,19 @@ async fn a_tiny_query_bench_times_both_queries_while_k2_ingests() {
         report.ingest_alone_msgs_per_s > 0.0 && report.ingest_querying_msgs_per_s > 0.0,
         "{report:?}"
     );
+    // The timeline has every answer, with K2's phases, and k2 run's log is beside it.
+    let text = std::fs::read_to_string(&timeline).unwrap();
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(
+        rows.len(),
+        report.recent_15m.queries + report.ohlcv_day_1m.queries,
+        "{text}"
+    );
+    assert!(
+        rows.iter()
+            .all(|row| row.split(',').count() == 9 && !row.split(',').nth(7).unwrap().is_empty()),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(out.path().join("queries.k2-run.log")).unwrap();
+    assert!(log.contains("INFO"), "{log}");
 }

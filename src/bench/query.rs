@@ -55,6 +55,10 @@ pub struct QueryBenchParams {
     /// Length of each phase (ingestion alone, then with queries).
     pub seconds: u64,
     pub k2_binary: std::path::PathBuf,
+    /// Where to write every query of the query phase (CSV) and, beside it,
+    /// `k2 run`'s log, so that slow queries can be set against what K2 did
+    /// at the time (commits, maintenance steps).
+    pub timeline: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -77,10 +81,13 @@ pub struct PhaseLatency {
     pub p99_ms: f64,
 }
 
-/// One answer: wall time seen here, rows, and K2's own phases.
+/// One answer: when it was asked, wall time seen here, rows, and K2's own
+/// phases.
 struct Sample {
+    at: chrono::DateTime<chrono::Utc>,
     ms: f64,
     rows: u64,
+    live_rows: u64,
     phases: Vec<(String, f64)>,
 }
 
@@ -213,12 +220,25 @@ pub async fn run(params: QueryBenchParams, data_dir: &Path) -> anyhow::Result<Qu
     };
     let before = durable(addr).await?;
     let t = Instant::now();
-    let (recent, ohlcv, live) = measured.await??;
+    let (recent, ohlcv) = measured.await??;
     let querying = (durable(addr).await? - before) as f64 / t.elapsed().as_secs_f64();
     let _ = stop_tx.send(());
     let _ = load.await;
     tokio::task::spawn_blocking(move || child.stop()).await??;
     drop(broker);
+    if let Some(path) = &params.timeline {
+        write_timeline(path, &recent, &ohlcv)?;
+        let log = log_beside(path);
+        std::fs::copy(dir.join(super::LOG_FILE), &log)
+            .with_context(|| format!("failed to copy k2 run's log to {}", log.display()))?;
+        eprintln!(
+            "k2 bench: every query in {}, k2 run's log in {}",
+            path.display(),
+            log.display()
+        );
+    }
+    let answers = recent.len() + ohlcv.len();
+    let live = recent.iter().chain(&ohlcv).map(|s| s.live_rows).sum::<u64>() as f64 / answers.max(1) as f64;
     Ok(QueryBenchReport {
         history_rows: params.history,
         days: params.days,
@@ -229,8 +249,8 @@ pub async fn run(params: QueryBenchParams, data_dir: &Path) -> anyhow::Result<Qu
         ingest_alone_msgs_per_s: alone,
         ingest_querying_msgs_per_s: querying,
         mean_live_rows: live,
-        recent_15m: recent,
-        ohlcv_day_1m: ohlcv,
+        recent_15m: latencies(&recent),
+        ohlcv_day_1m: latencies(&ohlcv),
         target_p99_ms: 50.0,
     })
 }
@@ -246,15 +266,14 @@ async fn durable(addr: SocketAddr) -> anyhow::Result<i64> {
 }
 
 /// Queries back to back for `length`: recent and OHLCV in turn, a symbol
-/// each. Returns both latencies and the mean live rows of the cuts.
+/// each. Returns the answers of each.
 fn query_phase(
     addr: SocketAddr,
     exchange: &str,
     symbols: &[String],
     length: Duration,
-) -> anyhow::Result<(Latencies, Latencies, f64)> {
+) -> anyhow::Result<(Vec<Sample>, Vec<Sample>)> {
     let (mut recent, mut ohlcv) = (Vec::new(), Vec::new());
-    let (mut live, mut answers) = (0u64, 0u64);
     let end = Instant::now() + length;
     let mut turn = 0usize;
     while Instant::now() < end {
@@ -268,17 +287,18 @@ fn query_phase(
             let to = now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             format!("/v1/ohlcv?exchange={exchange}&symbol={symbol}&interval=1m&from={from}&to={to}")
         };
+        let at = chrono::Utc::now();
         let t = Instant::now();
         let (head, body) = http_get_with_head(addr, &path).with_context(|| format!("GET {path}"))?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let answer: serde_json::Value = serde_json::from_str(&body).context("a query answer is not JSON")?;
         let sample = Sample {
+            at,
             ms,
             rows: answer["row_count"].as_u64().unwrap_or(0),
+            live_rows: answer["live_rows"].as_u64().unwrap_or(0),
             phases: server_timing(&head),
         };
-        live += answer["live_rows"].as_u64().unwrap_or(0);
-        answers += 1;
         if recent_turn {
             recent.push(sample);
         } else {
@@ -286,14 +306,46 @@ fn query_phase(
         }
         turn += 1;
     }
-    Ok((
-        latencies(recent),
-        latencies(ohlcv),
-        live as f64 / answers.max(1) as f64,
-    ))
+    Ok((recent, ohlcv))
 }
 
-fn latencies(samples: Vec<Sample>) -> Latencies {
+/// `k2 run`'s log beside the timeline: `queries.csv` → `queries.k2-run.log`.
+fn log_beside(timeline: &Path) -> std::path::PathBuf {
+    timeline.with_extension("k2-run.log")
+}
+
+/// Every answer in the order asked, one CSV row each: when (UTC, as `k2
+/// run`'s log writes it), which query, wall ms, rows, live rows in its cut,
+/// then K2's phases in ms (`Server-Timing`; empty where an answer had none).
+fn write_timeline(path: &Path, recent: &[Sample], ohlcv: &[Sample]) -> anyhow::Result<()> {
+    const PHASES: [&str; 4] = ["live", "load", "execute", "encode"];
+    let mut answers: Vec<(&str, &Sample)> = recent
+        .iter()
+        .map(|s| ("recent_15m", s))
+        .chain(ohlcv.iter().map(|s| ("ohlcv_day_1m", s)))
+        .collect();
+    answers.sort_by_key(|(_, s)| s.at);
+    let mut out = String::from("at,query,ms,rows,live_rows,live_ms,load_ms,execute_ms,encode_ms\n");
+    for (query, s) in answers {
+        out.push_str(&format!(
+            "{},{query},{:.1},{},{}",
+            s.at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            s.ms,
+            s.rows,
+            s.live_rows
+        ));
+        for phase in PHASES {
+            out.push(',');
+            if let Some((_, ms)) = s.phases.iter().find(|(p, _)| p == phase) {
+                out.push_str(&format!("{ms:.1}"));
+            }
+        }
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("failed to write {}", path.display()))
+}
+
+fn latencies(samples: &[Sample]) -> Latencies {
     let mean_rows = samples.iter().map(|s| s.rows as f64).sum::<f64>() / samples.len().max(1) as f64;
     let mut phases: Vec<PhaseLatency> = Vec::new();
     if let Some(first) = samples.first() {
@@ -457,14 +509,49 @@ mod tests {
     #[test]
     fn phases_get_their_own_quantiles() {
         let sample = |ms: f64, execute: f64| Sample {
+            at: chrono::Utc::now(),
             ms,
             rows: 10,
+            live_rows: 0,
             phases: vec![("live".into(), 1.0), ("execute".into(), execute)],
         };
-        let l = latencies((1..=100).map(|i| sample(i as f64 * 2.0, i as f64)).collect());
+        let samples: Vec<Sample> = (1..=100).map(|i| sample(i as f64 * 2.0, i as f64)).collect();
+        let l = latencies(&samples);
         assert_eq!((l.p50_ms, l.p99_ms, l.max_ms), (100.0, 198.0, 200.0));
         assert_eq!(l.phases.len(), 2);
         assert_eq!((l.phases[1].p50_ms, l.phases[1].p99_ms), (50.0, 99.0));
         assert_eq!(l.phases[0].p99_ms, 1.0);
+    }
+
+    #[test]
+    fn the_timeline_lists_answers_in_the_order_asked_with_their_phases() {
+        let at = |ms: i64| chrono::DateTime::from_timestamp_millis(1_800_000_000_000 + ms).unwrap();
+        let sample = |ms: i64, phases: Vec<(String, f64)>| Sample {
+            at: at(ms),
+            ms: 12.34,
+            rows: 7,
+            live_rows: 3,
+            phases,
+        };
+        let recent = [
+            sample(0, vec![("live".into(), 0.5), ("execute".into(), 9.0)]),
+            sample(30, Vec::new()),
+        ];
+        let ohlcv = [sample(15, vec![("encode".into(), 1.5)])];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queries.csv");
+        write_timeline(&path, &recent, &ohlcv).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "at,query,ms,rows,live_rows,live_ms,load_ms,execute_ms,encode_ms",
+                "2027-01-15T08:00:00.000Z,recent_15m,12.3,7,3,0.5,,9.0,",
+                "2027-01-15T08:00:00.015Z,ohlcv_day_1m,12.3,7,3,,,,1.5",
+                "2027-01-15T08:00:00.030Z,recent_15m,12.3,7,3,,,,",
+            ]
+        );
+        assert_eq!(log_beside(&path), dir.path().join("queries.k2-run.log"));
     }
 }
