@@ -73,6 +73,9 @@ pub struct Pipeline {
     pub maintenance: Arc<MaintenanceStatus>,
     /// Each lane's uncommitted rows, for live queries.
     pub live: Arc<LiveRows>,
+    /// The catalog's database, for queries to read a table's metadata
+    /// pointer without loading the table.
+    pub catalog_db: CatalogDb,
     consumer: Arc<KafkaConsumer>,
     group: GroupDriver,
     arbiters: Vec<Arbiter>,
@@ -278,6 +281,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         tables,
         faults,
         live,
+        catalog_db: CatalogDb::new(&config.catalog, &params.base_dir)?,
         consumer,
         group,
         arbiters,

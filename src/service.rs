@@ -171,6 +171,7 @@ pub async fn run(options: ServiceOptions) -> anyhow::Result<Option<Verdict>> {
         pipeline.tables.clone(),
         &config.kafka.topic,
         Some(pipeline.live.clone()),
+        Some(pipeline.catalog_db.clone()),
         config.query.clone(),
     )
     .await?;

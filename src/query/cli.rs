@@ -52,6 +52,7 @@ pub async fn query(
         TableIdents::new(&config.catalog.namespace),
         &config.kafka.topic,
         None,
+        None,
         config.query.clone(),
     )
     .await?;

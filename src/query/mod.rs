@@ -41,6 +41,8 @@ use recent::RecentFiles;
 use table::{ManifestCache, TradesTable};
 
 use crate::config::QueryConfig;
+use crate::storage::catalog::CatalogDb;
+use crate::storage::maintenance::MetadataSwap;
 use crate::storage::offsets::TopicOffsets;
 use crate::storage::tables::TableIdents;
 use live::LiveRows;
@@ -171,6 +173,13 @@ struct Source {
     recent: Arc<RecentFiles>,
     /// The trades table's manifests, parsed once.
     manifests: Arc<ManifestCache>,
+    /// Reads the trades table's metadata pointer (None: `k2 query` with no
+    /// K2 running, which loads the table each time).
+    pointer: Option<MetadataSwap>,
+    /// The trades table last loaded: a query whose pointer still names its
+    /// metadata file takes it instead of reading and parsing that file again
+    /// (it grows with every snapshot the table keeps).
+    last_trades: std::sync::Mutex<Option<Table>>,
     trades_schema: SchemaRef,
     limits: QueryConfig,
     env: Arc<RuntimeEnv>,
@@ -182,6 +191,7 @@ impl QueryEngine {
         tables: TableIdents,
         topic: &str,
         live: Option<Arc<LiveRows>>,
+        catalog_db: Option<CatalogDb>,
         limits: QueryConfig,
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
@@ -196,12 +206,25 @@ impl QueryEngine {
             .with_memory_limit(limits.memory_limit_bytes, 1.0)
             .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
             .build_arc()?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(limits.threads)
-            .thread_name("k2-query")
-            .enable_all()
-            .build()
-            .context("failed to start the query runtime")?;
+        let runtime = QueryRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(limits.threads)
+                .thread_name("k2-query")
+                .enable_all()
+                .build()
+                .context("failed to start the query runtime")?,
+        ));
+        // Connected on the query runtime, where the queries use it.
+        let pointer = match (catalog_db, &runtime.0) {
+            (Some(db), Some(queries)) => Some(
+                queries
+                    .spawn(MetadataSwap::connect(db))
+                    .await
+                    .context("the query runtime stopped")?
+                    .context("failed to connect queries to the catalog database")?,
+            ),
+            _ => None,
+        };
         let recent = match &live {
             Some(live) => live.recent().clone(),
             None => RecentFiles::new(0, Duration::ZERO),
@@ -214,11 +237,13 @@ impl QueryEngine {
                 live,
                 recent,
                 manifests: Arc::default(),
+                pointer,
+                last_trades: std::sync::Mutex::default(),
                 trades_schema,
                 limits,
                 env,
             }),
-            runtime: QueryRuntime(Some(runtime)),
+            runtime,
         }))
     }
 
@@ -365,6 +390,30 @@ impl Source {
             .map_err(|e| QueryError::Unavailable(format!("{ident}: {e}")))
     }
 
+    /// The trades table as the catalog has it now: the one loaded last if
+    /// the catalog's pointer still names its metadata file (a metadata file
+    /// never changes), else loaded.
+    async fn load_trades(&self) -> Result<Table, QueryError> {
+        let ident = &self.tables.trades;
+        let Some(pointer) = &self.pointer else {
+            return self.load(ident).await;
+        };
+        let location = pointer
+            .location(ident)
+            .await
+            .map_err(|e| QueryError::Unavailable(format!("{ident}: {e}")))?;
+        let last = || self.last_trades.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(table) = last().as_ref()
+            && location.is_some()
+            && table.metadata_location() == location.as_deref()
+        {
+            return Ok(table.clone());
+        }
+        let table = self.load(ident).await?;
+        *last() = Some(table.clone());
+        Ok(table)
+    }
+
     /// Takes a cut: live rows first, then the table. `all_tables` also
     /// registers `market.reference` and K2's `k2.*` tables (the SQL endpoint).
     pub async fn cut(&self, all_tables: bool) -> Result<Cut, QueryError> {
@@ -382,7 +431,7 @@ impl Source {
             ..Timings::default()
         };
         let loading = Instant::now();
-        let trades = self.load(&self.tables.trades).await?;
+        let trades = self.load_trades().await?;
         timings.load = loading.elapsed();
         let snapshot_id = trades.metadata().current_snapshot_id();
         let offsets = TopicOffsets::from_table(&trades, &self.topic)

@@ -22,6 +22,7 @@
 //! nobody queries holds nothing here.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,9 @@ pub struct RecentFiles {
 
 #[derive(Debug, Default)]
 struct Kept {
-    by_path: HashMap<String, KeptFile>,
+    /// Every query looks up every planned file here (thousands between two
+    /// compactions): foldhash, not SipHash, over the paths.
+    by_path: HashMap<String, KeptFile, foldhash::fast::RandomState>,
     /// Paths in the order they were kept, with their bytes.
     order: VecDeque<(String, u64)>,
     bytes: u64,
@@ -50,6 +53,16 @@ struct Kept {
 struct KeptFile {
     batch: RecordBatch,
     keys: Option<Vec<KeyRows>>,
+    /// A bit for each symbol in `keys` ([`symbol_bit`]): a query of a
+    /// symbol whose bit is clear passes the file over without searching
+    /// its keys. A lane's file holds a few of the symbols, so most files a
+    /// query plans are passed over here.
+    symbols: u64,
+}
+
+/// The bit of [`KeptFile::symbols`] that stands for `symbol`.
+fn symbol_bit(symbol: &str) -> u64 {
+    1 << (foldhash::fast::FixedState::default().hash_one(symbol) & 63)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -94,10 +107,12 @@ impl KeptFile {
             keys.windows(2)
                 .all(|w| (&w[0].exchange, &w[0].symbol) < (&w[1].exchange, &w[1].symbol))
         });
-        Self {
-            keys: keys.filter(|_| sorted),
-            batch,
-        }
+        let keys = keys.filter(|_| sorted);
+        let symbols = keys
+            .iter()
+            .flatten()
+            .fold(0, |bits, key| bits | symbol_bit(&key.symbol));
+        Self { keys, batch, symbols }
     }
 
     /// The rows with `exchange` and, given that, `symbol` (a symbol without
@@ -107,6 +122,7 @@ impl KeptFile {
             return Held::Rows(self.batch.clone());
         };
         let (first, last) = match symbol {
+            Some(symbol) if self.symbols & symbol_bit(symbol) == 0 => return Held::Nothing,
             Some(symbol) => {
                 let at = keys.partition_point(|k| (&*k.exchange, &*k.symbol) < (exchange, symbol));
                 (
@@ -359,6 +375,39 @@ mod tests {
             vec![0, 1, 2, 3, 4, 5],
             "a symbol without its exchange narrows nothing"
         );
+    }
+
+    #[test]
+    fn a_file_of_many_symbols_gives_each_its_rows_and_others_none() {
+        // More symbols than the mask has bits: every bit set, so the keys
+        // decide; then a file of a few, where the mask passes most over.
+        let many: Vec<String> = (0..100).map(|i| format!("S{i:03}")).collect();
+        let few: Vec<String> = ["S007", "S042", "S099"].map(String::from).to_vec();
+        for symbols in [&many, &few] {
+            let batch = RecordBatch::try_from_iter([
+                (
+                    "exchange",
+                    Arc::new(StringArray::from(vec!["A"; symbols.len()])) as _,
+                ),
+                ("symbol", Arc::new(StringArray::from(symbols.clone())) as _),
+            ])
+            .unwrap();
+            let file = KeptFile::new(batch);
+            for i in 0..200 {
+                let symbol = format!("S{i:03}");
+                match file.rows(Some("A"), Some(&symbol)) {
+                    Held::Rows(rows) => {
+                        assert!(symbols.contains(&symbol), "{symbol} is not in the file");
+                        assert_eq!(rows.num_rows(), 1);
+                        let got = rows.column_by_name("symbol").unwrap();
+                        let got = got.as_any().downcast_ref::<StringArray>().unwrap();
+                        assert_eq!(got.value(0), symbol);
+                    }
+                    Held::Nothing => assert!(!symbols.contains(&symbol), "{symbol} was passed over"),
+                    Held::NotKept => unreachable!("the file is kept"),
+                }
+            }
+        }
     }
 
     #[test]

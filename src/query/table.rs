@@ -29,7 +29,7 @@ use datafusion::prelude::Expr;
 use futures::{StreamExt, TryStreamExt};
 use iceberg::expr::{Bind, BoundPredicate, PredicateOperator};
 use iceberg::scan::FileScanTask;
-use iceberg::spec::{DataFile, Manifest, ManifestContentType, ManifestList, PrimitiveLiteral};
+use iceberg::spec::{DataFile, Manifest, ManifestContentType, ManifestList, PrimitiveLiteral, SnapshotRef};
 use iceberg::table::Table;
 use iceberg_datafusion::physical_plan::convert_filters_to_predicate;
 
@@ -39,15 +39,37 @@ fn iceberg_error(err: iceberg::Error) -> DataFusionError {
     DataFusionError::External(Box::new(err))
 }
 
-/// Parsed manifests by path, those of the last snapshot planned.
+/// Parsed manifests by path, those of the last snapshot planned, and that
+/// snapshot's manifest list.
 #[derive(Debug, Default)]
 pub struct ManifestCache {
     by_path: std::sync::Mutex<HashMap<String, Arc<Manifest>>>,
+    /// The last manifest list read, by its path: queries come many times a
+    /// commit, and a list (one entry a commit since the last manifest merge)
+    /// never changes once written.
+    list: std::sync::Mutex<Option<(String, Arc<ManifestList>)>>,
 }
 
 impl ManifestCache {
     fn by_path(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Manifest>>> {
         self.by_path.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn last_list(&self) -> std::sync::MutexGuard<'_, Option<(String, Arc<ManifestList>)>> {
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The manifest list of `snapshot`, read once.
+    async fn list(&self, table: &Table, snapshot: &SnapshotRef) -> iceberg::Result<Arc<ManifestList>> {
+        let path = snapshot.manifest_list();
+        if let Some((cached, list)) = &*self.last_list()
+            && cached == path
+        {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(table.manifest_list_reader(snapshot).load().await?);
+        *self.last_list() = Some((path.to_string(), list.clone()));
+        Ok(list)
     }
 
     /// The manifests of `list`, parsing only those not parsed before; the
@@ -123,7 +145,7 @@ impl TradesTable {
         let Some(snapshot) = metadata.current_snapshot() else {
             return Ok(Some(Planned::default()));
         };
-        let list = self.table.manifest_list_reader(snapshot).load().await?;
+        let list = self.manifests.list(&self.table, snapshot).await?;
         if list
             .entries()
             .iter()

@@ -187,9 +187,9 @@ impl PassEnd {
     }
 }
 
-/// Swaps a table's metadata pointer in the SQL catalog, but only if it
-/// still points where the caller's base did: the statement the SQL catalog
-/// itself runs for every commit.
+/// Reads a table's metadata pointer in the SQL catalog, and swaps it, but
+/// only if it still points where the caller's base did: the statement the
+/// SQL catalog itself runs for every commit.
 pub struct MetadataSwap {
     db: CatalogDb,
     pool: sqlx::AnyPool,
@@ -228,6 +228,23 @@ impl MetadataSwap {
             .execute(&self.pool)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Where the table's metadata is now; None if the catalog has no such
+    /// table. One indexed row, without reading the metadata file.
+    pub async fn location(&self, ident: &TableIdent) -> Result<Option<String>, MaintenanceError> {
+        let sql = self.db.bind(
+            "SELECT metadata_location FROM iceberg_tables \
+             WHERE catalog_name = ? AND table_name = ? AND table_namespace = ? \
+             AND (iceberg_type = 'TABLE' OR iceberg_type IS NULL)",
+        );
+        let row: Option<(Option<String>,)> = sqlx::query_as(&sql)
+            .bind(&self.db.catalog_name)
+            .bind(ident.name())
+            .bind(ident.namespace().as_ref().join("."))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|(location,)| location))
     }
 }
 

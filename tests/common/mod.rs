@@ -363,6 +363,7 @@ pub async fn serve_api_with(
         pipeline.tables.clone(),
         TOPIC,
         Some(pipeline.live.clone()),
+        Some(pipeline.catalog_db.clone()),
         limits,
     )
     .await
