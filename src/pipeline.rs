@@ -95,6 +95,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
     faults.set_hold_after_commit(Duration::from_millis(config.faults.hold_after_commit_ms));
     Faults::spawn_expiry(&faults);
     let tables = TableIdents::new(&config.catalog.namespace);
+    let catalog_db = CatalogDb::new(&config.catalog, &params.base_dir)?;
     let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(
         open_catalog(&config.catalog, &params.base_dir).await?,
         faults.clone(),
@@ -174,6 +175,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
             open: open_maintainer(
                 config,
                 &params.base_dir,
+                catalog_db.clone(),
                 faults.clone(),
                 live.recent().clone(),
                 tables.clone(),
@@ -281,7 +283,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
         tables,
         faults,
         live,
-        catalog_db: CatalogDb::new(&config.catalog, &params.base_dir)?,
+        catalog_db,
         consumer,
         group,
         arbiters,
@@ -293,6 +295,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
 fn open_maintainer(
     config: &K2Config,
     base_dir: &std::path::Path,
+    catalog_db: CatalogDb,
     faults: Arc<Faults>,
     recent: Arc<RecentFiles>,
     tables: TableIdents,
@@ -307,7 +310,7 @@ fn open_maintainer(
     Box::new(move || {
         let (catalog_config, maintenance, base_dir) =
             (catalog_config.clone(), maintenance.clone(), base_dir.clone());
-        let (faults, tables) = (faults.clone(), tables.clone());
+        let (catalog_db, faults, tables) = (catalog_db.clone(), faults.clone(), tables.clone());
         let for_queries = HeldTrades {
             table: tables.trades.clone(),
             files: recent.clone(),
@@ -318,7 +321,7 @@ fn open_maintainer(
                 faults,
                 tables,
             ));
-            let swap = MetadataSwap::connect(CatalogDb::new(&catalog_config, &base_dir)?)
+            let swap = MetadataSwap::connect(catalog_db)
                 .await
                 .context("failed to connect table maintenance to the catalog database")?;
             Ok(Maintainer {
