@@ -8,8 +8,9 @@
 //! ```
 //!
 //! Commits start every `--commit-interval-ms` (50: the default 2 s interval
-//! compressed 40×) and a pass runs every `--interval-ms` (3000: the default
-//! 60 s, compressed 20×).
+//! compressed 40×) and a pass runs every `--interval-ms` (3000: 60 s, the
+//! default until 2026-12-07, compressed 20×; the default is 20 s since, and
+//! `--interval-ms 1000` compresses that).
 //!
 //! Every `--window` commits it prints the mean and median commit time of
 //! the window, the current snapshot's manifests, the live data files, the

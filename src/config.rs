@@ -513,7 +513,7 @@ impl Default for CommitConfig {
 impl Default for MaintenanceConfig {
     fn default() -> Self {
         MaintenanceConfig {
-            interval_ms: 60_000,
+            interval_ms: 20_000,
             max_manifests: 16,
             small_file_bytes: 32 * MIB,
             target_file_size_bytes: 128 * MIB,
