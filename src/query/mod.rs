@@ -147,6 +147,15 @@ pub struct Cut {
 /// A runtime for queries only; dropped without waiting for its tasks.
 struct QueryRuntime(Option<tokio::runtime::Runtime>);
 
+impl QueryRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the query runtime lives until it is dropped")
+            .handle()
+    }
+}
+
 impl Drop for QueryRuntime {
     fn drop(&mut self) {
         if let Some(runtime) = self.0.take() {
@@ -215,15 +224,16 @@ impl QueryEngine {
                 .context("failed to start the query runtime")?,
         ));
         // Connected on the query runtime, where the queries use it.
-        let pointer = match (catalog_db, &runtime.0) {
-            (Some(db), Some(queries)) => Some(
-                queries
+        let pointer = match catalog_db {
+            Some(db) => Some(
+                runtime
+                    .handle()
                     .spawn(MetadataSwap::connect(db))
                     .await
                     .context("the query runtime stopped")?
                     .context("failed to connect queries to the catalog database")?,
             ),
-            _ => None,
+            None => None,
         };
         let recent = match &live {
             Some(live) => live.recent().clone(),
@@ -339,6 +349,7 @@ impl QueryEngine {
     ) -> Result<T, QueryError> {
         let timeout_ms = self.source.limits.timeout_ms;
         let handle = self
+            .runtime
             .handle()
             .spawn(tokio::time::timeout(Duration::from_millis(timeout_ms), work));
         match handle.await {
@@ -364,14 +375,6 @@ impl QueryEngine {
             Ok((frame, cut))
         })
         .await
-    }
-
-    fn handle(&self) -> &tokio::runtime::Handle {
-        self.runtime
-            .0
-            .as_ref()
-            .expect("the query runtime lives as long as the engine")
-            .handle()
     }
 }
 
