@@ -177,7 +177,7 @@ pub async fn start(params: PipelineParams) -> anyhow::Result<Pipeline> {
                 &params.base_dir,
                 catalog_db.clone(),
                 faults.clone(),
-                live.recent().clone(),
+                &live,
                 tables.clone(),
             ),
             tables: tables.all(),
@@ -297,7 +297,7 @@ fn open_maintainer(
     base_dir: &std::path::Path,
     catalog_db: CatalogDb,
     faults: Arc<Faults>,
-    recent: Arc<RecentFiles>,
+    live: &LiveRows,
     tables: TableIdents,
 ) -> OpenMaintainer {
     let (catalog_config, maintenance, zstd_level) = (
@@ -307,6 +307,7 @@ fn open_maintainer(
     );
     let hold = Duration::from_millis(config.faults.hold_in_maintenance_ms);
     let base_dir = base_dir.to_path_buf();
+    let (recent, manifests) = (live.recent().clone(), live.manifests().clone());
     Box::new(move || {
         let (catalog_config, maintenance, base_dir) =
             (catalog_config.clone(), maintenance.clone(), base_dir.clone());
@@ -314,6 +315,7 @@ fn open_maintainer(
         let for_queries = HeldTrades {
             table: tables.trades.clone(),
             files: recent.clone(),
+            manifests: manifests.clone(),
         };
         Box::pin(async move {
             let catalog: Arc<dyn Catalog> = Arc::new(FaultInjectingCatalog::new(

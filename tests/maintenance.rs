@@ -19,6 +19,7 @@ use iceberg::spec::Operation;
 use k2::config::{CatalogConfig, MaintenanceConfig};
 use k2::model::{Side, SideRows, Trade};
 use k2::query::recent::{Held, RecentFiles};
+use k2::query::table::ManifestCache;
 use k2::storage::catalog::{CatalogDb, open_catalog};
 use k2::storage::commit::{Committer, PartitionRange};
 use k2::storage::maintenance::{HeldTrades, Maintainer, MetadataSwap, PassEnd, PassScope, table_health};
@@ -311,9 +312,11 @@ async fn compaction_takes_held_files_from_memory_and_hands_its_sorted_output_to_
     let mut fx = Fixture::new(dir.path(), maintenance_config()).await;
     let held = RecentFiles::new(64 << 20, Duration::from_secs(600));
     held.queried();
+    let manifests = Arc::new(ManifestCache::default());
     fx.maintainer.for_queries = Some(HeldTrades {
         table: fx.idents.trades.clone(),
         files: held.clone(),
+        manifests: manifests.clone(),
     });
     for i in 0..6 {
         fx.commit(i % 2, 50).await;
@@ -370,6 +373,65 @@ async fn compaction_takes_held_files_from_memory_and_hands_its_sorted_output_to_
         assert!(column_text(&s3, "symbol").iter().all(|s| s == "S3"));
     }
     assert_eq!(held.files(), 2, "only the compacted files are held");
+
+    // The merged manifest was parsed before the snapshot committed, with the
+    // sequence numbers its list gave it: a query finds it parsed even once
+    // its file is gone.
+    let table = fx.trades().await;
+    let snapshot = table.metadata().current_snapshot().unwrap().clone();
+    let list = manifests.list(&table, &snapshot).await.expect("manifest list");
+    let mut from_disk = Vec::new();
+    for file in list.entries() {
+        from_disk.push(file.load_manifest(table.file_io()).await.expect("manifest"));
+        std::fs::remove_file(file.manifest_path.strip_prefix("file://").unwrap()).unwrap();
+    }
+    assert_eq!(from_disk.len(), 1, "the rewrite merged every manifest into one");
+    let staged = manifests
+        .manifests(&table, &list)
+        .await
+        .expect("the merged manifest was staged");
+    assert_eq!(
+        staged.iter().map(|m| m.as_ref()).collect::<Vec<_>>(),
+        from_disk.iter().collect::<Vec<_>>()
+    );
+    let added: Vec<Option<i64>> = staged[0]
+        .entries()
+        .iter()
+        .filter(|e| e.is_alive() && e.snapshot_id() == Some(snapshot.snapshot_id()))
+        .map(|e| e.sequence_number())
+        .collect();
+    assert_eq!(
+        added,
+        vec![Some(snapshot.sequence_number()); 2],
+        "the compacted files, at the rewrite's sequence number"
+    );
+}
+
+#[actix_rt::test]
+async fn a_rewrite_stages_no_manifests_while_no_query_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut fx = Fixture::new(dir.path(), maintenance_config()).await;
+    let manifests = Arc::new(ManifestCache::default());
+    fx.maintainer.for_queries = Some(HeldTrades {
+        table: fx.idents.trades.clone(),
+        files: RecentFiles::new(64 << 20, Duration::from_secs(600)),
+        manifests: manifests.clone(),
+    });
+    for i in 0..6 {
+        fx.commit(i % 2, 50).await;
+    }
+    let report = fx.maintainer.rewrite(&fx.idents.trades).await.expect("rewrite");
+    assert_eq!(report.manifests_after, 1);
+    let table = fx.trades().await;
+    let snapshot = table.metadata().current_snapshot().unwrap().clone();
+    let list = manifests.list(&table, &snapshot).await.expect("manifest list");
+    for file in list.entries() {
+        std::fs::remove_file(file.manifest_path.strip_prefix("file://").unwrap()).unwrap();
+    }
+    assert!(
+        manifests.manifests(&table, &list).await.is_err(),
+        "nothing staged: the manifest is read from its file, which is gone"
+    );
 }
 
 #[actix_rt::test]

@@ -28,6 +28,7 @@ use arrow_schema::{ArrowError, SchemaRef};
 use crate::messages::LaneId;
 use crate::model::Trade;
 use crate::query::recent::RecentFiles;
+use crate::query::table::ManifestCache;
 use crate::storage::writer::TradeBuffer;
 
 /// Every lane's live rows, by partition: the newest incarnation of each.
@@ -36,6 +37,9 @@ pub struct LiveRows {
     budget: Arc<Budget>,
     /// Where a committed batch goes, by the path of the file written from it.
     recent: Arc<RecentFiles>,
+    /// The trades table's parsed manifests, shared by the queries and table
+    /// maintenance, which stages a rewrite's before it commits.
+    manifests: Arc<ManifestCache>,
 }
 
 /// Bytes of flushed batches all lanes keep, against their bound.
@@ -83,12 +87,18 @@ impl LiveRows {
                 held: AtomicU64::new(0),
             }),
             recent,
+            manifests: Arc::default(),
         })
     }
 
     /// The files committed lately, kept while queries come.
     pub fn recent(&self) -> &Arc<RecentFiles> {
         &self.recent
+    }
+
+    /// The trades table's manifests, parsed once for every query.
+    pub fn manifests(&self) -> &Arc<ManifestCache> {
+        &self.manifests
     }
 
     /// Bytes of flushed batches the lanes keep now.

@@ -235,9 +235,9 @@ impl QueryEngine {
             ),
             None => None,
         };
-        let recent = match &live {
-            Some(live) => live.recent().clone(),
-            None => RecentFiles::new(0, Duration::ZERO),
+        let (recent, manifests) = match &live {
+            Some(live) => (live.recent().clone(), live.manifests().clone()),
+            None => (RecentFiles::new(0, Duration::ZERO), Arc::default()),
         };
         Ok(Arc::new(Self {
             source: Arc::new(Source {
@@ -246,7 +246,7 @@ impl QueryEngine {
                 topic: topic.to_string(),
                 live,
                 recent,
-                manifests: Arc::default(),
+                manifests,
                 pointer,
                 last_trades: std::sync::Mutex::default(),
                 trades_schema,

@@ -44,6 +44,14 @@ fn iceberg_error(err: iceberg::Error) -> DataFusionError {
 #[derive(Debug, Default)]
 pub struct ManifestCache {
     by_path: std::sync::Mutex<HashMap<String, Arc<Manifest>>>,
+    /// The manifests a table rewrite wrote, parsed by the maintainer before
+    /// its snapshot commits ([`ManifestCache::stage`]): the first query after
+    /// a compaction finds its merged manifests here instead of parsing them
+    /// (hundreds of entries, one per file it replaced, in the query's time).
+    /// Apart from `by_path`, which a query of the older snapshot replaces
+    /// wholesale; only the last rewrite's, so it stays bounded when a
+    /// rewrite never commits.
+    staged: std::sync::Mutex<HashMap<String, Arc<Manifest>>>,
     /// The last manifest list read, by its path: queries come many times a
     /// commit, and a list (one entry a commit since the last manifest merge)
     /// never changes once written.
@@ -55,12 +63,28 @@ impl ManifestCache {
         self.by_path.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn staged(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Manifest>>> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `manifests`, by path, are what a snapshot about to commit lists;
+    /// they replace those staged before.
+    pub fn stage(&self, manifests: Vec<(String, Arc<Manifest>)>) {
+        *self.staged() = manifests.into_iter().collect();
+    }
+
+    /// The manifest at `path` if a query or a rewrite parsed it.
+    pub fn cached(&self, path: &str) -> Option<Arc<Manifest>> {
+        let found = self.by_path().get(path).cloned();
+        found.or_else(|| self.staged().get(path).cloned())
+    }
+
     fn last_list(&self) -> std::sync::MutexGuard<'_, Option<(String, Arc<ManifestList>)>> {
         self.list.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The manifest list of `snapshot`, read once.
-    async fn list(&self, table: &Table, snapshot: &SnapshotRef) -> iceberg::Result<Arc<ManifestList>> {
+    pub async fn list(&self, table: &Table, snapshot: &SnapshotRef) -> iceberg::Result<Arc<ManifestList>> {
         let path = snapshot.manifest_list();
         if let Some((cached, list)) = &*self.last_list()
             && cached == path
@@ -74,12 +98,15 @@ impl ManifestCache {
 
     /// The manifests of `list`, parsing only those not parsed before; the
     /// cache then holds exactly these (what newer snapshots still list).
-    async fn manifests(&self, table: &Table, list: &ManifestList) -> iceberg::Result<Vec<Arc<Manifest>>> {
+    pub async fn manifests(&self, table: &Table, list: &ManifestList) -> iceberg::Result<Vec<Arc<Manifest>>> {
         let cached: Vec<Option<Arc<Manifest>>> = {
-            let by_path = self.by_path();
+            let (by_path, staged) = (self.by_path(), self.staged());
             list.entries()
                 .iter()
-                .map(|file| by_path.get(&file.manifest_path).cloned())
+                .map(|file| {
+                    let path = &file.manifest_path;
+                    by_path.get(path).or_else(|| staged.get(path)).cloned()
+                })
                 .collect()
         };
         let file_io = table.file_io().clone();
@@ -97,12 +124,14 @@ impl ManifestCache {
                 .buffered(8)
                 .try_collect()
                 .await?;
-        *self.by_path() = list
+        let mut by_path = self.by_path();
+        *by_path = list
             .entries()
             .iter()
             .zip(&manifests)
             .map(|(file, manifest)| (file.manifest_path.clone(), manifest.clone()))
             .collect();
+        self.staged().retain(|path, _| !by_path.contains_key(path));
         Ok(manifests)
     }
 }

@@ -40,8 +40,9 @@ use std::time::{Duration, SystemTime};
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use iceberg::spec::{
-    DataContentType, DataFile, MAIN_BRANCH, ManifestContentType, ManifestFile, ManifestListWriter,
-    ManifestWriterBuilder, Operation, Snapshot, SnapshotRef, Summary, TableMetadataBuilder,
+    DataContentType, DataFile, FormatVersion, MAIN_BRANCH, ManifestContentType, ManifestFile, ManifestList,
+    ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot, SnapshotRef, Summary,
+    TableMetadataBuilder,
 };
 use iceberg::table::Table;
 use iceberg::{Catalog, MetadataLocation, TableIdent};
@@ -53,6 +54,7 @@ use super::offsets::OFFSETS_KEY_PREFIX;
 use super::writer::{SORTED_ROW_GROUP_ROWS, TableWriter, sorted_for_queries};
 use crate::config::MaintenanceConfig;
 use crate::query::recent::{Held, RecentFiles};
+use crate::query::table::ManifestCache;
 
 /// Attempts of one rewrite (or expiry) against concurrent commits before it
 /// gives up for this pass (ingestion commits every couple of seconds; a rewrite
@@ -268,6 +270,9 @@ pub struct Maintainer {
 pub struct HeldTrades {
     pub table: TableIdent,
     pub files: Arc<RecentFiles>,
+    /// The queries' parsed manifests: a rewrite stages its merged ones there
+    /// before it commits.
+    pub manifests: Arc<ManifestCache>,
 }
 
 /// One small file chosen for compaction, with what its replacement must keep.
@@ -390,10 +395,19 @@ impl Maintainer {
                 table: ident.to_string(),
             });
         }
-        // Live entries, by partition spec.
+        // Live entries, by partition spec. Manifests the queries parsed
+        // already are taken from their cache (a manifest never changes).
+        let parsed = self
+            .for_queries
+            .as_ref()
+            .filter(|held| held.table == *ident)
+            .map(|held| &held.manifests);
         let mut live: BTreeMap<i32, Vec<Candidate>> = BTreeMap::new();
         for manifest in list.entries() {
-            let loaded = manifest.load_manifest(base.file_io()).await?;
+            let loaded = match parsed.and_then(|cache| cache.cached(&manifest.manifest_path)) {
+                Some(loaded) => loaded,
+                None => Arc::new(manifest.load_manifest(base.file_io()).await?),
+            };
             for entry in loaded.entries() {
                 if !entry.is_alive() {
                     continue;
@@ -678,6 +692,8 @@ impl Maintainer {
             );
             writer.add_manifests(staged.manifests.iter().cloned().chain(newer.iter().cloned()))?;
             writer.close().await?;
+            self.manifests_for_queries(ident, base.file_io(), &list_path, &staged.manifests)
+                .await;
             let snapshot = Snapshot::builder()
                 .with_snapshot_id(snapshot_id)
                 .with_parent_snapshot_id(Some(current.snapshot_id()))
@@ -717,6 +733,50 @@ impl Maintainer {
             table: ident.to_string(),
             attempts: MAX_REWRITE_ATTEMPTS,
         })
+    }
+
+    /// Parses the rewrite's merged manifests, as the list at `list_path`
+    /// records them (with the sequence numbers it assigned), and stages them
+    /// for queries before the snapshot commits: the first query of the new
+    /// snapshot would otherwise parse them in its own time, an entry for every
+    /// file the pass replaced. Only while queries come; a failure costs that
+    /// query the parse, nothing more.
+    async fn manifests_for_queries(
+        &self,
+        ident: &TableIdent,
+        file_io: &iceberg::io::FileIO,
+        list_path: &str,
+        merged: &[ManifestFile],
+    ) {
+        let Some(held) = self
+            .for_queries
+            .as_ref()
+            .filter(|held| held.table == *ident && held.files.wanted())
+        else {
+            return;
+        };
+        let parsed = async {
+            let bytes = file_io.new_input(list_path)?.read().await?;
+            let list = ManifestList::parse_with_version(&bytes, FormatVersion::V2)?;
+            let mut parsed = Vec::with_capacity(merged.len());
+            for file in list
+                .entries()
+                .iter()
+                .filter(|m| merged.iter().any(|ours| ours.manifest_path == m.manifest_path))
+            {
+                parsed.push((
+                    file.manifest_path.clone(),
+                    Arc::new(file.load_manifest(file_io).await?),
+                ));
+            }
+            Ok::<_, iceberg::Error>(parsed)
+        };
+        match parsed.await {
+            Ok(parsed) => held.manifests.stage(parsed),
+            Err(err) => {
+                warn!(table = %ident, error = %err, "could not parse the merged manifests for queries")
+            }
+        }
     }
 
     /// Adds `snapshot` to `base` as the main branch's head through the
