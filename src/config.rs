@@ -346,7 +346,7 @@ pub struct MaintenanceConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QueryConfig {
     /// Rows one answer returns at most; a query that would return more is cut there and says so
-    /// (`truncated`).
+    /// (`truncated`). The trade endpoints order their rows holding at most about twice this many.
     pub max_rows: usize,
     /// A query still running after this long is stopped and answered with an error. Keep it well
     /// under the time `maintenance.retain_snapshots` snapshots take to accumulate: a query reads the

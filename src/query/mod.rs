@@ -311,20 +311,23 @@ impl QueryEngine {
     }
 
     /// Runs `build` on a cut and hands each batch of its rows to `fold` as
-    /// the plan yields it, on the query runtime within the time limit. No
-    /// row limit: whatever `fold` keeps is its own to bound. The answer
-    /// carries the cut and the timings, and no rows.
-    pub async fn fold<F, Fut, T, G>(
+    /// the plan yields it, then the state to `finish`, on the query runtime
+    /// within the time limit. No row limit: whatever `fold` keeps is its own
+    /// to bound. The answer carries the cut and the timings, and no rows.
+    pub async fn fold<F, Fut, T, G, H, U>(
         &self,
         build: F,
         mut state: T,
         mut fold: G,
-    ) -> Result<(T, QueryAnswer), QueryError>
+        finish: H,
+    ) -> Result<(U, QueryAnswer), QueryError>
     where
         F: FnOnce(Cut) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(DataFrame, Cut), QueryError>> + Send + 'static,
         T: Send + 'static,
         G: FnMut(&mut T, &RecordBatch) -> Result<(), QueryError> + Send + 'static,
+        H: FnOnce(T) -> Result<U, QueryError> + Send + 'static,
+        U: Send + 'static,
     {
         use futures::StreamExt as _;
         let source = self.source.clone();
@@ -337,7 +340,8 @@ impl QueryEngine {
             while let Some(batch) = stream.next().await {
                 fold(&mut state, &batch?)?;
             }
-            Ok((state, QueryAnswer::empty(schema, &cut, executing)))
+            let done = finish(state)?;
+            Ok((done, QueryAnswer::empty(schema, &cut, executing)))
         };
         self.within_time_limit(work).await
     }
