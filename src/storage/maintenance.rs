@@ -365,6 +365,12 @@ impl Maintainer {
         (end, reports)
     }
 
+    /// What a running K2 holds of `ident` for queries: none unless it is the
+    /// trades table (and never in `k2 maintain`).
+    fn held_for(&self, ident: &TableIdent) -> Option<&HeldTrades> {
+        self.for_queries.as_ref().filter(|held| held.table == *ident)
+    }
+
     /// Merges the current snapshot's manifests and compacts its small data
     /// files in one replace snapshot, when there is anything to gain:
     /// more than `max_manifests` manifests, or a partition with at least
@@ -397,11 +403,7 @@ impl Maintainer {
         }
         // Live entries, by partition spec. Manifests the queries parsed
         // already are taken from their cache (a manifest never changes).
-        let parsed = self
-            .for_queries
-            .as_ref()
-            .filter(|held| held.table == *ident)
-            .map(|held| &held.manifests);
+        let parsed = self.held_for(ident).map(|held| &held.manifests);
         let mut live: BTreeMap<i32, Vec<Candidate>> = BTreeMap::new();
         for manifest in list.entries() {
             let loaded = match parsed.and_then(|cache| cache.cached(&manifest.manifest_path)) {
@@ -437,11 +439,7 @@ impl Maintainer {
             report.manifests_after = report.manifests_before;
             return Ok(report);
         }
-        let held = self
-            .for_queries
-            .as_ref()
-            .filter(|held| held.table == *ident)
-            .map(|held| held.files.as_ref());
+        let held = self.held_for(ident).map(|held| held.files.as_ref());
         let staged = self
             .stage(&base, &snapshot, &live, &compact, held, &mut report)
             .await?;
@@ -748,11 +746,7 @@ impl Maintainer {
         list_path: &str,
         merged: &[ManifestFile],
     ) {
-        let Some(held) = self
-            .for_queries
-            .as_ref()
-            .filter(|held| held.table == *ident && held.files.wanted())
-        else {
+        let Some(held) = self.held_for(ident).filter(|held| held.files.wanted()) else {
             return;
         };
         let parsed = async {
