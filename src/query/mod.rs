@@ -261,23 +261,18 @@ impl QueryEngine {
         &self.source.limits
     }
 
-    /// Runs `build` on a cut and collects its rows, on the query runtime,
-    /// within the row and time limits. `limit` (at most `query.max_rows`)
-    /// caps the rows; one more is read to tell whether there were more.
-    pub async fn run<F, Fut>(
-        &self,
-        all_tables: bool,
-        limit: usize,
-        build: F,
-    ) -> Result<QueryAnswer, QueryError>
+    /// Runs `build` on a cut of every table (the SQL endpoint's) and collects
+    /// its rows, on the query runtime, within `query.max_rows` and the time
+    /// limit; one more row is read to tell whether there were more.
+    async fn run<F, Fut>(&self, build: F) -> Result<QueryAnswer, QueryError>
     where
         F: FnOnce(Cut) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(DataFrame, Cut), QueryError>> + Send + 'static,
     {
-        let limit = limit.min(self.source.limits.max_rows);
+        let limit = self.source.limits.max_rows;
         let source = self.source.clone();
         let work = async move {
-            let cut = source.cut(all_tables).await?;
+            let cut = source.cut(true).await?;
             let executing = Instant::now();
             let (frame, cut) = build(cut).await?;
             // EXPLAIN [ANALYZE] must stay the root of its plan; it returns a
@@ -370,7 +365,7 @@ impl QueryEngine {
             return Err(QueryError::BadRequest("`sql` is empty".into()));
         }
         let sql = sql.to_string();
-        self.run(true, self.source.limits.max_rows, move |cut| async move {
+        self.run(move |cut| async move {
             let options = datafusion::execution::context::SQLOptions::new()
                 .with_allow_ddl(false)
                 .with_allow_dml(false)
